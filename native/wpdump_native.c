@@ -1,0 +1,265 @@
+/* Thin wrappers over the kernel operations wpdump needs: one function per operation,
+ * errors returned as -errno. All policy lives in the Python package. */
+#define _GNU_SOURCE
+#include <elf.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/ptrace.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <linux/userfaultfd.h>
+
+#if defined(__x86_64__)
+#include "arch_x86_64.h"
+#else
+#error "wpdump: only x86_64 syscall injection is implemented (add native/arch_<arch>.h)"
+#endif
+
+#include "wpdump_native.h"
+
+/* Debian 12 headers predate WP_ASYNC and PAGEMAP_SCAN (Linux 6.7). */
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
+#endif
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC (1 << 15)
+#endif
+
+struct pm_scan_arg {
+	uint64_t size;
+	uint64_t flags;
+	uint64_t start;
+	uint64_t end;
+	uint64_t walk_end;
+	uint64_t vec;
+	uint64_t vec_len;
+	uint64_t max_pages;
+	uint64_t category_inverted;
+	uint64_t category_mask;
+	uint64_t category_anyof_mask;
+	uint64_t return_mask;
+};
+#ifndef PAGEMAP_SCAN
+#define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
+#endif
+
+static inline long neg_errno(long r)
+{
+	return r < 0 ? -errno : r;
+}
+#define NEG_ERRNO(x) ((int)neg_errno((long)(x)))
+
+/* ---- ptrace ---- */
+
+int wpd_ptrace_seize(int tid)
+{
+	return NEG_ERRNO(ptrace(PTRACE_SEIZE, tid, 0, 0));
+}
+
+int wpd_ptrace_interrupt(int tid)
+{
+	return NEG_ERRNO(ptrace(PTRACE_INTERRUPT, tid, 0, 0));
+}
+
+int wpd_ptrace_singlestep(int tid, int sig)
+{
+	return NEG_ERRNO(ptrace(PTRACE_SINGLESTEP, tid, 0, (void *)(long)sig));
+}
+
+int wpd_ptrace_detach(int tid, int sig)
+{
+	return NEG_ERRNO(ptrace(PTRACE_DETACH, tid, 0, (void *)(long)sig));
+}
+
+int wpd_waitpid(int tid, int *status)
+{
+	pid_t r;
+	do {
+		r = waitpid(tid, status, __WALL);
+	} while (r < 0 && errno == EINTR);
+	return NEG_ERRNO(r);
+}
+
+size_t wpd_regs_size(void)
+{
+	return sizeof(wpd_regs_t);
+}
+
+int wpd_regs_get(int tid, void *regs)
+{
+	struct iovec iov = {.iov_base = regs, .iov_len = sizeof(wpd_regs_t)};
+	return NEG_ERRNO(ptrace(PTRACE_GETREGSET, tid, (void *)NT_PRSTATUS, &iov));
+}
+
+int wpd_regs_set(int tid, const void *regs)
+{
+	struct iovec iov = {.iov_base = (void *)regs, .iov_len = sizeof(wpd_regs_t)};
+	return NEG_ERRNO(ptrace(PTRACE_SETREGSET, tid, (void *)NT_PRSTATUS, &iov));
+}
+
+void wpd_regs_prepare_syscall(void *regs, uint64_t insn_addr, long nr, uint64_t a0, uint64_t a1,
+			      uint64_t a2, uint64_t a3, uint64_t a4, uint64_t a5)
+{
+	const uint64_t a[6] = {a0, a1, a2, a3, a4, a5};
+	wpd_arch_prepare_syscall((wpd_regs_t *)regs, insn_addr, nr, a);
+}
+
+int64_t wpd_regs_syscall_result(const void *regs)
+{
+	return wpd_arch_syscall_result((const wpd_regs_t *)regs);
+}
+
+uint64_t wpd_regs_ip(const void *regs)
+{
+	return wpd_arch_ip((const wpd_regs_t *)regs);
+}
+
+int wpd_syscall_insn(unsigned char *buf, int buflen)
+{
+	if (buflen < (int)sizeof(wpd_syscall_insn_bytes))
+		return -EINVAL;
+	memcpy(buf, wpd_syscall_insn_bytes, sizeof(wpd_syscall_insn_bytes));
+	return sizeof(wpd_syscall_insn_bytes);
+}
+
+long wpd_nr_userfaultfd(void) { return WPD_NR_USERFAULTFD; }
+long wpd_nr_close(void) { return WPD_NR_CLOSE; }
+const char *wpd_arch_name(void) { return WPD_ARCH_NAME; }
+
+/* ---- pidfd ---- */
+
+int wpd_pidfd_open(int pid)
+{
+	return NEG_ERRNO((int)syscall(WPD_NR_PIDFD_OPEN, pid, 0));
+}
+
+int wpd_pidfd_getfd(int pidfd, int targetfd)
+{
+	return NEG_ERRNO((int)syscall(WPD_NR_PIDFD_GETFD, pidfd, targetfd, 0));
+}
+
+/* ---- userfaultfd ---- */
+
+int wpd_userfaultfd(int flags)
+{
+	return NEG_ERRNO((int)syscall(WPD_NR_USERFAULTFD, flags));
+}
+
+int wpd_uffd_api(int fd, uint64_t features, uint64_t *features_out, uint64_t *ioctls_out)
+{
+	struct uffdio_api api = {.api = UFFD_API, .features = features};
+	int r = ioctl(fd, UFFDIO_API, &api);
+	if (r < 0)
+		return -errno;
+	*features_out = api.features;
+	*ioctls_out = api.ioctls;
+	return 0;
+}
+
+int wpd_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls_out)
+{
+	struct uffdio_register reg = {.range = {.start = start, .len = len}, .mode = mode};
+	int r = ioctl(fd, UFFDIO_REGISTER, &reg);
+	if (r < 0)
+		return -errno;
+	*ioctls_out = reg.ioctls;
+	return 0;
+}
+
+int wpd_uffd_unregister(int fd, uint64_t start, uint64_t len)
+{
+	struct uffdio_range range = {.start = start, .len = len};
+	return NEG_ERRNO(ioctl(fd, UFFDIO_UNREGISTER, &range));
+}
+
+int wpd_uffd_writeprotect(int fd, uint64_t start, uint64_t len, int protect)
+{
+	struct uffdio_writeprotect wp = {
+		.range = {.start = start, .len = len},
+		.mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
+	};
+	return NEG_ERRNO(ioctl(fd, UFFDIO_WRITEPROTECT, &wp));
+}
+
+/* ---- PAGEMAP_SCAN ---- */
+
+int64_t wpd_pagemap_scan(int fd, uint64_t start, uint64_t end, uint64_t flags,
+			 uint64_t category_mask, uint64_t category_inverted,
+			 uint64_t category_anyof_mask, uint64_t return_mask, uint64_t max_pages,
+			 struct wpd_region *vec, uint64_t vec_len, uint64_t *walk_end)
+{
+	uint64_t n = 0;
+
+	*walk_end = start;
+	while (start < end && n < vec_len) {
+		struct pm_scan_arg arg = {
+			.size = sizeof(arg),
+			.flags = flags,
+			.start = start,
+			.end = end,
+			.vec = (uint64_t)(uintptr_t)(vec + n),
+			.vec_len = vec_len - n,
+			.max_pages = max_pages,
+			.category_inverted = category_inverted,
+			.category_mask = category_mask,
+			.category_anyof_mask = category_anyof_mask,
+			.return_mask = return_mask,
+		};
+		long r = ioctl(fd, PAGEMAP_SCAN, &arg);
+		if (r < 0)
+			return -errno;
+		n += (uint64_t)r;
+		/* KERNEL.md rule 5: a call that returned fewer regions than vec_len is complete,
+		 * whatever walk_end says (it can point back to a stale address). */
+		if ((uint64_t)r < arg.vec_len || max_pages) {
+			*walk_end = max_pages ? arg.walk_end : end;
+			return (int64_t)n;
+		}
+		if (arg.walk_end <= start)
+			return -EAGAIN; /* no progress (KERNEL.md rule 6) */
+		start = arg.walk_end;
+		*walk_end = start;
+	}
+	if (start >= end)
+		*walk_end = end;
+	return (int64_t)n;
+}
+
+/* ---- reading memory ---- */
+
+int64_t wpd_read_ranges(int pid, const uint64_t *ranges, uint64_t nranges, void *buf, uint64_t buflen)
+{
+	struct iovec remote[IOV_MAX];
+	uint64_t done = 0, i = 0;
+
+	while (i < nranges) {
+		uint64_t want = 0;
+		int k = 0;
+		while (i + k < nranges && k < IOV_MAX) {
+			uint64_t len = ranges[2 * (i + k) + 1] - ranges[2 * (i + k)];
+			if (done + want + len > buflen)
+				break;
+			remote[k].iov_base = (void *)(uintptr_t)ranges[2 * (i + k)];
+			remote[k].iov_len = len;
+			want += len;
+			k++;
+		}
+		if (k == 0)
+			return done ? (int64_t)done : -ENOBUFS;
+		struct iovec local = {.iov_base = (char *)buf + done, .iov_len = want};
+		ssize_t r = process_vm_readv(pid, &local, 1, remote, k, 0);
+		if (r < 0)
+			return done ? (int64_t)done : -errno;
+		done += (uint64_t)r;
+		if ((uint64_t)r < want)
+			return (int64_t)done; /* a range vanished: the caller sees the short count */
+		i += k;
+	}
+	return (int64_t)done;
+}

@@ -1,0 +1,46 @@
+/* The native helper's API: the cdef of wpdump._native is read from this file. */
+#ifndef WPD_NATIVE_H
+#define WPD_NATIVE_H
+#include <stddef.h>
+#include <stdint.h>
+
+struct wpd_region {
+	uint64_t start;
+	uint64_t end;
+	uint64_t categories;
+};
+
+int wpd_ptrace_seize(int tid);
+int wpd_ptrace_interrupt(int tid);
+int wpd_ptrace_singlestep(int tid, int sig);
+int wpd_ptrace_detach(int tid, int sig);
+int wpd_waitpid(int tid, int *status);
+size_t wpd_regs_size(void);
+int wpd_regs_get(int tid, void *regs);
+int wpd_regs_set(int tid, const void *regs);
+void wpd_regs_prepare_syscall(void *regs, uint64_t insn_addr, long nr, uint64_t a0, uint64_t a1,
+			      uint64_t a2, uint64_t a3, uint64_t a4, uint64_t a5);
+int64_t wpd_regs_syscall_result(const void *regs);
+uint64_t wpd_regs_ip(const void *regs);
+int wpd_syscall_insn(unsigned char *buf, int buflen);
+long wpd_nr_userfaultfd(void);
+long wpd_nr_close(void);
+const char *wpd_arch_name(void);
+
+int wpd_pidfd_open(int pid);
+int wpd_pidfd_getfd(int pidfd, int targetfd);
+
+int wpd_userfaultfd(int flags);
+int wpd_uffd_api(int fd, uint64_t features, uint64_t *features_out, uint64_t *ioctls_out);
+int wpd_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls_out);
+int wpd_uffd_unregister(int fd, uint64_t start, uint64_t len);
+int wpd_uffd_writeprotect(int fd, uint64_t start, uint64_t len, int protect);
+
+int64_t wpd_pagemap_scan(int fd, uint64_t start, uint64_t end, uint64_t flags,
+			 uint64_t category_mask, uint64_t category_inverted,
+			 uint64_t category_anyof_mask, uint64_t return_mask, uint64_t max_pages,
+			 struct wpd_region *vec, uint64_t vec_len, uint64_t *walk_end);
+
+int64_t wpd_read_ranges(int pid, const uint64_t *ranges, uint64_t nranges, void *buf,
+			uint64_t buflen);
+#endif

@@ -1,0 +1,68 @@
+"""Typed exceptions: each carries the target pid and the errno behind it."""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import os
+
+
+class WpdumpError(Exception):
+    """Base of wpdump's errors; ``pid`` and ``errno`` may be None when not applicable."""
+
+    def __init__(self, message: str, *, pid: int | None = None, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.errno = errno
+
+
+class NoSuchProcess(WpdumpError):
+    """The target pid does not exist (or no longer does)."""
+
+
+class TargetExited(NoSuchProcess):
+    """The target exited while it was tracked."""
+
+
+class TargetExeced(WpdumpError):
+    """The target called execve: the tracked memory was replaced by a new image."""
+
+
+class AccessDenied(WpdumpError):
+    """The caller may not ptrace or read the target."""
+
+
+class KernelUnsupported(WpdumpError):
+    """The running kernel lacks a feature wpdump needs; ``feature`` names it."""
+
+    def __init__(self, feature: str, message: str | None = None, **kw: object) -> None:
+        super().__init__(message or f"kernel lacks {feature} (Linux 6.7+ with userfaultfd WP needed)", **kw)
+        self.feature = feature
+
+
+class RangeBusy(WpdumpError):
+    """The target registered its own userfaultfd on [start, end): that range cannot be tracked."""
+
+    def __init__(self, start: int, end: int, path: str = "", **kw: object) -> None:
+        where = f" ({path})" if path else ""
+        super().__init__(
+            f"pid {kw.get('pid')}: range {start:#x}-{end:#x}{where} is registered with the target's own "
+            "userfaultfd; it is dumped whole every round",
+            **kw,
+        )
+        self.start = start
+        self.end = end
+
+
+class TrackerError(WpdumpError):
+    """A kernel operation failed in a way none of the specific errors describes."""
+
+
+def from_errno(err: int, pid: int | None, what: str) -> WpdumpError:
+    """Map a negative or positive errno from an operation on ``pid`` to the matching exception."""
+    err = abs(err)
+    text = f"pid {pid}: {what}: {os.strerror(err)}"
+    if err == errno_mod.ESRCH:
+        return NoSuchProcess(f"no such process: {pid}", pid=pid, errno=err)
+    if err in (errno_mod.EPERM, errno_mod.EACCES):
+        return AccessDenied(f"permission denied: cannot {what} pid {pid}", pid=pid, errno=err)
+    return TrackerError(text, pid=pid, errno=err)

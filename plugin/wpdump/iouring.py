@@ -1,0 +1,38 @@
+"""io_uring fixed buffers of a target (IORING_REGISTER_BUFFERS), read from /proc/PID/fdinfo.
+
+The kernel writes into these pinned pages without the tracker seeing it (KERNEL.md rule 7),
+so their pages are reported every round.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+_BUF = re.compile(r"^\s*\d+:\s*0x([0-9a-f]+)\s*,?\s*(\d+)", re.M)
+
+
+def registered_buffers(pid: int) -> list[tuple[int, int]]:
+    """[start, end) of every buffer registered with any io_uring instance of ``pid``."""
+    out: list[tuple[int, int]] = []
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:[io_uring]":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                text = f.read()
+        except OSError:
+            continue
+        section = text.split("UserBufs:", 1)
+        if len(section) < 2:
+            continue
+        body = re.split(r"\n\S", section[1], maxsplit=1)[0]
+        for m in _BUF.finditer(body):
+            start, length = int(m.group(1), 16), int(m.group(2))
+            if length:
+                out.append((start, start + length))
+    return out

@@ -1,0 +1,400 @@
+"""Tracker: write-tracking of a live process with userfaultfd async write-protect + PAGEMAP_SCAN."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import iouring, ranges, uffd
+from .errors import (
+    KernelUnsupported,
+    NoSuchProcess,
+    RangeBusy,
+    TargetExeced,
+    TargetExited,
+    TrackerError,
+    WpdumpError,
+    from_errno,
+)
+from .inject import open_userfaultfd, pidfd_open
+from .process import check_alive, read_stat
+from .uffd import (
+    PAGE_IS_FILE,
+    PAGE_IS_GUARD,
+    PAGE_IS_PFNZERO,
+    PAGE_IS_PRESENT,
+    PAGE_IS_SWAPPED,
+    PM_SCAN_CHECK_WPASYNC,
+    PM_SCAN_WP_MATCHING,
+    RegionBuffer,
+)
+from .vmas import Policy, Vma, VmaEvent, diff_layouts, policy_for, read_maps, read_vmflags
+
+log = logging.getLogger("wpdump.tracker")
+
+SEEK_DATA, SEEK_HOLE = 3, 4
+_RETRIES = 8
+
+
+@dataclass
+class VmaPages:
+    """What one round found in one VMA. Ranges are n×2 uint64 arrays of [start, end).
+
+    ``whole`` means ``copy`` lists every page with content (a new VMA, one dumped whole every round,
+    or one whose dirty information was lost); pages outside it are zero (anonymous), file content
+    (private file mapping) or unmapped by the target.
+    """
+
+    vma: Vma
+    policy: Policy
+    copy: np.ndarray
+    zero: np.ndarray = field(default_factory=lambda: ranges.EMPTY)
+    reverted: np.ndarray = field(default_factory=lambda: ranges.EMPTY)
+    guard: np.ndarray = field(default_factory=lambda: ranges.EMPTY)
+    whole: bool = False
+
+    @property
+    def copy_bytes(self) -> int:
+        return ranges.total(self.copy)
+
+
+@dataclass
+class Harvest:
+    """One round: pages per VMA, layout events since the previous round, problems met."""
+
+    round: int
+    vmas: list[VmaPages]
+    events: list[VmaEvent]
+    problems: list[WpdumpError]
+    seconds: float
+
+    def copy_ranges(self) -> np.ndarray:
+        """All ranges to copy, in address order."""
+        parts = [v.copy for v in self.vmas if len(v.copy)]
+        return np.concatenate(parts) if parts else ranges.EMPTY
+
+    def zero_ranges(self) -> np.ndarray:
+        """All ranges that became zero this round."""
+        parts = [v.zero for v in self.vmas if len(v.zero)]
+        return np.concatenate(parts) if parts else ranges.EMPTY
+
+    @property
+    def copy_bytes(self) -> int:
+        return sum(v.copy_bytes for v in self.vmas)
+
+
+def classify(vma: Vma, regions: np.ndarray, policy: Policy, whole: bool) -> VmaPages:
+    """Turn PAGEMAP_SCAN regions (reported WRITTEN) into copy / zero / reverted / guard ranges.
+
+    KERNEL.md "Classifying a page reported WRITTEN": a written page that is neither present nor
+    swapped was zapped: zero in anonymous memory, file content again in a private file mapping.
+    """
+    cat = regions["categories"]
+    rng = np.column_stack((regions["start"], regions["end"])).astype(np.uint64)
+    guard = (cat & PAGE_IS_GUARD) != 0
+    has_data = ((cat & (PAGE_IS_PRESENT | PAGE_IS_SWAPPED)) != 0) & ~guard
+    zeropage = has_data & ((cat & PAGE_IS_PFNZERO) != 0)
+    copy = has_data & ~zeropage
+    gone = ~has_data & ~guard
+    file_backed = vma.inode != 0 or (cat & PAGE_IS_FILE) != 0
+    if vma.anonymous:
+        zero, reverted = gone | zeropage, np.zeros_like(gone)
+    elif vma.shared:
+        zero, reverted = zeropage, np.zeros_like(gone)
+        copy = copy | gone  # content lives in the shared object: read it
+    else:
+        zero = zeropage | (gone & ~file_backed)
+        reverted = gone & file_backed
+    return VmaPages(
+        vma, policy, ranges.merge(rng[copy]), ranges.merge(rng[zero]), ranges.merge(rng[reverted]),
+        ranges.merge(rng[guard]), whole,
+    )
+
+
+class Tracker:
+    """Attach to ``pid`` and track its writes; ``initial`` holds the attach-time (whole) contents.
+
+    Each ``harvest()`` reports the pages written since the previous one and re-protects them
+    atomically. ``close()`` (or the tracker dying) leaves the target unprotected and running.
+    """
+
+    def __init__(self, pid: int, *, region_capacity: int = 1 << 16, watch_io_uring: bool = True) -> None:
+        self.pid = pid
+        self.round = 0
+        self.watch_io_uring = watch_io_uring
+        self._buf = RegionBuffer(region_capacity)
+        self._policy: dict[tuple, tuple[Policy, str]] = {}
+        self._busy: dict[tuple[int, int], RangeBusy] = {}
+        self._layout: list[Vma] = []
+        self._uffd = -1
+        self._pidfd = -1
+        self.start_ticks = check_alive(pid).start_ticks
+        self._pidfd = pidfd_open(pid)
+        try:
+            missing = uffd.missing_features()
+            if missing:
+                raise KernelUnsupported(missing[0], pid=pid)
+            self._uffd = open_userfaultfd(pid, self._pidfd)
+            uffd.api(self._uffd, pid)
+            self.initial = self._harvest(initial=True)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- public API ----
+
+    def harvest(self) -> Harvest:
+        """Pages written since the last round (re-protected atomically), zeroed ranges, VMA events."""
+        if self._uffd < 0:
+            raise TrackerError(f"tracker of pid {self.pid} is closed", pid=self.pid)
+        self.round += 1
+        return self._harvest(initial=False)
+
+    def close(self) -> None:
+        """Release the userfaultfd: the kernel unregisters every range and drops all write-protection."""
+        for attr in ("_uffd", "_pidfd"):
+            fd = getattr(self, attr, -1)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, attr, -1)
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def uffd_fd(self) -> int:
+        """The tracking userfaultfd (for handing over to a keeper process)."""
+        return self._uffd
+
+    @property
+    def busy_ranges(self) -> list[RangeBusy]:
+        """Ranges the target registered with its own userfaultfd (not trackable, dumped whole)."""
+        return list(self._busy.values())
+
+    # ---- one round ----
+
+    def _harvest(self, initial: bool) -> Harvest:
+        t0 = time.perf_counter()
+        # Reopened each round: after execve the old fd would show an empty mm (no error).
+        try:
+            pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError):
+            raise TargetExited(f"target {self.pid} exited", pid=self.pid, errno=errno.ESRCH) from None
+        except PermissionError as e:
+            raise from_errno(e.errno, self.pid, "open pagemap") from None
+        try:
+            out, fresh, problems, layout = self._scan_all(pagemap)
+        finally:
+            os.close(pagemap)
+        self._check_target(layout)
+        if self.watch_io_uring:
+            self._add_pinned(out)
+        events = [] if initial else diff_layouts(self._layout, layout, fresh)
+        self._layout = layout
+        out.sort(key=lambda v: v.vma.start)
+        return Harvest(self.round, out, events, problems, time.perf_counter() - t0)
+
+    def _scan_all(self, pagemap: int) -> tuple[list[VmaPages], set, list[WpdumpError], list[Vma]]:
+        maps = read_maps(self.pid)
+        out: list[VmaPages] = []
+        fresh: set[tuple[int, int]] = set()
+        problems: list[WpdumpError] = []
+        lost: list[tuple[int, int]] = []
+        flags = self._vmflags_for(maps)
+        for v in maps:
+            pol, _ = self._policy_of(v, flags)
+            if pol is Policy.SKIP:
+                continue
+            if pol is Policy.WHOLE or (v.start, v.end) in self._busy:
+                out.append(self._whole(pagemap, v, pol))
+                continue
+            regions = uffd.scan_all(pagemap, v.start, v.end, self._buf)
+            if isinstance(regions, int):
+                if regions == -errno.EPERM:
+                    # Unregistered (new VMA) or changed under us. KERNEL.md rule 4: the call may
+                    # already have re-protected written pages it could not return: dump it whole.
+                    lost.append((v.start, v.end))
+                    continue
+                raise self._error(regions, "PAGEMAP_SCAN")
+            out.append(classify(v, regions, pol, whole=False))
+        changed = False
+        for _ in range(_RETRIES):
+            if not lost:
+                break
+            maps = read_maps(self.pid)
+            flags = self._vmflags_for(maps)
+            todo = [v for v in maps if any(v.start < e and s < v.end for s, e in lost)]
+            lost = []
+            for v in todo:
+                out = [p for p in out if not (p.vma.start < v.end and v.start < p.vma.end)]
+                pol, _ = self._policy_of(v, flags)
+                if pol is Policy.SKIP:
+                    continue
+                if pol is Policy.WHOLE:
+                    out.append(self._whole(pagemap, v, pol))
+                    continue
+                res = self._track_new(pagemap, v, fresh, problems)
+                changed = True
+                if res is None:
+                    lost.append((v.start, v.end))
+                else:
+                    out.append(res)
+        if lost:
+            raise TrackerError(
+                f"pid {self.pid}: memory layout kept changing during the harvest", pid=self.pid, errno=errno.EAGAIN
+            )
+        problems.extend(self._busy.values())
+        # Registration may merge VMAs (brk growth): the next round compares with the layout as it is now.
+        return out, fresh, problems, read_maps(self.pid) if changed else maps
+
+    def _track_new(self, pagemap: int, v: Vma, fresh: set, problems: list) -> VmaPages | None:
+        """Register ``v`` if needed and report all of it; None when the layout changed meanwhile."""
+        regions = uffd.scan_all(pagemap, v.start, v.end, self._buf)
+        if isinstance(regions, int) and regions == -errno.EPERM:
+            r = uffd.register_wp(self._uffd, v.start, v.end)
+            if r == -errno.EBUSY:
+                busy = RangeBusy(v.start, v.end, v.path, pid=self.pid, errno=errno.EBUSY)
+                log.warning("%s", busy)
+                self._busy[(v.start, v.end)] = busy
+                return self._whole(pagemap, v, Policy.WHOLE)
+            if r == -errno.EINVAL:
+                self._policy[self._key(v)] = (Policy.WHOLE, "the kernel refuses to register it")
+                return self._whole(pagemap, v, Policy.WHOLE)
+            if r in (-errno.ENOMEM, -errno.ENOENT):
+                self._check_target()
+                return None
+            if r < 0:
+                raise self._error(r, "UFFDIO_REGISTER")
+            fresh.add((v.start, v.end))
+            # Right after registration every page reads WRITTEN (KERNEL.md rules 1-2): this scan
+            # write-protects the whole VMA and lists every page, present (copy) or not (zero).
+            regions = uffd.scan_all(pagemap, v.start, v.end, self._buf)
+            if isinstance(regions, int):
+                if regions == -errno.EPERM:
+                    return None
+                raise self._error(regions, "PAGEMAP_SCAN")
+            res = classify(v, regions, Policy.TRACK, whole=True)
+            res.zero = ranges.EMPTY
+            return res
+        if isinstance(regions, int):
+            raise self._error(regions, "PAGEMAP_SCAN")
+        # Registered, but an earlier call lost its dirty information: re-protected above, now report
+        # every page with content.
+        return self._present(pagemap, v, Policy.TRACK)
+
+    def _whole(self, pagemap: int, v: Vma, pol: Policy) -> VmaPages:
+        """Report all content of a VMA that is not (or cannot be) tracked."""
+        if v.shared:
+            data = self._shared_data(v)
+            if data is not None:
+                return VmaPages(v, pol, data, whole=True)
+        return self._present(pagemap, v, pol)
+
+    def _present(self, pagemap: int, v: Vma, pol: Policy) -> VmaPages:
+        regions = uffd.scan_all(
+            pagemap, v.start, v.end, self._buf, flags=0, category_mask=0,
+            category_anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+        )
+        if isinstance(regions, int):
+            raise self._error(regions, "PAGEMAP_SCAN")
+        res = classify(v, regions, pol, whole=True)
+        res.zero = ranges.EMPTY
+        return res
+
+    def _shared_data(self, v: Vma) -> np.ndarray | None:
+        """Ranges of a shared mapping whose object holds data (SEEK_DATA on map_files), or None."""
+        try:
+            fd = os.open(f"/proc/{self.pid}/map_files/{v.start:x}-{v.end:x}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            out, pos, end = [], v.offset, v.offset + v.size
+            while pos < end:
+                try:
+                    d = os.lseek(fd, pos, SEEK_DATA)
+                except OSError:
+                    break
+                if d >= end:
+                    break
+                h = min(os.lseek(fd, d, SEEK_HOLE), end)
+                lo = d & ~(uffd.PAGE_SIZE - 1)
+                hi = (h + uffd.PAGE_SIZE - 1) & ~(uffd.PAGE_SIZE - 1)
+                out.append((v.start + lo - v.offset, v.start + min(hi, end) - v.offset))
+                pos = h
+            return ranges.from_pairs(out)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    def _add_pinned(self, out: list[VmaPages]) -> None:
+        """KERNEL.md rule 7: io_uring fixed buffers are written without being reported: copy them always."""
+        bufs = ranges.from_pairs(iouring.registered_buffers(self.pid))
+        if not len(bufs):
+            return
+        for p in out:
+            part = ranges.clip(bufs, p.vma.start, p.vma.end)
+            if len(part) and p.vma.anonymous or len(part) and not p.whole:
+                p.copy = ranges.merge(np.concatenate((p.copy, part)))
+
+    # ---- helpers ----
+
+    def _key(self, v: Vma) -> tuple:
+        return (v.start, v.end, v.perms, v.offset, v.identity)
+
+    def _vmflags_for(self, maps: list[Vma]) -> dict[int, frozenset[str]]:
+        if all(self._key(v) in self._policy for v in maps):
+            return {}
+        return read_vmflags(self.pid)
+
+    def _policy_of(self, v: Vma, flags: dict[int, frozenset[str]]) -> tuple[Policy, str]:
+        key = self._key(v)
+        pol = self._policy.get(key)
+        if pol is None:
+            pol = self._policy[key] = policy_for(v, flags.get(v.start, frozenset()))
+        return pol
+
+    def policies(self) -> list[tuple[Vma, Policy, str]]:
+        """Every VMA of the last round with its policy and the reason for it."""
+        return [(v, *self._policy.get(self._key(v), (Policy.TRACK, "tracked"))) for v in self._layout]
+
+    def _check_target(self, layout: list[Vma] | None = None) -> None:
+        """Raise TargetExited / TargetExeced if the target is not the process we attached to."""
+        try:
+            st = read_stat(self.pid)
+        except NoSuchProcess:
+            raise TargetExited(f"target {self.pid} exited", pid=self.pid, errno=errno.ESRCH) from None
+        if st.state in ("Z", "X", "x") or st.start_ticks != self.start_ticks:
+            raise TargetExited(f"target {self.pid} exited", pid=self.pid, errno=errno.ESRCH)
+        # The userfaultfd belongs to the attach-time mm: an unprotect of one page answers ESRCH once
+        # that mm is gone (KERNEL.md rule 14) and a harmless ENOENT/EINVAL otherwise.
+        probe = self._probe_addr(self._layout if layout is None else layout)
+        r = uffd.writeprotect(self._uffd, probe, probe + uffd.PAGE_SIZE, protect=False)
+        if r == -errno.ESRCH:
+            raise TargetExeced(
+                f"target {self.pid} called execve: its tracked memory was replaced", pid=self.pid,
+                errno=errno.ESRCH,
+            )
+
+    @staticmethod
+    def _probe_addr(layout: list[Vma]) -> int:
+        """A page in a gap of the layout: never registered, so unprotecting it changes nothing."""
+        addr = 0x10000
+        for v in layout:
+            if v.start > addr:
+                break
+            addr = max(addr, v.end)
+        return addr
+
+    def _error(self, r: int, what: str) -> WpdumpError:
+        if r in (-errno.ESRCH, -errno.ENOENT):
+            self._check_target()
+        return from_errno(r, self.pid, what)

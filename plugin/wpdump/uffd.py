@@ -1,0 +1,163 @@
+"""userfaultfd and PAGEMAP_SCAN over the native helper: constants and typed-error wrappers."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import numpy as np
+
+from . import _native
+from .errors import KernelUnsupported, TrackerError, from_errno
+
+ffi, lib = _native.ffi, _native.lib
+
+# userfaultfd (linux/userfaultfd.h; WP_UNPOPULATED and WP_ASYNC are newer than Debian 12's headers)
+UFFD_USER_MODE_ONLY = 1
+UFFD_FEATURE_WP_HUGETLBFS_SHMEM = 1 << 12
+UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
+UFFD_FEATURE_WP_ASYNC = 1 << 15
+UFFDIO_REGISTER_MODE_WP = 1 << 1
+FEATURE_NAMES = {
+    UFFD_FEATURE_WP_ASYNC: "UFFD_FEATURE_WP_ASYNC",
+    UFFD_FEATURE_WP_UNPOPULATED: "UFFD_FEATURE_WP_UNPOPULATED",
+    UFFD_FEATURE_WP_HUGETLBFS_SHMEM: "UFFD_FEATURE_WP_HUGETLBFS_SHMEM",
+}
+TRACK_FEATURES = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED | UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+
+# PAGEMAP_SCAN (linux/fs.h, Linux 6.7)
+PM_SCAN_WP_MATCHING = 1
+PM_SCAN_CHECK_WPASYNC = 2
+PAGE_IS_WPALLOWED = 1
+PAGE_IS_WRITTEN = 2
+PAGE_IS_FILE = 4
+PAGE_IS_PRESENT = 8
+PAGE_IS_SWAPPED = 16
+PAGE_IS_PFNZERO = 32
+PAGE_IS_HUGE = 64
+PAGE_IS_SOFT_DIRTY = 128
+PAGE_IS_GUARD = 256
+CLASSIFY_MASK = (
+    PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO | PAGE_IS_FILE | PAGE_IS_HUGE
+    | PAGE_IS_GUARD
+)
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+REGION_DTYPE = np.dtype([("start", "<u8"), ("end", "<u8"), ("categories", "<u8")])
+
+
+def create_local(flags: int = UFFD_USER_MODE_ONLY | os.O_CLOEXEC) -> int:
+    """A userfaultfd of this process (used to probe the kernel's features)."""
+    fd = lib.wpd_userfaultfd(flags)
+    if fd < 0:
+        if fd == -errno.ENOSYS:
+            raise KernelUnsupported("userfaultfd", errno=-fd)
+        raise TrackerError(f"userfaultfd: {os.strerror(-fd)}", errno=-fd)
+    return fd
+
+
+def probe_features() -> int:
+    """Features this kernel's UFFDIO_API offers."""
+    fd = create_local()
+    try:
+        feats, ioctls = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        r = lib.wpd_uffd_api(fd, 0, feats, ioctls)
+        if r < 0:
+            raise TrackerError(f"UFFDIO_API: {os.strerror(-r)}", errno=-r)
+        return int(feats[0])
+    finally:
+        os.close(fd)
+
+
+def missing_features(wanted: int = TRACK_FEATURES) -> list[str]:
+    """Names of the wanted uffd features the kernel lacks (empty when all are there)."""
+    have = probe_features()
+    return [name for bit, name in FEATURE_NAMES.items() if wanted & bit and not have & bit]
+
+
+def api(fd: int, pid: int, features: int = TRACK_FEATURES) -> int:
+    """UFFDIO_API handshake asking for ``features``; names the missing feature when refused."""
+    feats, ioctls = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    r = lib.wpd_uffd_api(fd, features, feats, ioctls)
+    if r == -errno.EINVAL:
+        missing = missing_features(features)
+        raise KernelUnsupported(missing[0] if missing else "UFFDIO_API", pid=pid, errno=-r)
+    if r < 0:
+        raise from_errno(r, pid, "UFFDIO_API")
+    return int(feats[0])
+
+
+def register_wp(fd: int, start: int, end: int) -> int:
+    """UFFDIO_REGISTER in WP mode; returns 0 or -errno (the caller decides what EBUSY/EINVAL mean)."""
+    ioctls = ffi.new("uint64_t *")
+    return lib.wpd_uffd_register(fd, start, end - start, UFFDIO_REGISTER_MODE_WP, ioctls)
+
+
+def unregister(fd: int, start: int, end: int) -> int:
+    """UFFDIO_UNREGISTER; returns 0 or -errno."""
+    return lib.wpd_uffd_unregister(fd, start, end - start)
+
+
+def writeprotect(fd: int, start: int, end: int, protect: bool = True) -> int:
+    """UFFDIO_WRITEPROTECT; returns 0 or -errno."""
+    return lib.wpd_uffd_writeprotect(fd, start, end - start, 1 if protect else 0)
+
+
+class RegionBuffer:
+    """A reusable buffer of ``struct page_region`` viewed as a numpy structured array."""
+
+    def __init__(self, capacity: int = 1 << 16) -> None:
+        self.capacity = capacity
+        self.array = np.zeros(capacity, dtype=REGION_DTYPE)
+        self.cdata = ffi.cast("struct wpd_region *", self.array.ctypes.data)
+        self.walk_end = ffi.new("uint64_t *")
+
+
+def scan(
+    pagemap_fd: int,
+    start: int,
+    end: int,
+    buf: RegionBuffer,
+    *,
+    flags: int = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+    category_mask: int = PAGE_IS_WRITTEN,
+    category_anyof_mask: int = 0,
+    category_inverted: int = 0,
+    return_mask: int = CLASSIFY_MASK,
+) -> tuple[int, int]:
+    """One PAGEMAP_SCAN pass over [start, end) into ``buf``: returns (count or -errno, walk_end).
+
+    walk_end < end means the buffer filled up: consume the regions and call again from walk_end.
+    """
+    n = lib.wpd_pagemap_scan(
+        pagemap_fd, start, end, flags, category_mask, category_inverted, category_anyof_mask,
+        return_mask, 0, buf.cdata, buf.capacity, buf.walk_end,
+    )
+    return int(n), int(buf.walk_end[0])
+
+
+def scan_all(pagemap_fd: int, start: int, end: int, buf: RegionBuffer, **kw: int) -> np.ndarray | int:
+    """Scan [start, end) completely: a copy of all regions, or -errno on failure."""
+    parts = []
+    while start < end:
+        n, walk_end = scan(pagemap_fd, start, end, buf, **kw)
+        if n < 0:
+            return n
+        parts.append(buf.array[:n].copy())
+        if walk_end <= start:
+            break
+        start = walk_end
+    if not parts:
+        return np.zeros(0, dtype=REGION_DTYPE)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def read_ranges(pid: int, ranges: np.ndarray, out: memoryview | bytearray | np.ndarray) -> int:
+    """Copy the target's [start, end) ``ranges`` (n×2 uint64) back to back into ``out``.
+
+    Returns the bytes copied (short when a range vanished) or -errno.
+    """
+    ranges = np.ascontiguousarray(ranges, dtype=np.uint64)
+    src = ffi.cast("const uint64_t *", ranges.ctypes.data)
+    dst = ffi.from_buffer(out, require_writable=True)
+    return int(lib.wpd_read_ranges(pid, src, len(ranges), dst, len(dst)))
