@@ -5,11 +5,9 @@ from __future__ import annotations
 import os
 import pathlib
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-
 from wpdump import uffd
 
 TARGETS = pathlib.Path(__file__).parent / "targets"

@@ -29,8 +29,6 @@ from .uffd import (
     PAGE_IS_PFNZERO,
     PAGE_IS_PRESENT,
     PAGE_IS_SWAPPED,
-    PM_SCAN_CHECK_WPASYNC,
-    PM_SCAN_WP_MATCHING,
     RegionBuffer,
 )
 from .vmas import Policy, Vma, VmaEvent, diff_layouts, policy_for, read_maps, read_vmflags
@@ -342,7 +340,7 @@ class Tracker:
             return
         for p in out:
             part = ranges.clip(bufs, p.vma.start, p.vma.end)
-            if len(part) and p.vma.anonymous or len(part) and not p.whole:
+            if len(part):
                 p.copy = ranges.merge(np.concatenate((p.copy, part)))
 
     # ---- helpers ----

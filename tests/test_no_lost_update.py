@@ -1,0 +1,59 @@
+"""No lost update: writers race with get+reprotect (model: the kernel selftest transact_test)."""
+
+from __future__ import annotations
+
+import numpy as np
+from conftest import PAGE
+from wpdump import ranges, uffd
+from wpdump.tracker import Tracker
+
+PAGES = 256
+ROUNDS = 1000
+
+
+def snapshot(pid: int, a: int) -> np.ndarray:
+    buf = np.empty(PAGES * PAGE, dtype=np.uint8)
+    assert uffd.read_ranges(pid, ranges.from_pairs([(a, a + PAGES * PAGE)]), buf) == len(buf)
+    return buf.reshape(PAGES, PAGE)
+
+
+def reported(h, a: int) -> np.ndarray:
+    """Boolean per page of the region: in this harvest's copy ranges."""
+    out = np.zeros(PAGES, dtype=bool)
+    for s, e in ranges.clip(h.copy_ranges(), a, a + PAGES * PAGE):
+        out[(int(s) - a) // PAGE : (int(e) - a) // PAGE] = True
+    return out
+
+
+def test_no_lost_update_with_four_writer_threads(target):
+    a = target.map(PAGES)
+    target.cmd("fill", hex(a), PAGES, 7)
+    with Tracker(target.pid) as tr:
+        model = snapshot(target.pid, a).copy()  # read after the attach-time protect
+        target.cmd("threads", 4, hex(a), PAGES)
+        prev_snap = model.copy()
+        pending = np.zeros(PAGES, dtype=bool)
+        changed_total = 0
+        for _ in range(ROUNDS):
+            h = tr.harvest()
+            rep = reported(h, a)
+            # A page changed between the previous two snapshots was written after the previous
+            # harvest: that harvest's successor (this one) must report it if the last one did not.
+            assert not (pending & ~rep).any(), "a write was never reported"
+            snap = snapshot(target.pid, a)  # read after the harvest, while the writers run
+            changed = (snap != prev_snap).any(axis=1)
+            changed_total += int(changed.sum())
+            pending = changed & ~rep
+            model[rep] = snap[rep]
+            prev_snap = snap
+        writes = int(target.cmd("stopthreads")[0])
+        h = tr.harvest()
+        rep = reported(h, a)
+        final = snapshot(target.pid, a)
+        assert not (pending & ~rep).any(), "a write was never reported"
+        model[rep] = final[rep]
+    assert writes > ROUNDS
+    assert changed_total > ROUNDS
+    bad = np.flatnonzero((model != final).any(axis=1))
+    assert not len(bad), f"{len(bad)} pages differ, first at {a + int(bad[0]) * PAGE:#x}"
+
