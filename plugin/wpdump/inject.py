@@ -10,8 +10,8 @@ from __future__ import annotations
 import errno
 import os
 import signal
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 from . import _native
 from .errors import AccessDenied, NoSuchProcess, TargetExited, TrackerError, WpdumpError, from_errno
