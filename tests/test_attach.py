@@ -107,3 +107,29 @@ def test_attach_to_busy_thread_keeps_it_running(target):
         assert any(v.vma.start <= a < v.vma.end and len(v.copy) for v in h.vmas)
     assert int(target.cmd("stopthreads")[0]) > before
     assert target.alive()
+
+
+def test_failed_attach_restores_the_target(blocked_exe):
+    """userfaultfd() fails inside the target (no free fd): error raised, target continues exactly."""
+    import resource
+
+    from wpdump.errors import TrackerError
+
+    require_kernel()
+    p = start(blocked_exe, "read")
+    try:
+        wait_blocked(p.pid)
+        nfds = len(fds(p.pid))
+        resource.prlimit(p.pid, resource.RLIMIT_NOFILE, (nfds, nfds))
+        with pytest.raises(TrackerError) as exc:
+            Tracker(p.pid)
+        assert exc.value.errno == 24 and exc.value.pid == p.pid  # EMFILE
+        assert "userfaultfd" in str(exc.value)
+        with open(f"/proc/{p.pid}/status") as f:
+            assert "TracerPid:\t0\n" in f.read()
+        p.stdin.write("after")
+        p.stdin.flush()
+        assert p.stdout.readline().split() == ["read", "5", "after"]
+        assert p.wait(5) == 0
+    finally:
+        p.kill()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from conftest import PAGE
 from wpdump import ranges, uffd
 from wpdump.tracker import Tracker
@@ -25,16 +26,21 @@ def reported(h, a: int) -> np.ndarray:
     return out
 
 
-def test_no_lost_update_with_four_writer_threads(target):
+@pytest.mark.parametrize("churn", [False, True], ids=["steady", "layout-churn"])
+def test_no_lost_update_with_four_writer_threads(target, churn):
+    """With ``churn``, a fifth thread maps, replaces, remaps and unmaps memory throughout."""
+    rounds = ROUNDS if not churn else ROUNDS // 2
     a = target.map(PAGES)
     target.cmd("fill", hex(a), PAGES, 7)
     with Tracker(target.pid) as tr:
         model = snapshot(target.pid, a).copy()  # read after the attach-time protect
         target.cmd("threads", 4, hex(a), PAGES)
+        if churn:
+            target.cmd("churn")
         prev_snap = model.copy()
         pending = np.zeros(PAGES, dtype=bool)
         changed_total = 0
-        for _ in range(ROUNDS):
+        for _ in range(rounds):
             h = tr.harvest()
             rep = reported(h, a)
             # A page changed between the previous two snapshots was written after the previous
@@ -46,14 +52,16 @@ def test_no_lost_update_with_four_writer_threads(target):
             pending = changed & ~rep
             model[rep] = snap[rep]
             prev_snap = snap
+        if churn:
+            assert int(target.cmd("stopchurn")[0]) > 10
         writes = int(target.cmd("stopthreads")[0])
         h = tr.harvest()
         rep = reported(h, a)
         final = snapshot(target.pid, a)
         assert not (pending & ~rep).any(), "a write was never reported"
         model[rep] = final[rep]
-    assert writes > ROUNDS
-    assert changed_total > ROUNDS
+    assert writes > rounds
+    assert changed_total > rounds
     bad = np.flatnonzero((model != final).any(axis=1))
     assert not len(bad), f"{len(bad)} pages differ, first at {a + int(bad[0]) * PAGE:#x}"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 
 ATTACH = """
 import sys, time
@@ -37,6 +38,10 @@ def test_sigkilled_tracker_leaves_target_unprotected(target):
     before = int(target.cmd("writes")[0])
     target.cmd("poke", hex(a), "1,2,3")
     target.cmd("fill", hex(a), 64, 4)
+    for _ in range(200):  # the writer threads go on writing
+        if int(target.cmd("writes")[0]) > before:
+            break
+        time.sleep(0.01)
     assert int(target.cmd("stopthreads")[0]) > before
     # the writer threads own the first 16 bytes of each page; the rest is the fill pattern
     expected = bytes((4 * 131 + 9 * 7 + k * 13 + (k >> 8)) & 0xFF for k in range(64, 4096))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 
-_BUF = re.compile(r"^\s*\d+:\s*0x([0-9a-f]+)\s*,?\s*(\d+)", re.M)
+_BUF = re.compile(r"^\s*\d+:\s*0x([0-9a-f]+)\s*[/,]?\s*(\d+)", re.M)
 
 
 def registered_buffers(pid: int) -> list[tuple[int, int]]:

@@ -45,3 +45,18 @@ def pages(r: np.ndarray, page_size: int = 4096) -> np.ndarray:
     if not len(r):
         return np.zeros(0, dtype=np.uint64)
     return np.concatenate([np.arange(int(a), int(b), page_size, dtype=np.uint64) for a, b in r])
+
+
+def subtract(a: np.ndarray, b: np.ndarray, page_size: int = 4096) -> np.ndarray:
+    """Ranges of ``a`` not covered by ``b`` (page granular)."""
+    if not len(a) or not len(b):
+        return a
+    lo, hi = int(a[:, 0].min()), int(a[:, 1].max())
+    mask = np.zeros((hi - lo) // page_size, dtype=bool)
+    for s, e in a:
+        mask[(int(s) - lo) // page_size : (int(e) - lo) // page_size] = True
+    for s, e in clip(b, lo, hi):
+        mask[(int(s) - lo) // page_size : (int(e) - lo) // page_size] = False
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
+    out = (edges.reshape(-1, 2) * page_size + lo).astype(np.uint64)
+    return out

@@ -99,7 +99,7 @@ def classify(vma: Vma, regions: np.ndarray, policy: Policy, whole: bool) -> VmaP
     zeropage = has_data & ((cat & PAGE_IS_PFNZERO) != 0)
     copy = has_data & ~zeropage
     gone = ~has_data & ~guard
-    file_backed = vma.inode != 0 or (cat & PAGE_IS_FILE) != 0
+    file_backed = ((cat & PAGE_IS_FILE) != 0) | (vma.inode != 0)  # an array, never a bare bool
     if vma.anonymous:
         zero, reverted = gone | zeropage, np.zeros_like(gone)
     elif vma.shared:
@@ -129,6 +129,7 @@ class Tracker:
         self._policy: dict[tuple, tuple[Policy, str]] = {}
         self._busy: dict[tuple[int, int], RangeBusy] = {}
         self._layout: list[Vma] = []
+        self._cow: dict[tuple[int, int], np.ndarray] = {}  # private file VMAs: their COWed pages
         self._uffd = -1
         self._pidfd = -1
         self.start_ticks = check_alive(pid).start_ticks
@@ -222,7 +223,10 @@ class Tracker:
                     lost.append((v.start, v.end))
                     continue
                 raise self._error(regions, "PAGEMAP_SCAN")
-            out.append(classify(v, regions, pol, whole=False))
+            res = classify(v, regions, pol, whole=False)
+            if not v.anonymous and not v.shared:
+                self._find_reverted(pagemap, res)
+            out.append(res)
         changed = False
         for _ in range(_RETRIES):
             if not lost:
@@ -287,6 +291,24 @@ class Tracker:
         # Registered, but an earlier call lost its dirty information: re-protected above, now report
         # every page with content.
         return self._present(pagemap, v, Policy.TRACK)
+
+    def _find_reverted(self, pagemap: int, res: VmaPages) -> None:
+        """A zapped COW page of a private file mapping shows the file again but is not reported
+        written (the kernel keeps its WP marker): find it as a COW page that is one no more."""
+        v = res.vma
+        cow = uffd.scan_all(
+            pagemap, v.start, v.end, self._buf, flags=0, category_mask=PAGE_IS_FILE,
+            category_inverted=PAGE_IS_FILE, category_anyof_mask=PAGE_IS_PRESENT,
+        )  # not SWAPPED: uffd-wp markers on never-COWed pages read as SWAPPED without FILE
+        if isinstance(cow, int):
+            raise self._error(cow, "PAGEMAP_SCAN")
+        now = ranges.merge(np.column_stack((cow["start"], cow["end"])).astype(np.uint64))
+        before = self._cow.get((v.start, v.end))
+        self._cow[(v.start, v.end)] = now
+        if before is not None and len(before):
+            lost = ranges.subtract(ranges.subtract(before, now), res.copy)
+            if len(lost):
+                res.reverted = ranges.merge(np.concatenate((res.reverted, lost)))
 
     def _whole(self, pagemap: int, v: Vma, pol: Policy) -> VmaPages:
         """Report all content of a VMA that is not (or cannot be) tracked."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import errno
 from dataclasses import dataclass
@@ -120,6 +121,7 @@ class EventKind(enum.Enum):
     SPLIT = "split"
     PROTECTION_CHANGED = "protection-changed"
     REPLACED = "replaced"  # same place, new mapping (e.g. mmap MAP_FIXED over it)
+    MERGED = "merged"  # several VMAs became one (e.g. mprotect making their flags equal again)
 
 
 @dataclass(frozen=True)
@@ -138,9 +140,26 @@ def _overlapping(vmas: list[Vma], v: Vma) -> list[Vma]:
     return [o for o in vmas if o.start < v.end and v.start < o.end]
 
 
+def _split_at_fresh(new: list[Vma], fresh: set[tuple[int, int]]) -> list[Vma]:
+    """Registering a fresh VMA can merge it into a tracked neighbour: cut the merged VMA back into
+    the pieces the harvest saw, so that the fresh piece is still recognised as created."""
+    out: list[Vma] = []
+    for v in new:
+        cuts = sorted({v.start, v.end} | {x for s, e in fresh for x in (s, e) if v.start < x < v.end})
+        if len(cuts) == 2:
+            out.append(v)
+            continue
+        out.extend(
+            dataclasses.replace(v, start=lo, end=hi, offset=v.offset + (lo - v.start))
+            for lo, hi in zip(cuts, cuts[1:])
+        )
+    return out
+
+
 def diff_layouts(old: list[Vma], new: list[Vma], fresh: set[tuple[int, int]]) -> list[VmaEvent]:
     """Events turning layout ``old`` into ``new``; ``fresh`` holds (start, end) of new VMAs that were
     found unregistered, i.e. newly created mappings rather than in-place changes of tracked ones."""
+    new = _split_at_fresh(new, fresh)
     old_keys = {(o.start, o.end, o.perms, o.offset, o.identity) for o in old}
     events: list[VmaEvent] = []
     matched_old: set[Vma] = set()
@@ -163,6 +182,10 @@ def diff_layouts(old: list[Vma], new: list[Vma], fresh: set[tuple[int, int]]) ->
             events.append(VmaEvent(EventKind.PROTECTION_CHANGED, over[0], v))
         elif v.start < min(o.start for o in over) or v.end > max(o.end for o in over):
             events.append(VmaEvent(EventKind.GROWN, over[0], v))
+        elif len(over) > 1:
+            # exactly the span of several old VMAs: they merged (a split VMA made uniform again)
+            events.extend(VmaEvent(EventKind.MERGED, o, v) for o in over)
+            events.extend(VmaEvent(EventKind.PROTECTION_CHANGED, o, v) for o in over if o.perms != v.perms)
         else:
             o = over[0]
             siblings = _overlapping(new, o)

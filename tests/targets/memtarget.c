@@ -64,6 +64,32 @@ static void *writer(void *arg)
 	return NULL;
 }
 
+/* ---- layout churn: mmap / MAP_FIXED / mremap / munmap in a loop ---- */
+static atomic_int stop_churn;
+static pthread_t churner;
+static atomic_ulong churns;
+
+static void *churn(void *arg)
+{
+	while (!atomic_load(&stop_churn)) {
+		char *p = mmap(NULL, 8 * PG, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (p == MAP_FAILED)
+			abort();
+		memset(p, 1, 8 * PG);
+		mmap(p + 2 * PG, 2 * PG, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+		p[2 * PG] = 2;
+		mprotect(p + 6 * PG, PG, PROT_READ);
+		char *q = mremap(p + 4 * PG, 2 * PG, 6 * PG, MREMAP_MAYMOVE);
+		if (q != MAP_FAILED) {
+			q[5 * PG] = 3;
+			munmap(q, 6 * PG);
+		}
+		munmap(p, 8 * PG);
+		atomic_fetch_add(&churns, 1);
+	}
+	return NULL;
+}
+
 /* ---- io_uring fixed buffers (raw syscalls: no liburing needed) ---- */
 struct io_uring_params_min {
 	uint32_t sq_entries, cq_entries, flags, sq_thread_cpu, sq_thread_idle, features, wq_fd, resv[3];
@@ -193,6 +219,14 @@ int main(int argc, char **argv)
 				pthread_join(writers[i], NULL);
 			nwriters = 0;
 			reply("ok %lu", atomic_load(&writes_done));
+		} else if (!strcmp(cmd, "churn")) {
+			atomic_store(&stop_churn, 0);
+			pthread_create(&churner, NULL, churn, NULL);
+			reply("ok");
+		} else if (!strcmp(cmd, "stopchurn")) {
+			atomic_store(&stop_churn, 1);
+			pthread_join(churner, NULL);
+			reply("ok %lu", atomic_load(&churns));
 		} else if (!strcmp(cmd, "writes")) {
 			reply("ok %lu", atomic_load(&writes_done));
 		} else if (!strcmp(cmd, "uffd")) { /* uffd ADDR PAGES: register our own userfaultfd */
