@@ -151,7 +151,7 @@ def _split_at_fresh(new: list[Vma], fresh: set[tuple[int, int]]) -> list[Vma]:
             continue
         out.extend(
             dataclasses.replace(v, start=lo, end=hi, offset=v.offset + (lo - v.start))
-            for lo, hi in zip(cuts, cuts[1:])
+            for lo, hi in zip(cuts, cuts[1:], strict=False)
         )
     return out
 
