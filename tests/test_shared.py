@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 from conftest import PAGE, copied_pages
-
 from wpdump.tracker import Tracker
 from wpdump.vmas import Policy
 
