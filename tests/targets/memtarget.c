@@ -111,6 +111,8 @@ int main(int argc, char **argv)
 		if (!strcmp(cmd, "map")) {
 			sscanf(line, "%*s %lu %255s", &a, s1);
 			int flags = MAP_ANONYMOUS | (strcmp(s1, "shared") ? MAP_PRIVATE : MAP_SHARED);
+			if (!strcmp(s1, "hugetlb"))
+				flags |= MAP_HUGETLB;
 			void *p = mmap(NULL, a * PG, PROT_READ | PROT_WRITE, flags, -1, 0);
 			if (p == MAP_FAILED)
 				reply("err %d", errno);
