@@ -133,3 +133,34 @@ def test_failed_attach_restores_the_target(blocked_exe):
         assert p.wait(5) == 0
     finally:
         p.kill()
+
+
+def test_attach_to_stopped_target_keeps_it_stopped(target):
+    """A SIGSTOPped target is still stopped after the attach, and runs normally after SIGCONT."""
+    import signal
+
+    from conftest import copied_pages
+
+    a = target.map(16)
+    os.kill(target.pid, signal.SIGSTOP)
+    wait_state(target.pid, "T")
+    with Tracker(target.pid) as tr:
+        time.sleep(0.05)
+        assert state(target.pid) == "T"
+        os.kill(target.pid, signal.SIGCONT)
+        target.cmd("poke", hex(a), "1,2")
+        h = tr.harvest()
+        assert copied_pages(h, a, a + 16 * 4096) == {a + 4096, a + 2 * 4096}
+
+
+def state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def wait_state(pid: int, want: str) -> None:
+    for _ in range(200):
+        if state(pid) == want:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"pid {pid} never reached state {want}")

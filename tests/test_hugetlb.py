@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from conftest import PAGE, copied_pages
-
 from wpdump.tracker import Tracker
 
 HUGE = 2 << 20
