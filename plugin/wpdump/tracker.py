@@ -235,15 +235,16 @@ class Tracker:
             flags = self._vmflags_for(maps)
             todo = [v for v in maps if any(v.start < e and s < v.end for s, e in lost)]
             lost = []
+            # results overlapping a re-examined VMA are stale: drop them once, not per VMA
+            out = [p for p in out if not any(p.vma.start < v.end and v.start < p.vma.end for v in todo)]
             for v in todo:
-                out = [p for p in out if not (p.vma.start < v.end and v.start < p.vma.end)]
                 pol, _ = self._policy_of(v, flags)
                 if pol is Policy.SKIP:
                     continue
                 if pol is Policy.WHOLE:
                     out.append(self._whole(pagemap, v, pol))
                     continue
-                res = self._track_new(pagemap, v, fresh, problems)
+                res = self._track_new(pagemap, v, fresh)
                 changed = True
                 if res is None:
                     lost.append((v.start, v.end))
@@ -257,7 +258,7 @@ class Tracker:
         # Registration may merge VMAs (brk growth): the next round compares with the layout as it is now.
         return out, fresh, problems, read_maps(self.pid) if changed else maps
 
-    def _track_new(self, pagemap: int, v: Vma, fresh: set, problems: list) -> VmaPages | None:
+    def _track_new(self, pagemap: int, v: Vma, fresh: set) -> VmaPages | None:
         """Register ``v`` if needed and report all of it; None when the layout changed meanwhile."""
         regions = uffd.scan_all(pagemap, v.start, v.end, self._buf)
         if isinstance(regions, int) and regions == -errno.EPERM:
