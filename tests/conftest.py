@@ -120,3 +120,22 @@ def copied_pages(h, lo: int, hi: int) -> set[int]:
 def zero_pages(h, lo: int, hi: int) -> set[int]:
     return {p for p in page_set(h.zero_ranges()) if lo <= p < hi}
 
+
+
+@pytest.fixture(autouse=True)
+def run_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Each test gets its own keeper directory; keepers still running at the end are stopped."""
+    d = tmp_path_factory.mktemp("run")
+    d.chmod(0o1777)
+    monkeypatch.setenv("WPDUMP_RUN_DIR", str(d))
+    yield d
+    from wpdump import keeper
+
+    for pid in keeper.tracked_pids():
+        k = keeper.Keeper.connect(pid)
+        if k is not None:
+            try:
+                k.untrack()
+            except keeper.KeeperError:
+                pass
+            k.close()

@@ -47,16 +47,39 @@ def pages(r: np.ndarray, page_size: int = 4096) -> np.ndarray:
     return np.concatenate([np.arange(int(a), int(b), page_size, dtype=np.uint64) for a, b in r])
 
 
-def subtract(a: np.ndarray, b: np.ndarray, page_size: int = 4096) -> np.ndarray:
-    """Ranges of ``a`` not covered by ``b`` (page granular)."""
+def _coverage(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boundary points of ``a`` and ``b`` and how many ranges of each cover [u[i], u[i+1])."""
+    one, zero = np.ones(len(a), dtype=np.int64), np.zeros(len(b), dtype=np.int64)
+    pts = np.concatenate((a[:, 0], a[:, 1], b[:, 0], b[:, 1]))
+    da = np.concatenate((one, -one, zero, zero))
+    db = np.concatenate((np.zeros(len(a) * 2, dtype=np.int64), zero + 1, zero - 1))
+    u, inv = np.unique(pts, return_inverse=True)
+    ca = np.zeros(len(u), dtype=np.int64)
+    cb = np.zeros(len(u), dtype=np.int64)
+    np.add.at(ca, inv, da)
+    np.add.at(cb, inv, db)
+    return u, np.cumsum(ca)[:-1], np.cumsum(cb)[:-1]
+
+
+def subtract(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Ranges of ``a`` not covered by ``b`` (a sweep over the boundaries: cost independent of span)."""
     if not len(a) or not len(b):
         return a
-    lo, hi = int(a[:, 0].min()), int(a[:, 1].max())
-    mask = np.zeros((hi - lo) // page_size, dtype=bool)
-    for s, e in a:
-        mask[(int(s) - lo) // page_size : (int(e) - lo) // page_size] = True
-    for s, e in clip(b, lo, hi):
-        mask[(int(s) - lo) // page_size : (int(e) - lo) // page_size] = False
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
-    out = (edges.reshape(-1, 2) * page_size + lo).astype(np.uint64)
-    return out
+    u, ca, cb = _coverage(a, b)
+    keep = (ca > 0) & (cb == 0)
+    return merge(np.column_stack((u[:-1][keep], u[1:][keep])).astype(np.uint64))
+
+
+def intersect(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Ranges covered by both ``a`` and ``b``."""
+    if not len(a) or not len(b):
+        return EMPTY.copy()
+    u, ca, cb = _coverage(a, b)
+    keep = (ca > 0) & (cb > 0)
+    return merge(np.column_stack((u[:-1][keep], u[1:][keep])).astype(np.uint64))
+
+
+def union(*parts: np.ndarray) -> np.ndarray:
+    """Sorted, merged union of range arrays."""
+    parts = tuple(p for p in parts if len(p))
+    return merge(np.concatenate(parts).astype(np.uint64)) if parts else EMPTY.copy()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 
@@ -106,8 +107,11 @@ def classify(vma: Vma, regions: np.ndarray, policy: Policy, whole: bool) -> VmaP
         zero, reverted = zeropage, np.zeros_like(gone)
         copy = copy | gone  # content lives in the shared object: read it
     else:
+        # a present page cache page is the file's own content (never COWed): the file supplies it
+        file_page = has_data & ((cat & PAGE_IS_FILE) != 0) & ((cat & PAGE_IS_PRESENT) != 0)
+        copy = copy & ~file_page
         zero = zeropage | (gone & ~file_backed)
-        reverted = gone & file_backed
+        reverted = (gone & file_backed) | (file_page & ~zeropage)
     return VmaPages(
         vma, policy, ranges.merge(rng[copy]), ranges.merge(rng[zero]), ranges.merge(rng[reverted]),
         ranges.merge(rng[guard]), whole,
@@ -144,6 +148,45 @@ class Tracker:
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def adopt(cls, pid: int, uffd_fd: int, state: bytes) -> Tracker:
+        """Resume tracking with a userfaultfd and the state another process exported (keeper hand-over).
+
+        Takes ownership of ``uffd_fd``. Raises TargetExited if ``pid`` is no longer the tracked process.
+        """
+        self = cls.__new__(cls)
+        self._uffd, self._pidfd = uffd_fd, -1
+        try:
+            st = pickle.loads(state)
+            if st["pid"] != pid:
+                raise TrackerError(f"tracker state is for pid {st['pid']}, not {pid}", pid=pid, errno=errno.EINVAL)
+            self.pid, self.round, self.watch_io_uring = pid, st["round"], st["watch_io_uring"]
+            self.start_ticks = st["start_ticks"]
+            self._buf = RegionBuffer(st["region_capacity"])
+            self._policy = st["policy"]
+            self._busy = {
+                (s, e): RangeBusy(s, e, path, pid=pid, errno=errno.EBUSY) for s, e, path in st["busy"]
+            }
+            self._layout, self._cow = st["layout"], st["cow"]
+            self.initial = None  # type: ignore[assignment]
+            if check_alive(pid).start_ticks != self.start_ticks:
+                raise TargetExited(f"target {pid} exited (the pid now names another process)", pid=pid,
+                                   errno=errno.ESRCH)
+            self._pidfd = pidfd_open(pid)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def export_state(self) -> bytes:
+        """Everything but the userfaultfd that a later :meth:`adopt` needs to go on tracking."""
+        return pickle.dumps({
+            "pid": self.pid, "round": self.round, "watch_io_uring": self.watch_io_uring,
+            "start_ticks": self.start_ticks, "region_capacity": self._buf.capacity,
+            "policy": self._policy, "busy": [(b.start, b.end, "") for b in self._busy.values()],
+            "layout": self._layout, "cow": self._cow,
+        })
 
     # ---- public API ----
 

@@ -1,0 +1,249 @@
+"""Reading iterations and the chain of ``parent`` links between them, and checking a parent is usable."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import images, ranges
+from .errors import WpdumpError
+
+META_FILE = "wpdump.json"
+META_FORMAT = "wpdump-iteration/1"
+PAGE = 4096
+
+
+class ChainError(WpdumpError):
+    """An images directory or its chain of parents is missing, corrupt, foreign or not this process's."""
+
+
+def uptime_us() -> int:
+    """Microseconds since boot (CLOCK_BOOTTIME, as /proc/uptime and /proc/PID/stat start times)."""
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME) // 1000
+
+
+def start_time_us(start_ticks: int) -> int:
+    """A /proc/PID/stat start time (clock ticks since boot) in microseconds."""
+    return start_ticks * 1_000_000 // os.sysconf("SC_CLK_TCK")
+
+
+def boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+def read_image_file(dir_path: str, name: str) -> bytes:
+    """Contents of ``dir_path/name``, never following a symlink at ``name``."""
+    path = os.path.join(dir_path, name)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ChainError(f"{path}: no such file", errno=errno.ENOENT) from None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ChainError(f"{path} is a symlink: refusing to follow it", errno=e.errno) from None
+        raise ChainError(f"{path}: {e.strerror}", errno=e.errno) from None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ChainError(f"{path}: {e.strerror}", errno=e.errno) from None
+
+
+@dataclass
+class Iteration:
+    """One images directory: its pagemap entries, inventory and wpdump's metadata (None if not ours)."""
+
+    path: str
+    pid: int
+    pages_id: int
+    entries: np.ndarray
+    inventory: object | None
+    meta: dict | None
+
+    def ranges(self, flag: int | None = None) -> np.ndarray:
+        """Page ranges of the entries (with ``flag`` if given)."""
+        return images.ranges_of(self.entries, flag)
+
+    @property
+    def pages_path(self) -> str:
+        return os.path.join(self.path, images.pages_file_name(self.pages_id))
+
+    @property
+    def parent_path(self) -> str | None:
+        """The directory the ``parent`` link points to, or None when there is no link."""
+        link = os.path.join(self.path, "parent")
+        if not os.path.islink(link):
+            return None
+        return os.path.normpath(os.path.join(self.path, os.readlink(link)))
+
+    @property
+    def iteration_id(self) -> str | None:
+        return self.meta.get("iteration") if self.meta else None
+
+
+def _find_pid(path: str) -> int:
+    pids = [int(m.group(1)) for n in os.listdir(path) if (m := re.fullmatch(r"pagemap-(\d+)\.img", n))]
+    if len(pids) != 1:
+        what = "no pagemap-PID.img" if not pids else f"pagemaps of several pids {sorted(pids)}; name the pid"
+        raise ChainError(f"{path}: {what}", errno=errno.ENOENT if not pids else errno.EINVAL)
+    return pids[0]
+
+
+def load_iteration(path: str, pid: int | None = None) -> Iteration:
+    """Read the pagemap (and inventory, metadata when present) of the iteration in ``path``."""
+    if not os.path.isdir(path):
+        raise ChainError(f"images directory {path} does not exist", errno=errno.ENOENT)
+    if pid is None:
+        pid = _find_pid(path)
+    name = images.pagemap_file_name(pid)
+    if not os.path.lexists(os.path.join(path, name)):
+        raise ChainError(f"{path} holds no {name}: not an image of pid {pid}", pid=pid, errno=errno.ENOENT)
+    try:
+        pages_id, entries = images.decode_pagemap(read_image_file(path, name), os.path.join(path, name))
+        inv = None
+        if os.path.lexists(os.path.join(path, images.INVENTORY_FILE)):
+            inv_name = os.path.join(path, images.INVENTORY_FILE)
+            inv = images.decode_inventory(read_image_file(path, images.INVENTORY_FILE), inv_name)
+    except images.ImageError as e:
+        raise ChainError(str(e), pid=pid, errno=errno.EINVAL) from None
+    meta = None
+    if os.path.lexists(os.path.join(path, META_FILE)):
+        try:
+            meta = json.loads(read_image_file(path, META_FILE))
+            if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+                raise ValueError("unknown format")
+        except ValueError as e:
+            raise ChainError(f"{os.path.join(path, META_FILE)} is corrupt: {e}", pid=pid, errno=errno.EINVAL) from None
+    return Iteration(path, pid, pages_id, entries, inv, meta)
+
+
+def check_pages_file(it: Iteration) -> None:
+    """The pages file holds exactly the PE_PRESENT pages."""
+    want = ranges.total(it.ranges(images.PE_PRESENT))
+    try:
+        st = os.lstat(it.pages_path)
+    except FileNotFoundError:
+        if want == 0:
+            return
+        raise ChainError(f"{it.pages_path}: missing", pid=it.pid, errno=errno.ENOENT) from None
+    if st.st_size != want:
+        raise ChainError(
+            f"{it.pages_path}: {st.st_size} bytes, but the pagemap lists {want // PAGE} present pages "
+            f"({want} bytes)", pid=it.pid, errno=errno.EINVAL,
+        )
+
+
+def load_chain(path: str, pid: int | None = None, max_depth: int = 4096) -> list[Iteration]:
+    """The iteration in ``path`` and its parents, top first; checks every level's structure."""
+    chain: list[Iteration] = []
+    seen: set[tuple[int, int]] = set()
+    cur: str | None = path
+    while cur is not None:
+        st = os.stat(cur) if os.path.isdir(cur) else None
+        if st is None:
+            below = f" (parent of {chain[-1].path})" if chain else ""
+            raise ChainError(f"images directory {cur}{below} does not exist", pid=pid, errno=errno.ENOENT)
+        if (st.st_dev, st.st_ino) in seen or len(chain) >= max_depth:
+            raise ChainError(f"{path}: the parent links form a loop", pid=pid, errno=errno.ELOOP)
+        seen.add((st.st_dev, st.st_ino))
+        it = load_iteration(cur, pid)
+        pid = it.pid
+        check_pages_file(it)
+        if chain:  # every PE_PARENT page of the child must be in this level (present or parent)
+            missing = ranges.subtract(chain[-1].ranges(images.PE_PARENT), it.ranges())
+            if len(missing):
+                raise ChainError(
+                    f"{chain[-1].path}: {ranges.total(missing) // PAGE} pages marked in-parent are absent from "
+                    f"the parent {cur} (first at {int(missing[0, 0]):#x})", pid=pid, errno=errno.EINVAL,
+                )
+        chain.append(it)
+        cur = it.parent_path
+        if cur is None and len(it.ranges(images.PE_PARENT)):
+            raise ChainError(
+                f"{it.path}: entries refer to a parent, but there is no parent link", pid=pid, errno=errno.EINVAL
+            )
+    return chain
+
+
+def check_parent(parent: Iteration, pid: int, start_ticks: int) -> None:
+    """The parent must be an image of this very process (CRIU's pid-reuse check, plus our metadata)."""
+    if parent.inventory is not None and parent.inventory.HasField("dump_uptime"):
+        if start_time_us(start_ticks) > parent.inventory.dump_uptime:
+            raise ChainError(
+                f"{parent.path} was dumped before pid {pid} started: the pid was reused, it is another process",
+                pid=pid, errno=errno.ESRCH,
+            )
+    if parent.meta is not None:
+        same = parent.meta.get("start_ticks") == start_ticks and parent.meta.get("boot_id") == boot_id()
+        if parent.meta.get("pid") != pid or not same:
+            raise ChainError(
+                f"{parent.path} is an image of another process (pid {parent.meta.get('pid')}, "
+                f"started at tick {parent.meta.get('start_ticks')})", pid=pid, errno=errno.ESRCH,
+            )
+
+
+def _present_index(it: Iteration) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PE_PRESENT entries of ``it``: (vaddr, end, offset of the first page in the pages file)."""
+    e = it.entries[(it.entries["flags"] & images.PE_PRESENT) != 0]
+    nbytes = e["nr_pages"].astype(np.uint64) * PAGE
+    offs = np.concatenate(([0], np.cumsum(nbytes)[:-1])).astype(np.uint64) if len(e) else np.zeros(0, np.uint64)
+    return e["vaddr"].astype(np.uint64), e["vaddr"].astype(np.uint64) + nbytes, offs
+
+
+def locate_pages(chain: list[Iteration], addrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each page address (sorted), the chain level whose pages file holds it and the offset there.
+
+    Level -1 means no level holds it (the page is zero). Pages are resolved top down, as CRIU does.
+    """
+    level = np.full(len(addrs), -1, dtype=np.int64)
+    offset = np.zeros(len(addrs), dtype=np.uint64)
+    pending = np.ones(len(addrs), dtype=bool)
+    for i, it in enumerate(chain):
+        if not pending.any():
+            break
+        idx = np.flatnonzero(pending)
+        a = addrs[idx]
+        listed = _in(a, it.ranges())
+        pending[idx[~listed]] = False  # absent at this level: zero (a level lists every non-zero page)
+        starts, ends, offs = _present_index(it)
+        if len(starts):
+            j = np.searchsorted(starts, a, side="right") - 1
+            ok = listed & (j >= 0)
+            ok[ok] = a[ok] < ends[j[ok]]
+            level[idx[ok]] = i
+            offset[idx[ok]] = offs[j[ok]] + (a[ok] - starts[j[ok]])
+            pending[idx[ok]] = False
+    return level, offset
+
+
+def _in(addrs: np.ndarray, r: np.ndarray) -> np.ndarray:
+    if not len(r) or not len(addrs):
+        return np.zeros(len(addrs), dtype=bool)
+    j = np.searchsorted(r[:, 0], addrs, side="right") - 1
+    ok = j >= 0
+    ok[ok] = addrs[ok] < r[j[ok], 1]
+    return ok
+
+
+def read_pages(chain: list[Iteration], addrs: np.ndarray) -> np.ndarray:
+    """The content of each page address (sorted) as the chain's top says: len(addrs)×PAGE uint8 rows."""
+    level, offset = locate_pages(chain, addrs)
+    out = np.zeros((len(addrs), PAGE), dtype=np.uint8)
+    for i, it in enumerate(chain):
+        sel = np.flatnonzero(level == i)
+        if not len(sel):
+            continue
+        with open(it.pages_path, "rb", buffering=0) as f:
+            for k, off in zip(sel.tolist(), offset[sel].tolist(), strict=True):
+                data = os.pread(f.fileno(), PAGE, off)
+                if len(data) != PAGE:
+                    raise ChainError(f"{it.pages_path}: truncated at offset {off}", pid=it.pid, errno=errno.EINVAL)
+                out[k] = np.frombuffer(data, dtype=np.uint8)
+    return out

@@ -1,0 +1,42 @@
+"""The whole checkpoint loop: pre-dumps into DIR/1, DIR/2, … chained by ``parent`` until the
+convergence policy says stop, then the final dump into the next numbered directory."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+from . import imgdir, iteration
+from .convergence import Convergence, PHaulPolicy
+from .iteration import IterationResult, Progress
+
+
+def checkpoint(
+    pid: int, images_dir: str, policy: Convergence | None = None, *, interval: float = 0.0,
+    leave_stopped: bool = False, keep_tracking: bool = False,
+    on_iteration: Callable[[IterationResult, str | None], None] | None = None, progress: Progress | None = None,
+) -> list[IterationResult]:
+    """Run pre-dumps then the final dump; returns every iteration's result (the last is the dump)."""
+    policy = policy or PHaulPolicy()
+    dest = imgdir.check_destination(images_dir)
+    os.makedirs(dest, mode=0o700, exist_ok=True)
+    history: list[IterationResult] = []
+    reason = None
+    while reason is None:
+        n = len(history) + 1
+        if history and interval > 0:
+            time.sleep(interval)
+        res = iteration.pre_dump(pid, os.path.join(dest, str(n)), f"../{n - 1}" if history else None,
+                                 progress=progress)
+        history.append(res)
+        reason = policy.stop_reason(history)
+        if on_iteration is not None:
+            on_iteration(res, reason)
+    n = len(history) + 1
+    res = iteration.dump(pid, os.path.join(dest, str(n)), f"../{n - 1}", leave_stopped=leave_stopped,
+                         keep_tracking=keep_tracking, progress=progress)
+    history.append(res)
+    if on_iteration is not None:
+        on_iteration(res, None)
+    return history

@@ -1,0 +1,398 @@
+"""One iteration (pre-dump or final dump): harvest the tracker, copy the pages, write CRIU images atomically.
+
+An iteration's pagemap lists every non-zero page of the dumped memory: PE_PRESENT for the pages in its
+pages file (changed since the parent, or new), PE_PARENT for pages unchanged since the parent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import freeze, images, imgdir, keeper, ranges
+from .chain import META_FILE, META_FORMAT, Iteration, boot_id, check_parent, load_chain, uptime_us
+from .errors import TargetExeced, WpdumpError
+from .image import CopyBuffer, copy_pages, in_ranges
+from .process import check_alive, thread_state, threads
+from .tracker import Harvest, Tracker
+from .vmas import Policy
+
+log = logging.getLogger("wpdump.iteration")
+
+PAGE = 4096
+BATCH_BYTES = 64 << 20  # pages read from the target and written per step: bounds wpdump's memory
+PAGES_ID = 1
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
+
+
+@dataclass
+class IterationResult:
+    """What one iteration wrote and how long it took (seconds)."""
+
+    images_dir: str
+    kind: str  # "pre-dump" or "dump"
+    iteration: str
+    parent: str | None
+    incremental: bool
+    pages_scanned: int = 0
+    pages_written: int = 0
+    pages_parent: int = 0
+    pages_zeroed: int = 0
+    bytes_written: int = 0
+    harvest_s: float = 0.0
+    copy_s: float = 0.0
+    write_s: float = 0.0
+    freezing_s: float = 0.0
+    frozen_s: float = 0.0
+    total_s: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- tracking across invocations ----
+
+
+class _Tracking:
+    """The tracker for this iteration: taken from the pid's keeper when it has tracked since the parent,
+    else attached afresh (a full iteration). Handed back to a keeper when the iteration is complete."""
+
+    def __init__(self, pid: int, start_ticks: int, parent: Iteration | None, warnings: list[str]) -> None:
+        self.pid, self.start_ticks, self.warnings = pid, start_ticks, warnings
+        self.tracker: Tracker | None = None
+        self.fresh = False
+        self.keeper = keeper.Keeper.connect(pid)
+        status = None
+        if self.keeper is not None:
+            try:
+                status = self.keeper.status()
+            except keeper.KeeperError:
+                self._drop_keeper(untrack=False)
+        if self.keeper is not None and status is not None:
+            if parent is not None and parent.iteration_id and parent.iteration_id == status["iteration"]:
+                _, fd, state = self.keeper.checkout()
+                self.tracker = Tracker.adopt(pid, fd, state)
+            else:
+                if parent is not None:
+                    self._warn(
+                        f"pid {pid} has been tracked since {status['images_dir'] or 'another iteration'}, not since "
+                        f"the parent {parent.path}: writing a full iteration"
+                    )
+                self._drop_keeper(untrack=True)
+        elif parent is not None:
+            self._warn(f"pid {pid} is not tracked since the parent {parent.path} (no keeper): writing a full iteration")
+
+    def _warn(self, text: str) -> None:
+        log.warning("%s", text)
+        self.warnings.append(text)
+
+    def _drop_keeper(self, untrack: bool) -> None:
+        if self.keeper is None:
+            return
+        if untrack:
+            try:
+                self.keeper.untrack()
+            except keeper.KeeperError:
+                pass
+        self.keeper.close()
+        self.keeper = None
+
+    @property
+    def incremental(self) -> bool:
+        return not self.fresh
+
+    def harvest(self) -> Harvest:
+        """The pages written since the parent (incremental), or all content after a fresh attach."""
+        if self.tracker is not None:
+            try:
+                return self.tracker.harvest()
+            except TargetExeced as e:
+                self._warn(f"{e}: tracking again from scratch, writing a full iteration")
+                self.tracker.close()
+                self.tracker = None
+                self._drop_keeper(untrack=True)
+        self.tracker = Tracker(self.pid)
+        self.fresh = True
+        return self.tracker.initial
+
+    def hand_back(self, iteration: str, images_dir: str, keep: bool) -> None:
+        """After a complete iteration: give the tracker to the keeper (or start one), or end tracking."""
+        tr = self.tracker
+        assert tr is not None
+        try:
+            if not keep:
+                self._drop_keeper(untrack=True)
+                return
+            state = tr.export_state()
+            if self.keeper is not None:
+                self.keeper.checkin(state, iteration, images_dir)
+                self._drop_keeper(untrack=False)
+            else:
+                keeper.spawn(self.pid, self.start_ticks, tr.uffd_fd, state, iteration, images_dir).close()
+        finally:
+            tr.close()
+
+    def abandon(self) -> None:
+        """After a failure: the keeper sees the checkout end without a checkin and ends tracking."""
+        if self.tracker is not None:
+            self.tracker.close()
+        if self.keeper is not None:
+            self.keeper.close()
+            self.keeper = None
+
+
+# ---- laying out and writing the images ----
+
+
+def _parent_part(h: Harvest, parent: np.ndarray) -> np.ndarray:
+    """Pages of the parent still valid now: in a VMA tracked (not reported whole) this round and
+    neither written, zeroed, reverted to file content nor turned into a guard since."""
+    keep = []
+    for v in h.vmas:
+        if v.whole or v.policy is not Policy.TRACK:
+            continue
+        part = ranges.clip(parent, v.vma.start, v.vma.end)
+        if len(part):
+            part = ranges.subtract(part, ranges.union(v.copy, v.zero, v.reverted, v.guard))
+            if len(part):
+                keep.append(part)
+    return ranges.union(*keep)
+
+
+def _batches(r: np.ndarray, limit: int) -> list[np.ndarray]:
+    """Split ranges into consecutive groups of at most ``limit`` bytes (long ranges are cut)."""
+    if not len(r):
+        return []
+    lens = r[:, 1] - r[:, 0]
+    if (lens > limit).any():
+        parts = []
+        for s, e in r:
+            s, e = int(s), int(e)
+            while e - s > limit:
+                parts.append((s, s + limit))
+                s += limit
+            parts.append((s, e))
+        r = ranges.from_pairs(parts)
+        lens = r[:, 1] - r[:, 0]
+    group = (np.cumsum(lens) - 1) // limit
+    cuts = np.flatnonzero(np.diff(group)) + 1
+    return np.split(r, cuts)
+
+
+def _runs(addrs: np.ndarray) -> np.ndarray:
+    """Sorted page addresses → merged n×2 ranges."""
+    if not len(addrs):
+        return ranges.EMPTY.copy()
+    brk = np.flatnonzero(np.diff(addrs) != PAGE) + 1
+    starts = addrs[np.concatenate(([0], brk))]
+    ends = addrs[np.concatenate((brk - 1, [len(addrs) - 1]))] + PAGE
+    return np.column_stack((starts, ends)).astype(np.uint64)
+
+
+def _copy_and_write(
+    pid: int, copy: np.ndarray, anon: np.ndarray, fd: int, what: str, progress: Progress | None
+) -> tuple[np.ndarray, int, float, float]:
+    """Read ``copy`` from the target batch by batch and append the pages to ``fd``.
+
+    Pages of anonymous VMAs that read all zero are left out (absent means zero). Returns the ranges
+    written, the pages dropped as zero, and the seconds spent reading and writing.
+    """
+    total = ranges.total(copy)
+    buf = CopyBuffer(min(max(total, PAGE), BATCH_BYTES))
+    kept: list[np.ndarray] = []
+    zero_pages = 0
+    t_copy = t_write = 0.0
+    done = 0
+    for batch in _batches(copy, BATCH_BYTES):
+        t0 = time.perf_counter()
+        got = copy_pages(pid, batch, buf)
+        rows, addrs = got.rows, got.addrs
+        keep = None
+        if len(anon) and len(addrs):
+            zero = ~rows.view(np.uint64).any(axis=1) & in_ranges(addrs, anon)
+            if zero.any():
+                keep = ~zero
+                zero_pages += int(zero.sum())
+        t1 = time.perf_counter()
+        data = rows if keep is None else rows[keep]
+        try:
+            imgdir.write_all(fd, data.reshape(-1), what)
+        except OSError as e:
+            raise imgdir.describe_os_error(e, what) from None
+        kept.append(addrs if keep is None else addrs[keep])
+        t2 = time.perf_counter()
+        t_copy += t1 - t0
+        t_write += t2 - t1
+        done += ranges.total(batch)
+        if progress is not None:
+            progress(done, total)
+    written = _runs(np.concatenate(kept)) if kept else ranges.EMPTY.copy()
+    return written, zero_pages, t_copy, t_write
+
+
+def _write_images(
+    st: imgdir.Staging, pid: int, h: Harvest, res: IterationResult, parent: np.ndarray | None,
+    progress: Progress | None, frozen: Callable[[], None] | None,
+) -> dict:
+    """Write pages, pagemap, inventory and stats into the staging directory; returns the stats."""
+    copy = h.copy_ranges()
+    anon = ranges.from_pairs([(v.vma.start, v.vma.end) for v in h.vmas if v.vma.anonymous])
+    pages_name = images.pages_file_name(PAGES_ID)
+    fd = st.create(pages_name)
+    try:
+        written, zero_dropped, res.copy_s, res.write_s = _copy_and_write(
+            pid, ranges.merge(copy), anon, fd, os.path.join(st.dest, pages_name), progress
+        )
+        if frozen is not None:
+            frozen()  # every page is read: the target may run again while we fsync
+        t0 = time.perf_counter()
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            raise imgdir.describe_os_error(e, os.path.join(st.dest, pages_name)) from None
+    finally:
+        os.close(fd)
+    keep = _parent_part(h, parent) if parent is not None and len(parent) else ranges.EMPTY
+    keep = ranges.subtract(keep, written)
+    entries = images.entries_from_ranges(written, keep)
+    st.write_file(images.pagemap_file_name(pid), images.encode_pagemap(PAGES_ID, entries))
+    res.pages_scanned = sum(v.vma.size for v in h.vmas) // PAGE
+    res.pages_written = ranges.total(written) // PAGE
+    res.pages_parent = ranges.total(keep) // PAGE
+    res.pages_zeroed = ranges.total(h.zero_ranges()) // PAGE + zero_dropped
+    res.bytes_written = ranges.total(written)
+    stats = {
+        "freezing_time": int(res.freezing_s * 1e6), "frozen_time": int(res.frozen_s * 1e6),
+        "memdump_time": int((res.harvest_s + res.copy_s) * 1e6), "memwrite_time": int(res.write_s * 1e6),
+        "pages_scanned": res.pages_scanned, "pages_skipped_parent": res.pages_parent,
+        "pages_written": res.pages_written,
+    }
+    st.write_file(images.STATS_FILE, images.encode_stats(**stats))
+    res.write_s += time.perf_counter() - t0
+    return stats
+
+
+def _resolve_prev(dest: str, prev: str) -> str:
+    """CRIU resolves --prev-images-dir relative to the images directory."""
+    return prev if os.path.isabs(prev) else os.path.normpath(os.path.join(dest, prev))
+
+
+def _all_stopped(pid: int) -> bool:
+    return all(thread_state(pid, t) in ("T", "t") for t in threads(pid))
+
+
+def run(
+    pid: int, images_dir: str, prev_images_dir: str | None = None, *, final: bool = False,
+    leave_stopped: bool = False, keep_tracking: bool | None = None, progress: Progress | None = None,
+) -> IterationResult:
+    """Write one iteration of ``pid`` into ``images_dir`` (a pre-dump, or with ``final`` the frozen dump)."""
+    t_start = time.perf_counter()
+    st_target = check_alive(pid)
+    dest = imgdir.check_destination(images_dir)
+    parent: Iteration | None = None
+    if prev_images_dir:
+        parent = load_chain(_resolve_prev(dest, prev_images_dir), pid)[0]
+        check_parent(parent, pid, st_target.start_ticks)
+    if keep_tracking is None:
+        keep_tracking = not final
+    res = IterationResult(dest, "dump" if final else "pre-dump", uuid.uuid4().hex, prev_images_dir, False)
+    with keeper.pid_lock(pid), imgdir.Staging(dest) as st:
+        tracking = _Tracking(pid, st_target.start_ticks, parent, res.warnings)
+        thawed = True
+        t_frozen = 0.0
+        resume = False
+
+        def thaw() -> None:
+            nonlocal thawed
+            if not thawed:
+                res.frozen_s = time.perf_counter() - t_frozen
+                if resume:
+                    freeze.cont(pid)
+                thawed = True
+
+        try:
+            if final:
+                resume = not leave_stopped and not _all_stopped(pid)
+                t_frozen = time.perf_counter()
+                thawed = False
+                res.freezing_s = freeze.stop(pid)
+            t0 = time.perf_counter()
+            h = tracking.harvest()
+            res.harvest_s = time.perf_counter() - t0
+            res.incremental = tracking.incremental and parent is not None
+            dump_uptime = uptime_us()
+            stats = _write_images(
+                st, pid, h, res, parent.ranges() if res.incremental else None, progress,
+                thaw if final else None,
+            )
+            thaw()
+            st.write_file(images.INVENTORY_FILE, images.encode_inventory(dump_uptime, pre_dump=not final))
+            if prev_images_dir:
+                st.symlink(prev_images_dir)
+            res.total_s = time.perf_counter() - t_start
+            meta = {
+                "format": META_FORMAT, "pid": pid, "start_ticks": st_target.start_ticks, "boot_id": boot_id(),
+                "iteration": res.iteration, "parent_iteration": parent.iteration_id if parent else None,
+                "kind": res.kind, "incremental": res.incremental, "created": time.time(), "stats": stats,
+                "result": res.as_dict(),
+            }
+            st.write_file(META_FILE, json.dumps(meta, indent=1).encode())
+            st.commit()
+        except BaseException:
+            thaw()
+            tracking.abandon()
+            raise
+        try:
+            tracking.hand_back(res.iteration, dest, keep_tracking)
+        except WpdumpError as e:  # the iteration itself is complete; the next one will be full
+            res.warnings.append(f"tracking of pid {pid} ends: {e}")
+    res.total_s = time.perf_counter() - t_start
+    return res
+
+
+def pre_dump(pid: int, images_dir: str, prev_images_dir: str | None = None, **kw) -> IterationResult:
+    """One pre-dump iteration; the target keeps running (``wpdump pre-dump``)."""
+    return run(pid, images_dir, prev_images_dir, final=False, **kw)
+
+
+def dump(pid: int, images_dir: str, prev_images_dir: str | None = None, **kw) -> IterationResult:
+    """The final iteration with every thread of the target stopped (``wpdump dump``)."""
+    return run(pid, images_dir, prev_images_dir, final=True, **kw)
+
+
+def untrack(pid: int) -> bool:
+    """End tracking of ``pid`` (its keeper exits, the target runs unprotected); False if it was not tracked."""
+    with keeper.pid_lock(pid):
+        k = keeper.Keeper.connect(pid)
+        if k is None:
+            return False
+        try:
+            k.untrack()
+        finally:
+            k.close()
+        return True
+
+
+def status() -> list[dict]:
+    """The keepers running: one dict per tracked pid."""
+    out = []
+    for pid in keeper.tracked_pids():
+        k = keeper.Keeper.connect(pid)
+        if k is None:
+            continue
+        try:
+            out.append(k.status())
+        except keeper.KeeperError:
+            pass
+        finally:
+            k.close()
+    return out

@@ -1,0 +1,325 @@
+"""The keeper: a small process per tracked pid that holds the userfaultfd between separate invocations.
+
+``wpdump pre-dump`` runs are separate commands (like CRIU's), but write tracking must go on between
+them. The keeper owns the userfaultfd and the tracker's exported state; an invocation checks both out
+over a unix socket (the fd travels with SCM_RIGHTS), harvests, writes its iteration, and checks them
+back in. A keeper exits when the target exits, on ``untrack``, or when an invocation that checked the
+tracker out disappears without checking it back in: its dirty information may be lost, so the next
+iteration must start tracking afresh (a full iteration). Closing the userfaultfd unprotects the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .errors import WpdumpError
+
+_PREFIX = struct.Struct("<II")  # header length, payload length
+_MAX_HEADER = 1 << 16
+
+
+class KeeperError(WpdumpError):
+    """The keeper of a pid could not be reached or refused a request."""
+
+
+def run_dir() -> str:
+    """Where keepers put their sockets, locks and logs: $WPDUMP_RUN_DIR or /run/wpdump."""
+    d = os.environ.get("WPDUMP_RUN_DIR") or "/run/wpdump"
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    return d
+
+
+def socket_path(pid: int) -> str:
+    return os.path.join(run_dir(), f"{pid}.sock")
+
+
+# ---- framing: header (JSON) + payload, file descriptors attached to the first bytes ----
+
+
+def send_msg(sock: socket.socket, header: dict, payload: bytes = b"", fds: tuple[int, ...] = ()) -> None:
+    head = json.dumps(header).encode()
+    first = _PREFIX.pack(len(head), len(payload)) + head
+    if fds:
+        socket.send_fds(sock, [first], list(fds))
+    else:
+        sock.sendall(first)
+    if payload:
+        sock.sendall(payload)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    parts, got = [], 0
+    while got < n:
+        b = sock.recv(min(n - got, 1 << 20))
+        if not b:
+            raise EOFError
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
+
+
+def recv_msg(sock: socket.socket) -> tuple[dict, bytes, list[int]]:
+    """One message: (header, payload, received fds). EOFError when the peer closed the connection."""
+    data, fds, _, _ = socket.recv_fds(sock, _PREFIX.size, 4)
+    if not data:
+        raise EOFError
+    if len(data) < _PREFIX.size:
+        data += _recv_exact(sock, _PREFIX.size - len(data))
+    hlen, plen = _PREFIX.unpack(data)
+    if hlen > _MAX_HEADER:
+        for fd in fds:
+            os.close(fd)
+        raise EOFError
+    header = json.loads(_recv_exact(sock, hlen))
+    payload = _recv_exact(sock, plen) if plen else b""
+    return header, payload, fds
+
+
+# ---- the keeper process ----
+
+
+@dataclass
+class _Held:
+    pid: int
+    start_ticks: int
+    uffd: int
+    state: bytes = b""
+    iteration: str = ""
+    images_dir: str = ""
+    since: float = 0.0
+    checkins: int = 0
+    holder: socket.socket | None = None
+
+
+def _serve(held: _Held, listener: socket.socket, pidfd: int, path: str) -> str:
+    """Answer requests until the keeper must exit; returns why."""
+    conns: list[socket.socket] = []
+    while True:
+        ready, _, _ = select.select([listener, pidfd, *conns], [], [])
+        if pidfd in ready:
+            return "target exited"
+        if listener in ready:
+            c, _ = listener.accept()
+            uid = struct.unpack("3i", c.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+            if uid not in (0, os.getuid()):
+                c.close()
+            else:
+                c.settimeout(30)
+                conns.append(c)
+        for c in [c for c in conns if c in ready]:
+            try:
+                header, payload, fds = recv_msg(c)
+            except (EOFError, OSError, ValueError):
+                conns.remove(c)
+                c.close()
+                if c is held.holder:
+                    return "the invocation that checked the tracker out ended without checking it in"
+                continue
+            why = _handle(held, c, header, payload, fds)
+            if why:
+                return why
+
+
+def _handle(held: _Held, c: socket.socket, header: dict, payload: bytes, fds: list[int]) -> str:
+    op = header.get("op")
+    if op == "status":
+        send_msg(c, {
+            "ok": True, "pid": held.pid, "start_ticks": held.start_ticks, "iteration": held.iteration,
+            "images_dir": held.images_dir, "since": held.since, "checkins": held.checkins,
+            "busy": held.holder is not None, "keeper": os.getpid(),
+        })
+    elif op == "checkout":
+        if held.holder is not None:
+            send_msg(c, {"ok": False, "error": "the tracker is checked out by another invocation"})
+        else:
+            held.holder = c
+            send_msg(c, {"ok": True, "iteration": held.iteration}, held.state, (held.uffd,))
+    elif op == "checkin":
+        if c is not held.holder and held.state:
+            send_msg(c, {"ok": False, "error": "checkin without checkout"})
+            return ""
+        if fds:  # a fresh userfaultfd (the target was re-attached)
+            os.close(held.uffd)
+            held.uffd = fds[0]
+        held.state, held.iteration = payload, header["iteration"]
+        held.images_dir, held.checkins, held.holder = header.get("images_dir", ""), held.checkins + 1, None
+        send_msg(c, {"ok": True})
+    elif op == "untrack":
+        send_msg(c, {"ok": True})
+        return "untracked"
+    else:
+        send_msg(c, {"ok": False, "error": f"unknown request {op!r}"})
+    return ""
+
+
+def keeper_main(argv: list[str] | None = None) -> int:
+    """Entry point of the keeper process (started by :func:`spawn`)."""
+    p = argparse.ArgumentParser(prog="wpdump-keeper")
+    p.add_argument("--pid", type=int, required=True)
+    p.add_argument("--start-ticks", type=int, required=True)
+    p.add_argument("--uffd", type=int, required=True)
+    p.add_argument("--ready", type=int, required=True)
+    a = p.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    path = socket_path(a.pid)
+    held = _Held(a.pid, a.start_ticks, a.uffd, since=time.time())
+    try:
+        pidfd = os.pidfd_open(a.pid)
+    except OSError as e:
+        os.write(a.ready, f"pidfd_open: {e.strerror}".encode())
+        return 1
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # stale: the caller holds the pid's lock, so no live keeper owns it
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o077)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old)
+    listener.listen(8)
+    os.write(a.ready, b"ok")
+    os.close(a.ready)
+    why = "?"
+    try:
+        why = _serve(held, listener, pidfd, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(held.uffd)  # the kernel drops every write-protection: the target runs on unprotected
+        print(f"{time.strftime('%F %T')} keeper of pid {a.pid} exits: {why}", file=sys.stderr, flush=True)
+    return 0
+
+
+# ---- the client side ----
+
+
+@contextlib.contextmanager
+def pid_lock(pid: int) -> Iterator[None]:
+    """Serialise invocations working on one pid (an iteration, untrack)."""
+    fd = os.open(os.path.join(run_dir(), f"{pid}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KeeperError(
+                f"another wpdump invocation is working on pid {pid}", pid=pid, errno=errno.EBUSY
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+class Keeper:
+    """A connection to the keeper of one pid."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self.sock = sock
+
+    @classmethod
+    def connect(cls, pid: int) -> Keeper | None:
+        """The keeper of ``pid``, or None when there is none (a stale socket is removed)."""
+        path = socket_path(pid)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s.settimeout(30)
+        try:
+            s.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            s.close()
+            return None
+        return cls(pid, s)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _request(self, header: dict, payload: bytes = b"", fds: tuple[int, ...] = ()) -> tuple[dict, bytes, list]:
+        try:
+            send_msg(self.sock, header, payload, fds)
+            reply, data, rfds = recv_msg(self.sock)
+        except (EOFError, OSError) as e:
+            raise KeeperError(f"keeper of pid {self.pid} went away", pid=self.pid, errno=errno.EPIPE) from e
+        if not reply.get("ok"):
+            for fd in rfds:
+                os.close(fd)
+            raise KeeperError(f"keeper of pid {self.pid}: {reply.get('error')}", pid=self.pid, errno=errno.EBUSY)
+        return reply, data, rfds
+
+    def status(self) -> dict:
+        return self._request({"op": "status"})[0]
+
+    def checkout(self) -> tuple[str, int, bytes]:
+        """Take the tracker: (iteration it last wrote, a dup of the userfaultfd, exported state)."""
+        reply, state, fds = self._request({"op": "checkout"})
+        if len(fds) != 1:
+            raise KeeperError(f"keeper of pid {self.pid} sent no userfaultfd", pid=self.pid, errno=errno.EPROTO)
+        return reply["iteration"], fds[0], state
+
+    def checkin(self, state: bytes, iteration: str, images_dir: str, new_uffd: int = -1) -> None:
+        fds = (new_uffd,) if new_uffd >= 0 else ()
+        self._request({"op": "checkin", "iteration": iteration, "images_dir": images_dir}, state, fds)
+
+    def untrack(self) -> None:
+        """End tracking: the keeper closes the userfaultfd (the target runs unprotected) and exits."""
+        self._request({"op": "untrack"})
+        # wait for the keeper to go, so that a new keeper of this pid can bind the socket
+        path = socket_path(self.pid)
+        for _ in range(500):
+            if not os.path.exists(path):
+                break
+            time.sleep(0.002)
+
+
+def spawn(pid: int, start_ticks: int, uffd_fd: int, state: bytes, iteration: str, images_dir: str) -> Keeper:
+    """Start a keeper for ``pid`` holding a dup of ``uffd_fd`` and check ``state`` in. Call under pid_lock."""
+    r, w = os.pipe()
+    log_path = os.path.join(run_dir(), f"{pid}.log")
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "wpdump.keeper", "--pid", str(pid), "--start-ticks", str(start_ticks),
+             "--uffd", str(uffd_fd), "--ready", str(w)],
+            pass_fds=(uffd_fd, w), start_new_session=True, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+        )
+    os.close(w)
+    try:
+        msg = os.read(r, 256)
+    finally:
+        os.close(r)
+    if msg != b"ok":
+        proc.wait()
+        raise KeeperError(
+            f"keeper of pid {pid} did not start: {msg.decode(errors='replace') or 'see ' + log_path}",
+            pid=pid, errno=errno.ECHILD,
+        )
+    k = Keeper.connect(pid)
+    if k is None:
+        raise KeeperError(f"keeper of pid {pid} did not start: see {log_path}", pid=pid, errno=errno.ECHILD)
+    k.checkin(state, iteration, images_dir)
+    return k
+
+
+def tracked_pids() -> list[int]:
+    """Pids that have a keeper socket in the run directory."""
+    out = []
+    for name in os.listdir(run_dir()):
+        if name.endswith(".sock") and name[:-5].isdigit():
+            out.append(int(name[:-5]))
+    return sorted(out)
+
+
+if __name__ == "__main__":
+    sys.exit(keeper_main())
