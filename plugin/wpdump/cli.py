@@ -233,6 +233,10 @@ def parser() -> argparse.ArgumentParser:
     ut.add_argument("-t", "--tree", type=int, required=True, metavar="PID")
     ut.set_defaults(func=cmd_untrack)
 
+    from .cli_chain import add_commands
+
+    add_commands(sub, common)
+
     t = sub.add_parser("track", help="attach to a process and report the pages it writes, round by round")
     t.add_argument("-t", "--target", type=int, required=True, metavar="PID", help="process to track")
     t.add_argument("--rounds", type=int, default=0, help="rounds after the attach (default 0: until Ctrl-C)")
