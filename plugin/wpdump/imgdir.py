@@ -41,6 +41,8 @@ def check_destination(dest: str) -> str:
         st = os.lstat(dest)
     except FileNotFoundError:
         return dest
+    if stat.S_ISLNK(st.st_mode):
+        raise ImageDirError(f"images directory {dest} is a symlink: refusing to follow it", errno=errno.ELOOP)
     if not stat.S_ISDIR(st.st_mode):
         raise ImageDirError(f"images directory {dest} exists and is not a directory", errno=errno.EEXIST)
     if os.listdir(dest):
