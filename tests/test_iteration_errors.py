@@ -151,7 +151,8 @@ def test_permission_denied(memtarget_exe, tmp_path):
         t = Target(exe, user=65534)
         try:
             # root without CAP_SYS_PTRACE may not trace another user's process
-            p = wpdump("pre-dump", "-t", t.pid, "-D", tmp_path / "1", prefix=("setpriv", "--bounding-set", "-sys_ptrace"))
+            no_ptrace = ("setpriv", "--bounding-set", "-sys_ptrace")
+            p = wpdump("pre-dump", "-t", t.pid, "-D", tmp_path / "1", prefix=no_ptrace)
             one_line_error(p, "permission denied", str(t.pid))
             assert not (tmp_path / "1").exists() and not leftovers(tmp_path)
             assert_unharmed(t)
