@@ -130,6 +130,7 @@ int wpd_syscall_insn(unsigned char *buf, int buflen)
 
 long wpd_nr_userfaultfd(void) { return WPD_NR_USERFAULTFD; }
 long wpd_nr_close(void) { return WPD_NR_CLOSE; }
+long wpd_nr_madvise(void) { return WPD_NR_MADVISE; }
 const char *wpd_arch_name(void) { return WPD_ARCH_NAME; }
 
 /* ---- pidfd ---- */

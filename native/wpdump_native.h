@@ -25,6 +25,7 @@ uint64_t wpd_regs_ip(const void *regs);
 int wpd_syscall_insn(unsigned char *buf, int buflen);
 long wpd_nr_userfaultfd(void);
 long wpd_nr_close(void);
+long wpd_nr_madvise(void);
 const char *wpd_arch_name(void);
 
 int wpd_pidfd_open(int pid);

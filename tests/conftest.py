@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -66,6 +67,16 @@ class Target:
 
     def map(self, pages: int, kind: str = "private") -> int:
         return self.addr("map", pages, kind)
+
+    def wait_idle(self) -> None:
+        """Wait until the target blocks in read(0, ...) for its next command (after a reply it still runs)."""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with open(f"/proc/{self.pid}/syscall") as f:
+                if f.read().split()[:2] == ["0", "0x0"]:
+                    return
+            time.sleep(0.0005)
+        raise AssertionError(f"target {self.pid} never went idle")
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -180,6 +180,19 @@ def cmd_untrack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_restore_memory(args: argparse.Namespace) -> int:
+    from .rollback import restore_memory
+
+    r = restore_memory(args.tree, args.images_dir)
+    if args.json:
+        print(json.dumps(r.as_dict()))
+    else:
+        how = "pages dirtied since the checkpoint (tracked)" if r.tracked else "every page (not tracked since)"
+        print(f"pid {r.pid} rolled back to {r.images_dir}: examined {r.pages_examined} {how}, wrote "
+              f"{r.pages_written}, dropped {r.pages_dropped}; frozen {r.frozen_s * 1e3:.1f} ms")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
@@ -225,6 +238,12 @@ def parser() -> argparse.ArgumentParser:
     cp.add_argument("--leave-stopped", action="store_true", help="leave the target stopped after the final dump")
     cp.add_argument("--keep-tracking", action="store_true", help="go on tracking after the final dump")
     cp.set_defaults(func=cmd_checkpoint)
+
+    rm = sub.add_parser("restore-memory", parents=[common],
+                        help="roll a live process's memory back to a checkpoint, in place")
+    rm.add_argument("-t", "--tree", type=int, required=True, metavar="PID", help="process to roll back")
+    rm.add_argument("-D", "--images-dir", required=True, metavar="DIR", help="the checkpoint (top of its chain)")
+    rm.set_defaults(func=cmd_restore_memory)
 
     stp = sub.add_parser("status", parents=[common], help="list the tracked processes")
     stp.set_defaults(func=cmd_status)

@@ -344,6 +344,9 @@ def run(
                 "iteration": res.iteration, "parent_iteration": parent.iteration_id if parent else None,
                 "kind": res.kind, "incremental": res.incremental, "created": time.time(), "stats": stats,
                 "result": res.as_dict(),
+                # the dumped VMAs at harvest time: restore-memory checks the layout against them
+                "vmas": [[v.vma.start, v.vma.end, v.vma.perms, v.vma.offset, v.vma.path, v.policy.value]
+                         for v in h.vmas],
             }
             st.write_file(META_FILE, json.dumps(meta, indent=1).encode())
             st.commit()

@@ -151,6 +151,12 @@ int main(int argc, char **argv)
 			for (unsigned long i = 0; i < b * PG; i += 64)
 				sum += *(volatile unsigned char *)(a + i);
 			reply("ok %lu", sum);
+		} else if (!strcmp(cmd, "hash")) { /* hash ADDR PAGES: FNV-1a of every byte, its own check */
+			sscanf(line, "%*s %lx %lu", &a, &b);
+			unsigned long h = 1469598103934665603UL;
+			for (unsigned long i = 0; i < b * PG; i++)
+				h = (h ^ *(volatile unsigned char *)(a + i)) * 1099511628211UL;
+			reply("ok %lx", h);
 		} else if (!strcmp(cmd, "madvise")) { /* madvise ADDR PAGES dontneed|free|pageout|cold */
 			sscanf(line, "%*s %lx %lu %255s", &a, &b, s1);
 			int adv = !strcmp(s1, "free") ? MADV_FREE : !strcmp(s1, "pageout") ? MADV_PAGEOUT

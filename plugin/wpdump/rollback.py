@@ -1,0 +1,270 @@
+"""Roll a live process's memory back to a checkpoint in place (``wpdump restore-memory``).
+
+The target is frozen; its VMA layout must be the checkpoint's. Pages that differ from the image are
+written back through /proc/PID/mem; pages the image lacks (zero, or the file's own content in a
+private file mapping) are dropped with an injected ``madvise(MADV_DONTNEED)``. When wpdump has been
+tracking the process since that very checkpoint, only the pages it dirtied since are looked at.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import freeze, keeper, ranges
+from .chain import Iteration, boot_id, load_chain, locate_pages, read_pages
+from .errors import NoSuchProcess, WpdumpError, from_errno
+from .inject import seized
+from .process import check_alive, thread_state, threads
+from .tracker import Tracker
+from .vmas import KERNEL_VMAS, Vma, read_maps
+
+log = logging.getLogger("wpdump.rollback")
+
+PAGE = 4096
+BATCH_PAGES = 16384  # 64 MiB of image and of memory per step
+MADV_DONTNEED = 4
+
+
+class LayoutMismatch(WpdumpError):
+    """The process's VMAs are no longer those of the checkpoint: it cannot be rolled back in place."""
+
+
+@dataclass
+class RollbackResult:
+    """What restore-memory did (seconds, page counts)."""
+
+    pid: int
+    images_dir: str
+    tracked: bool  # only the pages dirtied since the checkpoint were examined
+    pages_examined: int = 0
+    pages_written: int = 0
+    pages_dropped: int = 0
+    frozen_s: float = 0.0
+    total_s: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _saved_layout(top: Iteration) -> list[tuple[int, int, str, int, str, str]]:
+    if not top.meta or "vmas" not in top.meta:
+        raise LayoutMismatch(
+            f"{top.path} holds no VMA layout record (not written by this wpdump): cannot check the layout",
+            pid=top.pid, errno=errno.EINVAL,
+        )
+    return [tuple(v) for v in top.meta["vmas"]]
+
+
+def check_layout(pid: int, top: Iteration, now: list[Vma]) -> list[Vma]:
+    """The current VMAs that the checkpoint dumped; LayoutMismatch naming the first difference."""
+    saved = _saved_layout(top)
+    cur = {(v.start, v.end): v for v in now if v.path not in KERNEL_VMAS}
+    out = []
+    for start, end, perms, offset, path, _ in saved:
+        v = cur.get((start, end))
+        if v is None or v.path != path or v.offset != offset or v.shared != (perms[3] == "s"):
+            near = [str(x) for x in now if x.start < end and start < x.end]
+            what = f"now {', '.join(near)}" if near else "unmapped since"
+            raise LayoutMismatch(
+                f"pid {pid}: the VMA {start:#x}-{end:#x} {perms} {path} of the checkpoint is {what}: "
+                "the layout changed, memory cannot be rolled back in place", pid=pid, errno=errno.EINVAL,
+            )
+        out.append(v)
+    known = {(s, e) for s, e, *_ in saved}
+    for v in now:
+        if (v.start, v.end) not in known and v.path not in KERNEL_VMAS:
+            raise LayoutMismatch(
+                f"pid {pid}: the VMA {v} appeared since the checkpoint: the layout changed, memory cannot be "
+                "rolled back in place", pid=pid, errno=errno.EINVAL,
+            )
+    return out
+
+
+def _page_addrs(r: np.ndarray) -> np.ndarray:
+    from .image import page_addrs
+
+    return page_addrs(ranges.merge(r))
+
+
+def _runs(addrs: np.ndarray) -> list[tuple[int, int, int]]:
+    """(first index, end index, start address) of each run of consecutive pages in sorted ``addrs``."""
+    if not len(addrs):
+        return []
+    brk = np.flatnonzero(np.diff(addrs) != PAGE) + 1
+    bounds = np.concatenate(([0], brk, [len(addrs)]))
+    return [(int(a), int(b), int(addrs[a])) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+class _Memory:
+    """Reads and writes of the frozen target's memory through /proc/PID/mem (works on any protection)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        try:
+            self.fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError):
+            raise NoSuchProcess(f"no such process: {pid}", pid=pid, errno=errno.ESRCH) from None
+        except PermissionError as e:
+            raise from_errno(e.errno, pid, "open /proc/PID/mem") from None
+
+    def read(self, addrs: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(addrs), PAGE), dtype=np.uint8)
+        for a, b, start in _runs(addrs):
+            data = os.pread(self.fd, (b - a) * PAGE, start)
+            out.reshape(-1)[a * PAGE : a * PAGE + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        return out
+
+    def write(self, addrs: np.ndarray, rows: np.ndarray) -> None:
+        for a, b, start in _runs(addrs):
+            view = memoryview(rows[a:b]).cast("B")
+            off = 0
+            while off < len(view):
+                n = os.pwrite(self.fd, view[off:], start + off)
+                if n <= 0:
+                    raise WpdumpError(f"pid {self.pid}: short write at {start + off:#x}", pid=self.pid, errno=errno.EIO)
+                off += n
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _file_content(pid: int, v: Vma, addrs: np.ndarray) -> np.ndarray:
+    """The file's own content for pages of a private file mapping (what an absent page reads as)."""
+    out = np.zeros((len(addrs), PAGE), dtype=np.uint8)
+    try:
+        fd = os.open(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise from_errno(e.errno or errno.EIO, pid, f"open the file mapped at {v}") from None
+    try:
+        for a, b, start in _runs(addrs):
+            data = os.pread(fd, (b - a) * PAGE, v.offset + start - v.start)
+            out.reshape(-1)[a * PAGE : a * PAGE + len(data)] = np.frombuffer(data, dtype=np.uint8)
+    finally:
+        os.close(fd)
+    return out
+
+
+def _drop(pid: int, r: np.ndarray) -> np.ndarray:
+    """madvise(MADV_DONTNEED) inside the target on ranges ``r``; returns the ranges where it failed."""
+    failed = []
+    with seized(pid) as th:
+        from .inject import find_syscall_insn
+        from .uffd import lib
+
+        th.insn_addr = find_syscall_insn(pid)
+        for s, e in r:
+            res = th.syscall(lib.wpd_nr_madvise(), int(s), int(e - s), MADV_DONTNEED)
+            if res < 0:  # e.g. an mlocked VMA (EINVAL): write the content instead
+                failed.append((int(s), int(e)))
+    return ranges.from_pairs(failed)
+
+
+def _rollback(pid: int, chain: list[Iteration], vmas: list[Vma], candidates: np.ndarray,
+              res: RollbackResult) -> None:
+    """Make every page in ``candidates`` equal to the chain's top."""
+    mem = _Memory(pid)
+    drop_addrs: list[np.ndarray] = []
+    drop_rows: list[tuple[np.ndarray, np.ndarray]] = []
+    try:
+        for v in vmas:
+            addrs = _page_addrs(ranges.clip(candidates, v.start, v.end))
+            for i in range(0, len(addrs), BATCH_PAGES):
+                a = addrs[i : i + BATCH_PAGES]
+                level, _ = locate_pages(chain, a)
+                absent = level < 0
+                want = read_pages(chain, a)
+                if absent.any() and not v.shared and not v.anonymous:
+                    want[absent] = _file_content(pid, v, a[absent])
+                cur = mem.read(a)
+                diff = (cur.view(np.uint64) != want.view(np.uint64)).any(axis=1)
+                res.pages_examined += len(a)
+                zap = diff & absent & ~np.bool_(v.shared)
+                write = diff & ~zap
+                if write.any():
+                    mem.write(a[write], np.ascontiguousarray(want[write]))
+                    res.pages_written += int(write.sum())
+                if zap.any():
+                    drop_addrs.append(a[zap])
+                    if not v.anonymous:
+                        drop_rows.append((a[zap], want[zap]))
+        if drop_addrs:
+            from .iteration import _runs as page_runs
+
+            r = page_runs(np.sort(np.concatenate(drop_addrs)))
+            failed = _drop(pid, r)
+            res.pages_dropped = (ranges.total(r) - ranges.total(failed)) // PAGE
+            if len(failed):  # write the wanted content (zero, or the file's) where madvise refused
+                fa = _page_addrs(failed)
+                want = np.zeros((len(fa), PAGE), dtype=np.uint8)
+                for addrs, rows in drop_rows:
+                    idx = np.searchsorted(addrs, fa)
+                    ok = (idx < len(addrs)) & (addrs[np.minimum(idx, len(addrs) - 1)] == fa)
+                    want[ok] = rows[idx[ok]]
+                mem.write(fa, want)
+                res.pages_written += len(fa)
+    finally:
+        mem.close()
+
+
+def restore_memory(pid: int, images_dir: str) -> RollbackResult:
+    """Roll ``pid``'s memory back to the checkpoint in ``images_dir`` (the top of its chain)."""
+    t0 = time.perf_counter()
+    st = check_alive(pid)
+    chain = load_chain(images_dir, pid)
+    top = chain[0]
+    if top.meta is not None and (top.meta.get("start_ticks") != st.start_ticks or top.meta.get("boot_id") != boot_id()):
+        raise LayoutMismatch(f"{images_dir} is a checkpoint of another process, not of pid {pid}", pid=pid,
+                             errno=errno.ESRCH)
+    res = RollbackResult(pid, os.path.abspath(images_dir), False)
+    with keeper.pid_lock(pid):
+        was_stopped = all(thread_state(pid, t) in ("T", "t") for t in threads(pid))
+        t_frozen = time.perf_counter()
+        if not was_stopped:
+            freeze.stop(pid)
+        k: keeper.Keeper | None = None
+        tr: Tracker | None = None
+        try:
+            vmas = check_layout(pid, top, read_maps(pid))
+            k = keeper.Keeper.connect(pid)
+            if k is not None and top.iteration_id and k.status().get("iteration") == top.iteration_id:
+                _, fd, state = k.checkout()
+                tr = Tracker.adopt(pid, fd, state)
+                h = tr.harvest()
+                parts = []
+                for vp in h.vmas:
+                    if vp.whole:
+                        parts.append(ranges.from_pairs([(vp.vma.start, vp.vma.end)]))
+                    else:
+                        parts += [vp.copy, vp.zero, vp.reverted, vp.guard]
+                candidates = ranges.union(*parts)
+                res.tracked = True
+            else:
+                if k is not None:
+                    k.close()
+                    k = None
+                candidates = ranges.from_pairs([(v.start, v.end) for v in vmas])
+            _rollback(pid, chain, vmas, candidates, res)
+            if tr is not None and k is not None:
+                tr.harvest()  # our own writes and drops: the memory equals the checkpoint again
+                k.checkin(tr.export_state(), top.iteration_id, top.path)
+        except BaseException:
+            if k is not None:
+                k.close()  # a checkout without checkin: the keeper ends tracking
+            raise
+        finally:
+            if tr is not None:
+                tr.close()
+            if k is not None:
+                k.close()
+            if not was_stopped:
+                freeze.cont(pid)
+            res.frozen_s = time.perf_counter() - t_frozen
+    res.total_s = time.perf_counter() - t0
+    return res

@@ -1,0 +1,85 @@
+"""restore-memory: roll a live process's memory back to a checkpoint in place."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from chaincheck import compare_with_memory
+from wpdump import iteration
+from wpdump.rollback import LayoutMismatch, restore_memory
+
+PAGE = 4096
+
+
+def scribble(t, a: int, b: int) -> None:
+    """Writes, rewrites, zaps and first touches since the checkpoint."""
+    t.cmd("poke", hex(a), "0,1,2,50,99,150")
+    t.cmd("fill", hex(a + 10 * PAGE), 20, 9)
+    t.cmd("madvise", hex(a + 100 * PAGE), 10, "dontneed")  # filled at the checkpoint: must come back
+    t.cmd("poke", hex(a), "200,201,255")  # never touched at the checkpoint: must read zero again
+    t.cmd("fill", hex(b), 4, 7)
+
+
+@pytest.mark.parametrize("tracked", [True, False], ids=["tracked", "full-compare"])
+def test_restore_memory_rolls_back_and_the_target_checks_itself(target, tmp_path, tracked):
+    t = target
+    a = t.map(256)
+    t.cmd("fill", hex(a), 160, 3)
+    b = t.map(8)
+    iteration.pre_dump(t.pid, str(tmp_path / "1"))
+    t.cmd("poke", hex(a), "5")
+    # Memory is rolled back, not registers: checkpoint and rollback happen with the workload parked at
+    # the same place (blocked reading its next command), as a fuzzing harness parks its target.
+    t.wait_idle()
+    iteration.dump(t.pid, str(tmp_path / "2"), "../1", keep_tracking=True)  # the checkpoint
+    want_a, want_b = t.cmd("hash", hex(a), 256)[0], t.cmd("hash", hex(b), 8)[0]
+    if not tracked:
+        iteration.untrack(t.pid)
+    for round_ in range(2):  # a second rollback to the same checkpoint (snapshot fuzzing does many)
+        scribble(t, a, b)
+        assert t.cmd("hash", hex(a), 256)[0] != want_a
+        t.wait_idle()
+        r = restore_memory(t.pid, str(tmp_path / "2"))
+        assert r.tracked is tracked
+        if tracked:
+            assert r.pages_examined < 200, r  # only what was dirtied since, not all memory
+        assert r.pages_written >= 20 and r.pages_dropped >= 3
+        # the workload checks its own memory against checksums it computed at checkpoint time
+        assert t.cmd("hash", hex(a), 256)[0] == want_a, f"round {round_}"
+        assert t.cmd("hash", hex(b), 8)[0] == want_b
+    t.wait_idle()
+    os.kill(t.pid, signal.SIGSTOP)
+    try:
+        r = restore_memory(t.pid, str(tmp_path / "2"))  # a stopped target stays stopped
+        with open(f"/proc/{t.pid}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] == "T"
+        compare_with_memory(str(tmp_path / "2"), t.pid)  # the image and the memory agree, page by page
+    finally:
+        os.kill(t.pid, signal.SIGCONT)
+    t.cmd("poke", hex(a), "7")  # and it runs on
+
+
+def test_restore_memory_refuses_a_changed_layout(target, tmp_path):
+    t = target
+    a = t.map(64)
+    t.cmd("fill", hex(a), 64, 3)
+    gone = t.map(4)
+    iteration.pre_dump(t.pid, str(tmp_path / "1"))
+    t.cmd("poke", hex(a), "1,2")
+    t.cmd("munmap", hex(gone), 4)
+    before = t.cmd("hash", hex(a), 64)[0]
+    with pytest.raises(LayoutMismatch, match=f"{gone:#x}"):
+        restore_memory(t.pid, str(tmp_path / "1"))
+    assert t.cmd("hash", hex(a), 64)[0] == before  # untouched and running
+    p = subprocess.run([sys.executable, "-m", "wpdump.cli", "restore-memory", "-t", str(t.pid), "-D",
+                        str(tmp_path / "1")], capture_output=True, text=True)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "layout changed" in p.stderr
+    new = t.map(4)  # appeared since
+    t.cmd("poke", hex(new), "0")
+    with pytest.raises(LayoutMismatch):
+        restore_memory(t.pid, str(tmp_path / "1"))
+    assert t.cmd("hash", hex(a), 64)[0] == before
