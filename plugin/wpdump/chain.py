@@ -247,3 +247,69 @@ def read_pages(chain: list[Iteration], addrs: np.ndarray) -> np.ndarray:
                     raise ChainError(f"{it.pages_path}: truncated at offset {off}", pid=it.pid, errno=errno.EINVAL)
                 out[k] = np.frombuffer(data, dtype=np.uint8)
     return out
+
+
+def file_runs(idx: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs of consecutive indices whose file offsets are consecutive pages too.
+
+    ``idx`` (ascending row indices) and ``offsets`` (their offsets in one pages file). Returns (first index, pages,
+    first offset) of each run: one pread per run instead of one per page.
+    """
+    if not len(idx):
+        z = np.zeros(0, dtype=np.int64)
+        return z, z, np.zeros(0, dtype=np.uint64)
+    idx = np.asarray(idx, dtype=np.int64)
+    offsets = np.asarray(offsets, dtype=np.uint64)
+    brk = np.flatnonzero((np.diff(idx) != 1) | (np.diff(offsets) != np.uint64(PAGE))) + 1
+    first = np.concatenate(([0], brk))
+    counts = np.diff(np.concatenate((first, [len(idx)])))
+    return idx[first], counts, offsets[first]
+
+
+def read_pages_into(
+    chain: list[Iteration], addrs: np.ndarray, out: np.ndarray, rows: np.ndarray | None = None,
+    located: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Fill rows of ``out`` (a C-contiguous n×PAGE uint8 array) with each page of sorted ``addrs`` as the chain's
+    top says: page ``addrs[i]`` goes to row ``rows[i]`` (ascending; default ``i``). Rows of pages no level holds
+    are left untouched. One pread per run of pages consecutive both in ``rows`` and in a level's pages file.
+    ``located`` is locate_pages' result if already known.
+
+    Returns the level supplying each page (-1: none).
+    """
+    level, offset = located if located is not None else locate_pages(chain, addrs)
+    rows = np.arange(len(addrs), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    flat = out.reshape(-1)
+    for i, it in enumerate(chain):
+        sel = np.flatnonzero(level == i)
+        if not len(sel):
+            continue
+        firsts, counts, offs = file_runs(rows[sel], offset[sel])
+        try:
+            fd = os.open(it.pages_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            raise ChainError(f"{it.pages_path}: {e.strerror}", pid=it.pid, errno=e.errno) from None
+        try:
+            for k, n, off in zip(firsts.tolist(), counts.tolist(), offs.tolist(), strict=True):
+                view = memoryview(flat[k * PAGE : (k + n) * PAGE])
+                got = 0
+                while got < n * PAGE:
+                    r = os.preadv(fd, [view[got:]], off + got)
+                    if r <= 0:
+                        raise ChainError(
+                            f"{it.pages_path}: truncated: no data at offset {off + got}, the pagemap lists more "
+                            "present pages", pid=it.pid, errno=errno.EINVAL,
+                        )
+                    got += r
+        except OSError as e:
+            raise ChainError(f"{it.pages_path}: {e.strerror}", pid=it.pid, errno=e.errno) from None
+        finally:
+            os.close(fd)
+    return level
+
+
+def read_pages_coalesced(chain: list[Iteration], addrs: np.ndarray) -> np.ndarray:
+    """read_pages with one pread per run of consecutive pages (zero rows for pages no level holds)."""
+    out = np.zeros((len(addrs), PAGE), dtype=np.uint8)
+    read_pages_into(chain, addrs, out)
+    return out

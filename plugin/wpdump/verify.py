@@ -1,0 +1,590 @@
+"""``wpdump verify``: the structure of a chain of images, and the chain against a live process's memory.
+
+``check_chain`` walks a chain and lists every problem it finds (magics, framing, entry order, missing parent
+pages, pages file sizes, broken or looping parent links, metadata of another process).
+
+``verify_process`` stops the target (or takes it stopped), reconstructs every page of the chain's top and compares
+it byte for byte with /proc/PID/mem. Pages the image does not list must read zero in anonymous and shared
+anonymous (shmem) mappings, and equal the file in file mappings (read through /proc/PID/map_files). Pages no
+page table maps and no swap entry holds (PAGEMAP_SCAN) in private mappings read zero or the file by definition:
+those are counted as skipped instead of being read, so sparse reservations cost nothing.
+
+The kernel itself writes each thread's rseq area (cpu_id_start, cpu_id, rseq_cs, node_id, mm_cid) whenever the
+thread resumes on another CPU: a process that ran on after its dump differs there without having written a
+byte. Those fields (found with PTRACE_GET_RSEQ_CONFIGURATION) are left out of the comparison, and counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import signal
+import struct
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import freeze, images, keeper, ranges, uffd
+from .chain import PAGE, ChainError, Iteration, check_pages_file, load_chain, locate_pages, read_pages_into
+from .errors import AccessDenied, NoSuchProcess, WpdumpError
+from .image import in_ranges, page_addrs
+from .process import check_alive, thread_state, threads
+from .show import walk
+from .vmas import KERNEL_VMAS, Vma, read_maps
+
+BATCH_BYTES = 64 << 20  # pages compared per step (two buffers of this size)
+GAP_BYTES = 64 << 10  # unpopulated gaps up to this size are read along with their neighbours: fewer preads
+
+# how a page the image does not list must read
+_ZERO, _FILE, _SKIP = 0, 1, 2
+
+
+class VerifyFailed(WpdumpError):
+    """The chain is broken, or the process's memory differs from it; the message is a one-line summary."""
+
+
+# ---------------------------------------------------------------------------------------------- structure
+
+
+@dataclass
+class StructureReport:
+    """What ``check_chain`` found: the directories walked (top first), and every problem."""
+
+    top: str
+    levels: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    pages_listed: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"ok": self.ok}
+
+
+def _check_stats(d: str, problems: list[str]) -> None:
+    name = os.path.join(d, images.STATS_FILE)
+    if not os.path.lexists(name):
+        return
+    try:
+        with open(name, "rb") as f:
+            images.decode_stats(f.read(), name)
+    except images.ImageError as e:
+        problems.append(str(e))
+    except OSError as e:
+        problems.append(f"{name}: {e.strerror}")
+
+
+def _check_meta(child: Iteration, it: Iteration, problems: list[str]) -> None:
+    """A child's wpdump.json must name this level's iteration as its parent, and both be of one process."""
+    cm, pm = child.meta, it.meta
+    if not cm or not pm:
+        return
+    if cm.get("parent_iteration") and pm.get("iteration") and cm["parent_iteration"] != pm["iteration"]:
+        problems.append(
+            f"{child.path}: wpdump.json names parent iteration {cm['parent_iteration']}, but its parent {it.path} "
+            f"is iteration {pm['iteration']}"
+        )
+    keys = ("pid", "start_ticks", "boot_id")
+    if any(k in cm and k in pm and cm[k] != pm[k] for k in keys):
+        problems.append(
+            f"{it.path} is an image of another process (pid {pm.get('pid')}, started at tick "
+            f"{pm.get('start_ticks')}) than its child {child.path} (pid {cm.get('pid')}, tick {cm.get('start_ticks')})"
+        )
+
+
+def check_chain(path: str, pid: int | None = None) -> StructureReport:
+    """Walk the chain from ``path`` down its parent links and report every problem found (not only the first).
+
+    Per level: pagemap magics, framing and entries (ascending, non-overlapping, known flags), inventory, stats,
+    wpdump.json, the pages file's size; between levels: every PE_PARENT page present in the parent, the parent
+    link (missing directory, loop, PE_PARENT entries without a link), metadata of one process.
+    """
+    rep = StructureReport(top=os.path.normpath(path))
+    child: Iteration | None = None
+    for depth, (d, it, err) in enumerate(walk(path, pid)):
+        if it is None:
+            rep.problems.append(str(err))
+            if not os.path.isdir(d) or (err is not None and err.errno == errno.ELOOP):
+                break
+            rep.levels.append(d)
+            child = None  # what this level lists is unknown: the next level's coverage cannot be checked
+            continue
+        rep.levels.append(d)
+        if depth == 0:
+            rep.pages_listed = int(it.entries["nr_pages"].astype(np.uint64).sum())
+        try:
+            check_pages_file(it)
+        except ChainError as e:
+            rep.problems.append(str(e))
+        _check_stats(d, rep.problems)
+        if child is not None:
+            missing = ranges.subtract(child.ranges(images.PE_PARENT), it.ranges())
+            if len(missing):
+                rep.problems.append(
+                    f"{child.path}: {ranges.total(missing) // PAGE} pages marked in-parent are absent from the parent "
+                    f"{d} (first at {int(missing[0, 0]):#x})"
+                )
+            _check_meta(child, it, rep.problems)
+        link = os.path.join(d, "parent")
+        if not os.path.islink(link):
+            if os.path.lexists(link):
+                rep.problems.append(f"{link} is not a symlink: the parent link is ignored")
+            if len(it.ranges(images.PE_PARENT)):
+                n = int(it.entries["nr_pages"][(it.entries["flags"] & images.PE_PARENT) != 0].astype(np.uint64).sum())
+                rep.problems.append(f"{d}: {n} pages are marked in-parent, but there is no parent link")
+        child = it
+    return rep
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+@dataclass
+class Mismatch:
+    """A page where the process and the image disagree."""
+
+    addr: int
+    kind: str  # "differs", "not mapped", "unreadable"
+    vma: str | None  # the /proc/PID/maps line holding the page
+    source: str  # the iteration directory that supplied the page, or "absent" (image says zero / file content)
+    offset: int | None = None  # first differing byte in the page
+    want: int | None = None  # that byte in the image
+    got: int | None = None  # and in memory
+
+    def __str__(self) -> str:
+        where = f"in {self.vma}" if self.vma else "outside every VMA"
+        src = f"from {self.source}" if self.source != "absent" else "absent from the image"
+        detail = ""
+        if self.offset is not None:
+            detail = f", first at +{self.offset:#x}: image {self.want:#04x}, memory {self.got:#04x}"
+        return f"{self.addr:#x} {self.kind} ({src}) {where}{detail}"
+
+
+@dataclass
+class VerifyResult:
+    pid: int
+    top: str
+    levels: int
+    pages_listed: int  # pages the chain's top lists
+    pages_compared: int  # pages read from memory and compared
+    pages_skipped: int  # unpopulated pages of private mappings: zero / file content by definition
+    pages_unreadable: int  # unlisted pages memory cannot be read at (beyond the end of a mapped file, ...)
+    mismatches: int
+    first: list[Mismatch]
+    seconds: float
+    frozen_s: float
+    was_stopped: bool
+    notes: list[str] = field(default_factory=list)
+    rseq_bytes_ignored: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.mismatches == 0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+    def summary(self) -> str:
+        if self.ok:
+            return (f"pid {self.pid} equals {self.top}: {self.pages_compared} pages compared "
+                    f"({self.pages_listed} listed, {self.levels} levels), {self.seconds * 1e3:.0f} ms")
+        m = self.first[0]
+        return (f"pid {self.pid} differs from {self.top} in {self.mismatches} pages; first {m.addr:#x} {m.kind} "
+                f"({'from ' + m.source if m.source != 'absent' else 'absent from the image'})")
+
+
+def _all_stopped(pid: int) -> bool:
+    return all(thread_state(pid, t) in ("T", "t", "X") for t in threads(pid))
+
+
+def _kind(v: Vma) -> int:
+    if v.path in KERNEL_VMAS:
+        return _SKIP
+    if v.anonymous:
+        return _ZERO
+    if not v.shared:
+        return _FILE  # private file mapping (or private mapping of a memfd, /dev/zero): the object's content
+    shmem = v.inode == 0 or not v.path.startswith("/") or v.path.startswith(("/memfd:", "/SYSV", "/dev/zero"))
+    return _ZERO if shmem else _FILE
+
+
+def _populated(pm_fd: int, v: Vma, buf: uffd.RegionBuffer) -> np.ndarray | None:
+    """Pages of ``v`` with a page table or swap entry, except guard markers and the zero page; None if unknown.
+
+    In a private mapping every other page reads zero (anonymous) or the mapped file's content.
+    """
+    if pm_fd < 0:
+        return None
+    got = uffd.scan_all(
+        pm_fd, v.start, v.end, buf, flags=0, category_mask=0,
+        category_anyof_mask=uffd.PAGE_IS_PRESENT | uffd.PAGE_IS_SWAPPED,
+        return_mask=uffd.PAGE_IS_PRESENT | uffd.PAGE_IS_SWAPPED | uffd.PAGE_IS_GUARD | uffd.PAGE_IS_PFNZERO,
+    )
+    if isinstance(got, int):
+        return None
+    # guard markers cannot be read; the shared zero page reads zero (it maps no file content either)
+    got = got[(got["categories"] & np.uint64(uffd.PAGE_IS_GUARD | uffd.PAGE_IS_PFNZERO)) == 0]
+    return ranges.merge(np.column_stack((got["start"], got["end"])).astype(np.uint64)) if len(got) else ranges.EMPTY
+
+
+def _close_gaps(r: np.ndarray, gap: int) -> np.ndarray:
+    """Merge ranges separated by at most ``gap`` bytes (r sorted, merged, within one VMA)."""
+    if len(r) <= 1:
+        return r
+    join = (r[1:, 0] - r[:-1, 1]) <= np.uint64(gap)
+    first = np.flatnonzero(np.concatenate(([True], ~join)))
+    last = np.append(first[1:] - 1, len(r) - 1)
+    return np.column_stack((r[first, 0], r[last, 1]))
+
+
+def _read_mem(pid: int, fd: int, addr: int, out: np.ndarray) -> np.ndarray:
+    """pread [addr, addr + len(out)) of /proc/PID/mem into ``out``; a mask of the pages that could be read."""
+    n = len(out) // PAGE
+    ok = np.ones(n, dtype=bool)
+    view = memoryview(out)
+    pos = 0
+    while pos < len(out):
+        try:
+            got = os.preadv(fd, [view[pos:]], addr + pos)
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                raise NoSuchProcess(f"no such process: {pid}", pid=pid, errno=e.errno) from None
+            if e.errno not in (errno.EIO, errno.EFAULT, errno.ENOMEM, errno.EPERM):
+                raise
+            got = 0
+        if got > 0:
+            pos += got
+            continue
+        k = pos // PAGE  # this page cannot be read: skip it
+        ok[k] = False
+        out[k * PAGE : (k + 1) * PAGE] = 0
+        pos = (k + 1) * PAGE
+    return ok
+
+
+def _pread_file(fd: int, off: int, out: np.ndarray) -> None:
+    """Fill ``out`` from the file at ``off``; what lies beyond its end stays as it is (zero)."""
+    view = memoryview(out)
+    pos = 0
+    while pos < len(out):
+        got = os.preadv(fd, [view[pos:]], off + pos)
+        if got <= 0:
+            return
+        pos += got
+
+
+def _batches(parts: list[tuple[int, int, int]], limit: int) -> list[list[tuple[int, int, int]]]:
+    """Group (start, end, vma index) ranges into batches of at most ``limit`` bytes (long ranges are cut)."""
+    out: list[list[tuple[int, int, int]]] = []
+    cur: list[tuple[int, int, int]] = []
+    size = 0
+    for s, e, vi in parts:
+        while s < e:
+            take = min(e - s, limit - size)
+            cur.append((s, s + take, vi))
+            size += take
+            s += take
+            if size >= limit:
+                out.append(cur)
+                cur, size = [], 0
+    if cur:
+        out.append(cur)
+    return out
+
+
+PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
+PTRACE_EVENT_STOP = 128
+_RSEQ_CONF = struct.Struct("<QIIII")  # struct ptrace_rseq_configuration
+RSEQ_KERNEL_FIELDS = ((0, 16), (20, 28))  # cpu_id_start, cpu_id, rseq_cs (cleared); node_id, mm_cid
+_libc = ctypes.CDLL(None, use_errno=True)
+_ptrace = _libc.ptrace
+_ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+_ptrace.restype = ctypes.c_long
+
+
+def rseq_areas(pid: int) -> tuple[list[tuple[int, int]], str | None]:
+    """(address, size) of the rseq area of every thread of the stopped ``pid``, and why not all were read.
+
+    Each thread is seized, trapped, asked (PTRACE_GET_RSEQ_CONFIGURATION) and detached: a group-stopped thread
+    returns to its group stop (waited for).
+    """
+    from .uffd import ffi, lib
+
+    areas: list[tuple[int, int]] = []
+    for tid in threads(pid):
+        r = lib.wpd_ptrace_seize(tid)
+        if r < 0:
+            if r == -errno.ESRCH:
+                continue
+            return areas, f"rseq areas not read (ptrace: {os.strerror(-r)}): kernel-written rseq fields are compared"
+        sig = 0
+        try:
+            if lib.wpd_ptrace_interrupt(tid) < 0:
+                continue
+            st = ffi.new("int *")
+            if lib.wpd_waitpid(tid, st) < 0 or not os.WIFSTOPPED(st[0]):
+                continue
+            if st[0] >> 16 == 0 and os.WSTOPSIG(st[0]) != signal.SIGTRAP:
+                sig = os.WSTOPSIG(st[0])  # a signal being delivered: hand it back at detach
+            buf = ctypes.create_string_buffer(_RSEQ_CONF.size)
+            if _ptrace(PTRACE_GET_RSEQ_CONFIGURATION, tid, _RSEQ_CONF.size, buf) >= _RSEQ_CONF.size:
+                ptr, size, _sig, _flags, _pad = _RSEQ_CONF.unpack(buf.raw)
+                if ptr:
+                    areas.append((ptr, size))
+        finally:
+            lib.wpd_ptrace_detach(tid, sig)
+            _wait_group_stop(pid, tid)
+    return areas, None
+
+
+def _wait_group_stop(pid: int, tid: int, timeout: float = 2.0) -> None:
+    """A detached thread runs for a moment (state R) to re-enter the group stop: wait until it has, so that
+    the target is seen stopped again when we return."""
+    deadline = time.perf_counter() + timeout
+    while thread_state(pid, tid) not in ("T", "t", "X", "Z") and time.perf_counter() < deadline:
+        time.sleep(0.0002)
+
+
+def _rseq_masks(areas: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out = []
+    for ptr, size in areas:
+        for lo, hi in RSEQ_KERNEL_FIELDS:
+            if lo < size:
+                out.append((ptr + lo, ptr + min(hi, size)))
+    return sorted(out)
+
+
+class _Comparer:
+    """Compares batches of pages of a stopped process with a chain, collecting mismatches."""
+
+    def __init__(self, pid: int, chain: list[Iteration], vmas: list[Vma], kinds: list[int], max_report: int) -> None:
+        self.pid, self.chain, self.vmas, self.kinds = pid, chain, vmas, kinds
+        self.listed = chain[0].ranges()
+        self.max_report = max_report
+        self.first: list[Mismatch] = []
+        self.mismatches = 0
+        self.compared = 0
+        self.unreadable = 0
+        self.notes: list[str] = []
+        self.file_fds: dict[int, int] = {}
+        self.mem = np.empty(0, dtype=np.uint8)
+        self.want = np.empty(0, dtype=np.uint8)
+        self.mem_fd = -1
+        self.batch_bytes = BATCH_BYTES
+        self.masks: list[tuple[int, int]] = []  # byte ranges the kernel writes (rseq fields): not compared
+        self.masked_bytes = 0  # of those, bytes that differed
+
+    def _file_fd(self, vi: int) -> int:
+        fd = self.file_fds.get(vi)
+        if fd is None:
+            v = self.vmas[vi]
+            try:
+                fd = os.open(f"/proc/{self.pid}/map_files/{v.start:x}-{v.end:x}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                self.notes.append(f"{v}: cannot open the mapped file ({e.strerror}): unlisted pages not checked")
+                fd = -1
+            self.file_fds[vi] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self.file_fds.values():
+            if fd >= 0:
+                os.close(fd)
+        self.file_fds.clear()
+
+    def _report(
+        self, addrs: np.ndarray, kind: str, level: np.ndarray, vis: np.ndarray, offsets: np.ndarray | None = None,
+        want: np.ndarray | None = None, got: np.ndarray | None = None,
+    ) -> None:
+        self.mismatches += len(addrs)
+        for j in range(min(self.max_report, len(addrs))):
+            lv, vi = int(level[j]), int(vis[j])
+            self.first.append(Mismatch(
+                addr=int(addrs[j]), kind=kind, vma=str(self.vmas[vi]) if vi >= 0 else None,
+                source=self.chain[lv].path if lv >= 0 else "absent",
+                offset=int(offsets[j]) if offsets is not None else None,
+                want=int(want[j]) if want is not None else None, got=int(got[j]) if got is not None else None,
+            ))
+        if len(self.first) > 2 * self.max_report:  # keep the lowest addresses only
+            self.first = sorted(self.first, key=lambda m: m.addr)[: self.max_report]
+
+    def _apply_masks(self, addrs: np.ndarray, mem: np.ndarray, want: np.ndarray) -> None:
+        """Make memory equal the image in the masked bytes, counting those that differed."""
+        if not self.masks or not len(addrs):
+            return
+        lo, hi = int(addrs[0]), int(addrs[-1]) + PAGE
+        for s, e in self.masks:
+            if e <= lo or s >= hi:
+                continue
+            page = s & ~(PAGE - 1)
+            row = int(np.searchsorted(addrs, page))
+            if row >= len(addrs) or int(addrs[row]) != page or (e - 1) & ~(PAGE - 1) != page:
+                continue
+            a, b = row * PAGE + (s - page), row * PAGE + (e - page)
+            self.masked_bytes += int((mem[a:b] != want[a:b]).sum())
+            mem[a:b] = want[a:b]
+
+    def not_mapped(self, addrs: np.ndarray, vis: np.ndarray) -> None:
+        level, _ = locate_pages(self.chain, addrs)
+        self._report(addrs, "not mapped", level, vis)
+
+    def batch(self, parts: list[tuple[int, int, int]]) -> None:
+        r = np.array([(s, e) for s, e, _ in parts], dtype=np.uint64)
+        counts = ((r[:, 1] - r[:, 0]) // PAGE).astype(np.int64)
+        n = int(counts.sum())
+        if len(self.mem) < n * PAGE:
+            self.mem = np.empty(n * PAGE, dtype=np.uint8)
+            self.want = np.empty(n * PAGE, dtype=np.uint8)
+        mem, want = self.mem[: n * PAGE], self.want[: n * PAGE]
+        want[:] = 0
+        addrs = page_addrs(r)
+        vis = np.repeat(np.array([vi for _, _, vi in parts], dtype=np.int64), counts)
+        readable = np.empty(n, dtype=bool)
+        check = np.ones(n, dtype=bool)  # pages whose expected content is known
+        row = 0
+        for (s, _e, vi), c in zip(parts, counts.tolist(), strict=True):
+            sl = slice(row * PAGE, (row + c) * PAGE)
+            readable[row : row + c] = _read_mem(self.pid, self.mem_fd, s, mem[sl])
+            if self.kinds[vi] == _FILE:
+                fd = self._file_fd(vi)
+                if fd >= 0:
+                    v = self.vmas[vi]
+                    _pread_file(fd, v.offset + (s - v.start), want[sl])
+                else:
+                    check[row : row + c] = False
+            row += c
+        listed = in_ranges(addrs, self.listed)
+        rows = np.flatnonzero(listed)
+        level = np.full(n, -1, dtype=np.int64)
+        if len(rows):
+            level[rows] = read_pages_into(self.chain, addrs[rows], want.reshape(n, PAGE), rows)
+        check |= listed
+        self._apply_masks(addrs, mem, want)
+        m64, w64 = mem.view(np.uint64).reshape(n, PAGE // 8), want.view(np.uint64).reshape(n, PAGE // 8)
+        diff = (m64 != w64).any(axis=1) & readable & check
+        self.compared += int((readable & check).sum())
+        unread = ~readable
+        self.unreadable += int((unread & ~listed).sum())
+        bad_unread = np.flatnonzero(unread & listed)
+        bad = np.flatnonzero(diff)
+        if len(bad_unread):
+            self._report(addrs[bad_unread], "unreadable", level[bad_unread], vis[bad_unread])
+        if len(bad):
+            k = bad[: self.max_report]
+            mb, wb = mem.reshape(n, PAGE)[k], want.reshape(n, PAGE)[k]
+            off = np.argmax(mb != wb, axis=1) if len(k) else np.zeros(0, dtype=np.int64)
+            ar = np.arange(len(k))
+            self._report(addrs[bad], "differs", level[bad], vis[bad], off, wb[ar, off], mb[ar, off])
+
+
+def _pid_in(path: str, pid: int) -> int | None:
+    return pid if os.path.lexists(os.path.join(path, images.pagemap_file_name(pid))) else None
+
+
+def _open_proc(pid: int, name: str) -> int:
+    try:
+        return os.open(f"/proc/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
+        raise NoSuchProcess(f"no such process: {pid}", pid=pid, errno=errno.ESRCH) from None
+    except PermissionError as e:
+        raise AccessDenied(f"permission denied: cannot read /proc/{pid}/{name}", pid=pid, errno=e.errno) from None
+
+
+def _compare_stopped(cmp: _Comparer, pm_fd: int) -> int:
+    """Compare every page of the stopped target's VMAs that can differ; returns the pages skipped."""
+    listed = cmp.listed
+    buf = uffd.RegionBuffer()
+    parts: list[tuple[int, int, int]] = []
+    skipped = 0
+    mapped = []
+    for vi, (v, kind) in enumerate(zip(cmp.vmas, cmp.kinds, strict=True)):
+        if kind == _SKIP:
+            continue
+        mapped.append((v.start, v.end))
+        # shared memory may hold content no page table of this process maps: read it all
+        pop = _populated(pm_fd, v, buf) if (not v.shared or kind == _FILE) else None
+        todo = ranges.from_pairs([(v.start, v.end)])
+        if pop is not None:
+            todo = _close_gaps(ranges.union(pop, ranges.clip(listed, v.start, v.end)), GAP_BYTES)
+        skipped += (v.size - ranges.total(todo)) // PAGE
+        parts.extend((int(s), int(e), vi) for s, e in todo)
+    outside = ranges.subtract(listed, ranges.from_pairs(mapped))
+    if len(outside):
+        addrs = page_addrs(outside)
+        starts = np.array([v.start for v in cmp.vmas], dtype=np.uint64)
+        ends = np.array([v.end for v in cmp.vmas], dtype=np.uint64)
+        j = np.searchsorted(starts, addrs, side="right") - 1
+        vis = np.where((j >= 0) & (addrs < ends[np.maximum(j, 0)]), j, -1)  # a kernel VMA, or none
+        cmp.not_mapped(addrs, vis)
+    for batch in _batches(parts, cmp.batch_bytes):
+        cmp.batch(batch)
+    return skipped
+
+
+def verify_process(
+    pid: int, path: str, max_report: int = 10, batch_bytes: int = BATCH_BYTES, rseq: bool = True,
+) -> VerifyResult:
+    """Compare the chain whose top is ``path`` with the memory of ``pid``, every page.
+
+    The target is stopped with SIGSTOP for the comparison and resumed afterwards (also on errors), unless every
+    thread was stopped already: then it is left stopped. Raises ChainError if the chain itself is broken.
+    With ``rseq`` the fields of the threads' rseq areas the kernel writes are not compared (see the module).
+    """
+    t0 = time.perf_counter()
+    max_report = max(1, max_report)
+    check_alive(pid)
+    chain = load_chain(path, _pid_in(path, pid))
+    notes = []
+    meta = chain[0].meta
+    if chain[0].pid != pid or (meta and meta.get("pid") not in (None, pid)):
+        notes.append(f"{path} is an image of pid {meta.get('pid') if meta else chain[0].pid}, compared with pid {pid}")
+    with contextlib.ExitStack() as stack:
+        mem_fd = _open_proc(pid, "mem")
+        stack.callback(os.close, mem_fd)
+        try:
+            pm_fd = _open_proc(pid, "pagemap")
+            stack.callback(os.close, pm_fd)
+        except WpdumpError:
+            pm_fd = -1
+        stack.enter_context(keeper.pid_lock(pid))  # no iteration may stop or resume the target meanwhile
+        was_stopped = _all_stopped(pid)
+        t_frozen = time.perf_counter()
+        if not was_stopped:
+            stack.callback(_resume, pid)
+            freeze.stop(pid)
+        vmas = read_maps(pid)
+        cmp = _Comparer(pid, chain, vmas, [_kind(v) for v in vmas], max_report)
+        stack.callback(cmp.close)
+        cmp.mem_fd, cmp.notes, cmp.batch_bytes = mem_fd, notes, batch_bytes
+        if rseq:
+            areas, why = rseq_areas(pid)
+            cmp.masks = _rseq_masks(areas)
+            if why:
+                notes.append(why)
+        skipped = _compare_stopped(cmp, pm_fd)
+        frozen = time.perf_counter() - t_frozen
+        check_alive(pid)  # killed meanwhile, its memory reads as nothing: no verdict
+    if cmp.masked_bytes:
+        notes.append(f"{cmp.masked_bytes} bytes of rseq fields differ, not compared: the kernel writes them when a "
+                     "thread runs")
+    return VerifyResult(
+        pid=pid, top=os.path.normpath(path), levels=len(chain), pages_listed=ranges.total(cmp.listed) // PAGE,
+        pages_compared=cmp.compared, pages_skipped=skipped, pages_unreadable=cmp.unreadable,
+        mismatches=cmp.mismatches, first=sorted(cmp.first, key=lambda m: m.addr)[:max_report],
+        seconds=time.perf_counter() - t0, frozen_s=0.0 if was_stopped else frozen, was_stopped=was_stopped,
+        notes=notes, rseq_bytes_ignored=cmp.masked_bytes,
+    )
+
+
+def _resume(pid: int) -> None:
+    try:
+        freeze.cont(pid)
+    except NoSuchProcess:
+        pass
