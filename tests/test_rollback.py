@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from chaincheck import compare_with_memory
+from test_iterations import stop_and_wait
 from wpdump import iteration
 from wpdump.rollback import LayoutMismatch, restore_memory
 
@@ -53,6 +54,7 @@ def test_restore_memory_rolls_back_and_the_target_checks_itself(target, tmp_path
         assert t.cmd("hash", hex(b), 8)[0] == want_b
     t.wait_idle()
     os.kill(t.pid, signal.SIGSTOP)
+    stop_and_wait(t.pid)
     try:
         r = restore_memory(t.pid, str(tmp_path / "2"))  # a stopped target stays stopped
         with open(f"/proc/{t.pid}/stat") as f:

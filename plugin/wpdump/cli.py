@@ -193,6 +193,12 @@ def cmd_restore_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_criu_hook(args: argparse.Namespace) -> int:
+    from .criu_hook import run_hook
+
+    return run_hook()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
@@ -244,6 +250,14 @@ def parser() -> argparse.ArgumentParser:
     rm.add_argument("-t", "--tree", type=int, required=True, metavar="PID", help="process to roll back")
     rm.add_argument("-D", "--images-dir", required=True, metavar="DIR", help="the checkpoint (top of its chain)")
     rm.set_defaults(func=cmd_restore_memory)
+
+    ch = sub.add_parser(
+        "criu-hook", help="CRIU action script (criu dump --action-script .venv/bin/wpdump-criu-hook)",
+        description="Run by criu dump as its action script. At post-dump (tree still frozen) it rewrites CRIU's "
+        "final pagemap so that pages unchanged since wpdump's last pre-dump point into the wpdump chain. "
+        "Whenever it cannot vouch for that, it leaves CRIU's full images untouched. Always exits 0.",
+    )
+    ch.set_defaults(func=cmd_criu_hook)
 
     stp = sub.add_parser("status", parents=[common], help="list the tracked processes")
     stp.set_defaults(func=cmd_status)
