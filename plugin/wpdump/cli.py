@@ -202,7 +202,8 @@ def cmd_criu_hook(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
-    return demo.run(mib=args.mib, rounds=args.rounds, interval=args.interval, percent=args.percent)
+    return demo.run(mib=args.mib, rounds=args.rounds, interval=args.interval, percent=args.percent,
+                    images_dir=args.dir)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -278,11 +279,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("-v", "--verbose", action="store_true", help="print the VMA events of each round")
     t.set_defaults(func=cmd_track)
 
-    d = sub.add_parser("demo", help="track the bundled workload, copy its dirty pages, verify the copy")
+    d = sub.add_parser("demo", help="checkpoint the bundled workload while it writes, then verify the chain")
     d.add_argument("--mib", type=int, default=64, help="workload size in MiB (64)")
-    d.add_argument("--rounds", type=int, default=5, help="harvest rounds before the verification (5)")
-    d.add_argument("--interval", type=float, default=1.0, metavar="SEC", help="seconds between rounds (1.0)")
+    d.add_argument("--rounds", type=int, default=5, help="pre-dumps at most before the final dump (5)")
+    d.add_argument("--interval", type=float, default=0.5, metavar="SEC", help="seconds between pre-dumps (0.5)")
     d.add_argument("--percent", type=float, default=1.0, help="%% of pages the workload writes per 100 ms (1)")
+    d.add_argument("--dir", metavar="DIR", help="where to write the chain (default: a new directory in /tmp)")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -1,19 +1,23 @@
-"""The demo: track the bundled workload for a few rounds, copy its dirty pages into a model image,
-then freeze it and verify the image byte for byte against its memory."""
+"""The demo: checkpoint the bundled workload while it writes (pre-dumps into CRIU image chains until
+the convergence policy stops them, then the final dump with the workload frozen), then verify the
+chain byte for byte against the workload's memory."""
 
 from __future__ import annotations
 
+import os
 import subprocess
-import time
+import tempfile
 from collections.abc import Callable
 
-from . import freeze, workloads
+from . import workloads
+from .checkpoint import checkpoint
+from .cli import HEADER, _row
+from .convergence import PHaulPolicy
 from .errors import TrackerError
-from .image import CopyBuffer, PageImage, copy_pages, verify
-from .tracker import Harvest, Tracker
+from .iteration import IterationResult
+from .verify import verify_process
 
 MIB = 1 << 20
-HEADER = f"{'round':>7} {'dirty pages':>12} {'zeroed':>7} {'MiB to copy':>12} {'harvest ms':>11} {'copy ms':>8} events"
 
 
 def start_workload(mib: int, percent: float = 1.0) -> tuple[subprocess.Popen, int]:
@@ -28,54 +32,37 @@ def start_workload(mib: int, percent: float = 1.0) -> tuple[subprocess.Popen, in
     return proc, int(words[1])
 
 
-def _row(label: str, h: Harvest, copy_s: float) -> str:
-    pages = h.copy_bytes // 4096
-    zeroed = sum(int((v.zero[:, 1] - v.zero[:, 0]).sum()) for v in h.vmas if len(v.zero)) // 4096
-    return (
-        f"{label:>7} {pages:>12} {zeroed:>7} {h.copy_bytes / MIB:>12.2f} {h.seconds * 1e3:>11.2f} "
-        f"{copy_s * 1e3:>8.2f} {len(h.events)}"
-    )
-
-
-def run(mib: int = 64, rounds: int = 5, interval: float = 1.0, percent: float = 1.0,
+def run(mib: int = 64, rounds: int = 5, interval: float = 0.5, percent: float = 1.0, images_dir: str | None = None,
         out: Callable[[str], None] = print) -> int:
-    """Run the demo; returns the exit status (0 when the image is identical to the target's memory)."""
+    """Run the demo; returns the exit status (0 when the final image equals the workload's memory)."""
     proc, pid = start_workload(mib, percent)
     try:
         out(f"demo workload: pid {pid}, {mib} MiB, {percent:g} % of its pages written every 100 ms")
-        image, buf = PageImage(), CopyBuffer()
+        base = images_dir or tempfile.mkdtemp(prefix="wpdump-demo-")
+        dest = os.path.join(base, "checkpoint")
+        out(f"wpdump checkpoint -t {pid} -D {dest} --max-iterations {rounds} --interval {interval:g} --leave-stopped")
+        out(HEADER)
+        count = [0]
 
-        def step(label: str, h: Harvest) -> Harvest:
-            t0 = time.perf_counter()
-            copied = copy_pages(pid, h.copy_ranges(), buf)
-            copy_s = time.perf_counter() - t0
-            image.apply(h, copied)
-            out(_row(label, h, copy_s))
-            for e in h.events:
-                out(f"{'':>9}{e}")
-            return h
+        def on_iteration(r: IterationResult, reason: str | None) -> None:
+            count[0] += 1
+            out(_row(count[0], r))
+            if reason:
+                out(f"     stop pre-dumping: {reason}")
 
-        with Tracker(pid) as tr:
-            out(HEADER)
-            step("attach", tr.initial)
-            for r in range(1, rounds + 1):
-                time.sleep(interval)
-                step(str(r), tr.harvest())
-            stop_s = freeze.stop(pid)
-            final = step("frozen", tr.harvest())
-            verdict = verify(pid, image, final)
-        out(f"froze the workload with SIGSTOP in {stop_s * 1e3:.2f} ms; model image: {len(image)} pages "
-            f"({len(image) * 4096 / MIB:.1f} MiB)")
-        if verdict.identical:
-            out(f"verified {verdict.pages} pages: identical "
-                f"(and {verdict.zero_checked} untouched anonymous pages read zero)")
+        hist = checkpoint(pid, dest, PHaulPolicy(max_iterations=rounds), interval=interval, leave_stopped=True,
+                          on_iteration=on_iteration)
+        top = hist[-1].images_dir
+        res = verify_process(pid, top)
+        written = sum(r.bytes_written for r in hist)
+        out(f"chain: {len(hist)} iterations in {dest}, {written / MIB:.1f} MiB written in all "
+            f"(inspect it: wpdump show {top})")
+        if res.ok:
+            out(f"verified: the final dump is identical to the frozen workload's memory ({res.summary()})")
             return 0
-        if len(verdict.mismatched):
-            shown = ", ".join(f"{int(a):#x}" for a in verdict.mismatched[:8])
-            out(f"MISMATCH: {len(verdict.mismatched)} of {verdict.pages} pages differ: {shown}")
-        if len(verdict.nonzero):
-            shown = ", ".join(f"{int(a):#x}" for a in verdict.nonzero[:8])
-            out(f"MISMATCH: {len(verdict.nonzero)} pages missing from the image are not zero: {shown}")
+        out(f"MISMATCH: {res.summary()}")
+        for m in res.first:
+            out(f"    {m}")
         return 1
     finally:
         if proc.poll() is None:
