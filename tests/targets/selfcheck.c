@@ -1,9 +1,9 @@
 /* A workload that checks its own memory, for CRIU restore tests.
  *
- *   selfcheck MIB RESULT_FILE
+ *   selfcheck MIB RESULT_FILE [PAGES_PER_TICK (4)]
  *
  * Maps MIB MiB, fills it, keeps one checksum per page in a heap array, then loops: every 10 ms it
- * rewrites a few random pages (updating their checksums) and bumps a counter. On SIGUSR1 it verifies
+ * rewrites PAGES_PER_TICK random pages (updating their checksums) and bumps a counter. On SIGUSR1 it verifies
  * every page against its checksum and appends "ok TICKS" or "FAIL page N" to RESULT_FILE (opened
  * and closed each time: CRIU checks the size of files a process holds open). SIGUSR2 pauses the
  * writing (echo "paused TICKS"), SIGCONT-like resume with a second SIGUSR2. */
@@ -49,8 +49,9 @@ static void on_usr2(int sig) { (void)sig; pause_flip = 1; }
 
 int main(int argc, char **argv)
 {
-	if (argc != 3)
+	if (argc != 3 && argc != 4)
 		return 2;
+	int per_tick = argc == 4 ? atoi(argv[3]) : 4;
 	npages = (size_t)atol(argv[1]) * 256;
 	result = argv[2];
 	mem = mmap(NULL, npages * PG, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -90,7 +91,7 @@ int main(int argc, char **argv)
 			report(line);
 		}
 		if (!paused) {
-			for (int w = 0; w < 4; w++) {
+			for (int w = 0; w < per_tick; w++) {
 				s ^= s << 13, s ^= s >> 7, s ^= s << 17;
 				size_t i = s % npages;
 				mem[i * PG + (s >> 32) % PG] ^= (unsigned char)(s | 1);
