@@ -264,3 +264,22 @@ int64_t wpd_read_ranges(int pid, const uint64_t *ranges, uint64_t nranges, void 
 	}
 	return (int64_t)done;
 }
+
+/* Which of npages pages of page_size bytes (a multiple of 64) at buf (8-byte aligned) hold only zero
+ * bytes: is_zero[i] = 1 or 0. Returns how many do. Most pages with data differ from zero in their first
+ * cache line, so a page is read only up to its first non-zero 64-byte block. */
+int64_t wpd_zero_pages(const void *buf, uint64_t npages, uint64_t page_size, uint8_t *is_zero)
+{
+	const uint64_t *p = buf;
+	const uint64_t words = page_size / 8;
+	int64_t n = 0;
+
+	for (uint64_t i = 0; i < npages; i++, p += words) {
+		uint64_t acc = 0;
+		for (uint64_t k = 0; k < words && !acc; k += 8)
+			acc = p[k] | p[k + 1] | p[k + 2] | p[k + 3] | p[k + 4] | p[k + 5] | p[k + 6] | p[k + 7];
+		is_zero[i] = acc == 0;
+		n += acc == 0;
+	}
+	return n;
+}

@@ -44,4 +44,5 @@ int64_t wpd_pagemap_scan(int fd, uint64_t start, uint64_t end, uint64_t flags,
 
 int64_t wpd_read_ranges(int pid, const uint64_t *ranges, uint64_t nranges, void *buf,
 			uint64_t buflen);
+int64_t wpd_zero_pages(const void *buf, uint64_t npages, uint64_t page_size, uint8_t *is_zero);
 #endif

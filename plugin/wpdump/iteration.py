@@ -6,20 +6,26 @@ pages file (changed since the parent, or new), PE_PARENT for pages unchanged sin
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
+import queue
+import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import freeze, images, imgdir, keeper, ranges
+from . import freeze, images, imgdir, keeper, ranges, uffd
 from .chain import META_FILE, META_FORMAT, Iteration, boot_id, check_parent, load_chain, uptime_us
 from .errors import TargetExeced, WpdumpError
-from .image import CopyBuffer, copy_pages, in_ranges
+from .image import aligned_buffer, in_ranges, page_addrs, read_into
 from .process import check_alive, thread_state, threads
 from .tracker import Harvest, Tracker
 from .vmas import Policy
@@ -27,7 +33,15 @@ from .vmas import Policy
 log = logging.getLogger("wpdump.iteration")
 
 PAGE = 4096
-BATCH_BYTES = 64 << 20  # pages read from the target and written per step: bounds wpdump's memory
+# Pages are read from the target in batches of at most BATCH_BYTES, by READERS threads at once, into one of
+# BUFFERS buffers, while a thread writes the batches read before in order: wpdump's memory for page data is
+# bounded by BUFFERS * BATCH_BYTES. Two readers: process_vm_readv of scattered pages is CPU-bound (the page
+# table walk), 2.8-3.3 GB/s with one thread, 5 GB/s with two on this 2-CPU VM (8 GiB, 1 % random pages).
+BATCH_BYTES = 8 << 20
+MIN_BATCH_BYTES = 1 << 20
+READERS = min(2, os.cpu_count() or 1)
+BUFFERS = READERS + 2
+IOV_MAX = 1024
 PAGES_ID = 1
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
@@ -169,23 +183,27 @@ def _parent_part(h: Harvest, parent: np.ndarray) -> np.ndarray:
 
 
 def _batches(r: np.ndarray, limit: int) -> list[np.ndarray]:
-    """Split ranges into consecutive groups of at most ``limit`` bytes (long ranges are cut)."""
+    """Split ranges into consecutive groups of at most ``limit`` bytes (a multiple of PAGE; long ranges are cut)."""
     if not len(r):
         return []
-    lens = r[:, 1] - r[:, 0]
+    r = np.ascontiguousarray(r, dtype=np.uint64)
+    lens = (r[:, 1] - r[:, 0]).astype(np.int64)
     if (lens > limit).any():
-        parts = []
-        for s, e in r:
-            s, e = int(s), int(e)
-            while e - s > limit:
-                parts.append((s, s + limit))
-                s += limit
-            parts.append((s, e))
-        r = ranges.from_pairs(parts)
-        lens = r[:, 1] - r[:, 0]
-    group = (np.cumsum(lens) - 1) // limit
-    cuts = np.flatnonzero(np.diff(group)) + 1
-    return np.split(r, cuts)
+        n = -(-lens // limit)  # pieces per range
+        idx = np.repeat(np.arange(len(r)), n)
+        k = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
+        starts = r[idx, 0] + (k * limit).astype(np.uint64)
+        ends = np.minimum(starts + np.uint64(limit), r[idx, 1])
+        r = np.column_stack((starts, ends))
+        lens = (ends - starts).astype(np.int64)
+    cum = np.cumsum(lens)
+    out = []
+    i, base = 0, 0
+    while i < len(r):  # greedy: as many whole ranges as fit (one step per batch, not per range)
+        j = int(np.searchsorted(cum, base + limit, side="right"))
+        out.append(r[i:j])
+        base, i = int(cum[j - 1]), j
+    return out
 
 
 def _runs(addrs: np.ndarray) -> np.ndarray:
@@ -198,45 +216,195 @@ def _runs(addrs: np.ndarray) -> np.ndarray:
     return np.column_stack((starts, ends)).astype(np.uint64)
 
 
+def _batch_size(total: int) -> int:
+    """Bytes per batch: at most BATCH_BYTES, and small copies cut in about four, so that writing the first
+    batch overlaps reading the next."""
+    size = min(max(-(-total // 4), MIN_BATCH_BYTES), BATCH_BYTES, max(total, PAGE))
+    return -(-size // PAGE) * PAGE
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for ``fd``; returns whether it is on (False where the filesystem refuses it)."""
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, (flags | os.O_DIRECT) if on else (flags & ~os.O_DIRECT))
+        return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+    except OSError:
+        return False
+
+
+class _Writer:
+    """Appends batches of pages to the pages file in a thread, in order, while the next batches are read.
+
+    Writes use O_DIRECT where the filesystem allows it: the pages go from wpdump's buffer to the disk with no
+    second copy into the page cache, and this VM's disk takes them at 1.4-3.3 GB/s against 0.3-1.8 GB/s
+    buffered + fsync. The buffers are page-aligned and every write is whole pages, as O_DIRECT needs; an
+    EINVAL turns O_DIRECT off and the write is retried buffered.
+    """
+
+    def __init__(self, fd: int, what: str) -> None:
+        self.fd, self.what = fd, what
+        self.direct = _set_direct(fd, True)
+        self.todo: queue.SimpleQueue = queue.SimpleQueue()
+        self.done: queue.SimpleQueue = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="wpdump-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.todo.get()
+            if item is None:
+                return
+            slot, read = item  # read: the Future of _read_batch's result
+            if self.error is None:
+                try:
+                    self._write(read.result()[0])
+                except BaseException as e:  # handed to the caller
+                    self.error = e
+            self.done.put(slot)
+
+    def _write(self, views: list[memoryview]) -> None:
+        i = 0
+        while i < len(views):
+            try:
+                n = os.writev(self.fd, views[i : i + IOV_MAX])
+            except OSError as e:
+                if e.errno == errno.EINVAL and self.direct:
+                    self.direct = _set_direct(self.fd, False)
+                    if not self.direct:
+                        continue
+                raise
+            if n <= 0:
+                raise OSError(errno.EIO, "write wrote nothing")
+            while n:
+                if n >= len(views[i]):
+                    n -= len(views[i])
+                    i += 1
+                else:
+                    views[i] = views[i][n:]
+                    n = 0
+
+    def wait(self) -> int:
+        """The next buffer slot written (in submission order); raises the writer's error, described."""
+        slot = self.done.get()
+        if self.error is not None:
+            e = self.error
+            if isinstance(e, OSError):
+                raise imgdir.describe_os_error(e, self.what) from None
+            raise e
+        return slot
+
+    def close(self) -> None:
+        self.error = self.error or _Stopped()  # skip what is still queued
+        self.todo.put(None)
+        self.thread.join()
+        if self.direct:
+            _set_direct(self.fd, False)
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _read_batch(pid: int, batch: np.ndarray, buf: np.ndarray, anon: np.ndarray) -> tuple[list, np.ndarray, int]:
+    """Read ``batch`` into ``buf``; returns the views of ``buf`` to write, the ranges they hold, and the number
+    of pages dropped because they read all zero in an anonymous VMA (absent means zero)."""
+    n = ranges.total(batch)
+    out = buf[:n]
+    ok = read_into(pid, batch, out)
+    rows = out.reshape(-1, PAGE)
+    keep = None
+    held = batch
+    if not ok.all():  # ranges that vanished meanwhile
+        keep = np.repeat(ok, ((batch[:, 1] - batch[:, 0]) // PAGE).astype(np.int64))
+        held = batch[ok]
+    zero_count = 0
+    if len(anon):
+        zero, nz = uffd.zero_pages(rows)
+        if nz:
+            if keep is not None:
+                zero &= keep
+            cand = np.flatnonzero(zero)
+            addrs = page_addrs(batch)[cand]
+            inside = in_ranges(addrs, anon)
+            if inside.any():
+                keep = np.ones(len(rows), dtype=bool) if keep is None else keep
+                keep[cand[inside]] = False
+                zero_count = int(inside.sum())
+                held = ranges.subtract(held, _runs(addrs[inside]))
+    mv = memoryview(out)
+    if keep is None:
+        return [mv], held, 0
+    edges = np.diff(np.concatenate(([0], keep.astype(np.int8), [0])))
+    starts, ends = np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()
+    return [mv[s * PAGE : e * PAGE] for s, e in zip(starts, ends, strict=True)], held, zero_count
+
+
 def _copy_and_write(
     pid: int, copy: np.ndarray, anon: np.ndarray, fd: int, what: str, progress: Progress | None
 ) -> tuple[np.ndarray, int, float, float]:
     """Read ``copy`` from the target batch by batch and append the pages to ``fd``.
 
-    Pages of anonymous VMAs that read all zero are left out (absent means zero). Returns the ranges
-    written, the pages dropped as zero, and the seconds spent reading and writing.
+    READERS threads read batches while a thread writes those read before (see _Writer). Pages of anonymous
+    VMAs that read all zero are left out (absent means zero). Returns the ranges written, the pages dropped as
+    zero, the seconds until every batch was read, and the seconds of writing after that (the two add up to the
+    elapsed time).
     """
     total = ranges.total(copy)
-    buf = CopyBuffer(min(max(total, PAGE), BATCH_BYTES))
-    kept: list[np.ndarray] = []
-    zero_pages = 0
-    t_copy = t_write = 0.0
+    if not total:
+        return ranges.EMPTY.copy(), 0, 0.0, 0.0
+    limit = _batch_size(total)
+    batches = _batches(copy, limit)
+    bufs: list[np.ndarray] = []
+    free: list[int] = []
+    pending: deque[int] = deque()  # bytes of each batch handed to the writer, in order
+    reads: list[Future] = []
+    read_end = [0.0]
     done = 0
-    for batch in _batches(copy, BATCH_BYTES):
-        t0 = time.perf_counter()
-        got = copy_pages(pid, batch, buf)
-        rows, addrs = got.rows, got.addrs
-        keep = None
-        if len(anon) and len(addrs):
-            zero = ~rows.view(np.uint64).any(axis=1) & in_ranges(addrs, anon)
-            if zero.any():
-                keep = ~zero
-                zero_pages += int(zero.sum())
-        t1 = time.perf_counter()
-        data = rows if keep is None else rows[keep]
-        try:
-            imgdir.write_all(fd, data.reshape(-1), what)
-        except OSError as e:
-            raise imgdir.describe_os_error(e, what) from None
-        kept.append(addrs if keep is None else addrs[keep])
-        t2 = time.perf_counter()
-        t_copy += t1 - t0
-        t_write += t2 - t1
-        done += ranges.total(batch)
-        if progress is not None:
-            progress(done, total)
-    written = _runs(np.concatenate(kept)) if kept else ranges.EMPTY.copy()
-    return written, zero_pages, t_copy, t_write
+    t_start = time.perf_counter()
+
+    def read(batch: np.ndarray, slot: int) -> tuple[list, np.ndarray, int]:
+        res = _read_batch(pid, batch, bufs[slot], anon)
+        read_end[0] = max(read_end[0], time.perf_counter())
+        return res
+
+    pool = ThreadPoolExecutor(READERS, thread_name_prefix="wpdump-reader") if READERS > 1 and len(batches) > 1 else None
+    writer = _Writer(fd, what)
+    try:
+        for batch in batches:
+            if not free and len(bufs) < min(BUFFERS, len(batches)):
+                bufs.append(aligned_buffer(limit))
+                free.append(len(bufs) - 1)
+            if not free:
+                free.append(writer.wait())
+                done += pending.popleft()
+                if progress is not None:
+                    progress(done, total)
+            slot = free.pop()
+            if pool is not None:
+                fut = pool.submit(read, batch, slot)
+            else:
+                fut = Future()
+                fut.set_result(read(batch, slot))
+            reads.append(fut)
+            pending.append(ranges.total(batch))
+            writer.todo.put((slot, fut))
+        while pending:
+            writer.wait()
+            done += pending.popleft()
+            if progress is not None:
+                progress(done, total)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        writer.close()
+    elapsed = time.perf_counter() - t_start
+    copy_s = min(max(read_end[0] - t_start, 0.0), elapsed)
+    parts = [f.result()[1] for f in reads]
+    zero_pages = sum(f.result()[2] for f in reads)
+    written = ranges.merge(np.concatenate(parts)) if parts else ranges.EMPTY.copy()
+    return written, zero_pages, copy_s, elapsed - copy_s
 
 
 def _write_images(

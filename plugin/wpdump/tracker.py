@@ -258,7 +258,9 @@ class Tracker:
             if pol is Policy.WHOLE or (v.start, v.end) in self._busy:
                 out.append(self._whole(pagemap, v, pol))
                 continue
-            regions = uffd.scan_all(pagemap, v.start, v.end, self._buf)
+            # PAGE_IS_FILE only where classify needs it: it costs a page lookup per PTE (KERNEL.md, costs)
+            mask = uffd.classify_mask(file_private=not v.anonymous and not v.shared)
+            regions = uffd.scan_all(pagemap, v.start, v.end, self._buf, return_mask=mask)
             if isinstance(regions, int):
                 if regions == -errno.EPERM:
                     # Unregistered (new VMA) or changed under us. KERNEL.md rule 4: the call may
