@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import ranges, uffd
-from .errors import NoSuchProcess, from_errno
+from .errors import NoSuchProcess, WpdumpError, from_errno
 from .tracker import Harvest
-from .vmas import Policy
+from .vmas import Policy, read_maps
 
 PAGE = uffd.PAGE_SIZE
 
@@ -82,48 +82,96 @@ class Copied:
     lost: np.ndarray = field(default_factory=lambda: ranges.EMPTY)
 
 
-def read_into(pid: int, r: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Read ranges ``r`` of ``pid`` back to back into ``out`` (uffd.read_ranges); returns which ranges were
-    read whole. A range that vanished meanwhile (the target unmapped it) is skipped: False, and its part of
-    ``out`` holds garbage; the next harvest reports the layout change."""
+def runs(addrs: np.ndarray) -> np.ndarray:
+    """Sorted page addresses → merged n×2 ranges."""
+    if not len(addrs):
+        return ranges.EMPTY.copy()
+    brk = np.flatnonzero(np.diff(addrs) != PAGE) + 1
+    starts = addrs[np.concatenate(([0], brk))]
+    ends = addrs[np.concatenate((brk - 1, [len(addrs) - 1]))] + PAGE
+    return np.column_stack((starts, ends)).astype(np.uint64)
+
+
+def _readable(pid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and ends of the target's readable VMAs, sorted (empty when the target is gone)."""
+    try:
+        spans = [(v.start, v.end) for v in read_maps(pid) if v.perms[0] == "r"]
+    except WpdumpError:
+        spans = []
+    arr = ranges.from_pairs(spans)
+    return arr[:, 0], arr[:, 1]
+
+
+def read_into(pid: int, r: np.ndarray, out: np.ndarray) -> np.ndarray | None:
+    """Read ranges ``r`` of ``pid`` back to back into ``out`` (uffd.read_ranges).
+
+    Returns None when every page was read, else a mask with one bool per page of ``r``: False for a page that
+    could not be read (unmapped meanwhile; its part of ``out`` holds garbage). Reading goes on after such a
+    hole at the next readable VMA (from /proc/PID/maps, read only then), so that a VMA unmapped between the
+    harvest and the copy costs only its own pages, not those of a neighbour merged into the same range.
+    """
     r = np.ascontiguousarray(r, dtype=np.uint64)
     lens = (r[:, 1] - r[:, 0]).astype(np.int64) if len(r) else np.zeros(0, dtype=np.int64)
     offs = np.concatenate(([0], np.cumsum(lens))).astype(np.int64)
-    if int(offs[-1]) > len(out):
-        raise ValueError(f"{int(offs[-1])} bytes to read into a buffer of {len(out)}")
-    ok = np.ones(len(r), dtype=bool)
-    i = 0
+    total = int(offs[-1])
+    if total > len(out):
+        raise ValueError(f"{total} bytes to read into a buffer of {len(out)}")
+    bad: list[tuple[int, int]] = []  # byte offsets [a, b) of out that could not be read
+    readable = None
+    i, start = 0, int(r[0, 0]) if len(r) else 0
     while i < len(r):
-        got = uffd.read_ranges(pid, r[i:], out[offs[i]:offs[-1]])
+        sub = r[i:]
+        if start != int(r[i, 0]):
+            sub = sub.copy()
+            sub[0, 0] = start
+        base = int(offs[i]) + start - int(r[i, 0])  # where ``start`` goes in out
+        got = uffd.read_ranges(pid, sub, out[base:total])
         if got < 0:
             if got == -errno.ESRCH:
                 raise NoSuchProcess(f"no such process: {pid}", pid=pid, errno=errno.ESRCH)
             if got not in (-errno.EFAULT, -errno.ENOMEM, -errno.EIO):
                 raise from_errno(got, pid, "process_vm_readv")
             got = 0
-        done = int(np.searchsorted(offs[i + 1 :] - offs[i], got, side="right"))  # ranges read whole
-        i += done
-        if i < len(r):  # range i was cut short: it vanished
-            ok[i] = False
-            i += 1
-    return ok
+        pos = base + got // PAGE * PAGE  # the first page not read
+        if pos >= total:
+            break
+        j = int(np.searchsorted(offs, pos, side="right")) - 1
+        addr = int(r[j, 0]) + pos - int(offs[j])
+        if readable is None:
+            readable = _readable(pid)
+        k = int(np.searchsorted(readable[0], addr, side="right"))
+        if k > 0 and addr < readable[1][k - 1]:
+            resume = addr + PAGE  # unreadable inside a readable VMA (a guard page): skip this page alone
+        else:
+            resume = int(readable[0][k]) if k < len(readable[0]) else int(r[-1, 1])
+        stop = min(resume, int(r[j, 1]))
+        bad.append((pos, pos + stop - addr))
+        if stop < int(r[j, 1]):
+            i, start = j, stop
+        else:
+            i = j + 1
+            start = int(r[i, 0]) if i < len(r) else 0
+    if not bad:
+        return None
+    mask = np.ones(total // PAGE, dtype=bool)
+    for a, b in bad:
+        mask[a // PAGE : b // PAGE] = False
+    return mask
 
 
 def copy_pages(pid: int, r: np.ndarray, buf: CopyBuffer) -> Copied:
     """Read ranges ``r`` of ``pid`` back to back into ``buf`` (see :func:`read_into`).
 
-    A range that vanished meanwhile (the target unmapped it) is skipped and listed in ``lost``; the
+    Pages that vanished meanwhile (the target unmapped them) are skipped and listed in ``lost``; the
     next harvest reports the layout change.
     """
     r = np.ascontiguousarray(r, dtype=np.uint64)
-    lens = (r[:, 1] - r[:, 0]).astype(np.int64) if len(r) else np.zeros(0, dtype=np.int64)
-    out = buf.reserve(int(lens.sum()))
+    out = buf.reserve(ranges.total(r))
     ok = read_into(pid, r, out)
     addrs = page_addrs(r)
     rows = out.reshape(-1, PAGE) if len(out) else np.zeros((0, PAGE), dtype=np.uint8)
-    if not ok.all():
-        keep = np.repeat(ok, lens // PAGE)
-        return Copied(addrs[keep], rows[keep], r[~ok])
+    if ok is not None:
+        return Copied(addrs[ok], rows[ok], runs(addrs[~ok]))
     return Copied(addrs, rows)
 
 

@@ -26,6 +26,7 @@ from . import freeze, images, imgdir, keeper, ranges, uffd
 from .chain import META_FILE, META_FORMAT, Iteration, boot_id, check_parent, load_chain, uptime_us
 from .errors import TargetExeced, WpdumpError
 from .image import aligned_buffer, in_ranges, page_addrs, read_into
+from .image import runs as image_runs
 from .process import check_alive, thread_state, threads
 from .tracker import Harvest, Tracker
 from .vmas import Policy
@@ -312,13 +313,11 @@ def _read_batch(pid: int, batch: np.ndarray, buf: np.ndarray, anon: np.ndarray) 
     of pages dropped because they read all zero in an anonymous VMA (absent means zero)."""
     n = ranges.total(batch)
     out = buf[:n]
-    ok = read_into(pid, batch, out)
+    keep = read_into(pid, batch, out)  # None, or False for pages that vanished meanwhile
     rows = out.reshape(-1, PAGE)
-    keep = None
     held = batch
-    if not ok.all():  # ranges that vanished meanwhile
-        keep = np.repeat(ok, ((batch[:, 1] - batch[:, 0]) // PAGE).astype(np.int64))
-        held = batch[ok]
+    if keep is not None:
+        held = ranges.subtract(batch, image_runs(page_addrs(batch)[~keep]))
     zero_count = 0
     if len(anon):
         zero, nz = uffd.zero_pages(rows)
@@ -344,7 +343,7 @@ def _read_batch(pid: int, batch: np.ndarray, buf: np.ndarray, anon: np.ndarray) 
 def _copy_and_write(
     pid: int, copy: np.ndarray, anon: np.ndarray, fd: int, what: str, progress: Progress | None
 ) -> tuple[np.ndarray, int, float, float]:
-    """Read ``copy`` from the target batch by batch and append the pages to ``fd``.
+    """Read ``copy`` (sorted, merged ranges) from the target batch by batch and append the pages to ``fd``.
 
     READERS threads read batches while a thread writes those read before (see _Writer). Pages of anonymous
     VMAs that read all zero are left out (absent means zero). Returns the ranges written, the pages dropped as
@@ -356,8 +355,10 @@ def _copy_and_write(
         return ranges.EMPTY.copy(), 0, 0.0, 0.0
     limit = _batch_size(total)
     batches = _batches(copy, limit)
-    bufs: list[np.ndarray] = []
-    free: list[int] = []
+    nbuf = min(BUFFERS, len(batches))
+    arena = aligned_buffer(nbuf * limit)  # one mapping: fewer huge pages to fault in than one per buffer
+    bufs = [arena[i * limit : (i + 1) * limit] for i in range(nbuf)]
+    free = list(range(nbuf))[::-1]
     pending: deque[int] = deque()  # bytes of each batch handed to the writer, in order
     reads: list[Future] = []
     read_end = [0.0]
@@ -373,9 +374,6 @@ def _copy_and_write(
     writer = _Writer(fd, what)
     try:
         for batch in batches:
-            if not free and len(bufs) < min(BUFFERS, len(batches)):
-                bufs.append(aligned_buffer(limit))
-                free.append(len(bufs) - 1)
             if not free:
                 free.append(writer.wait())
                 done += pending.popleft()

@@ -87,6 +87,20 @@ class Harvest:
         return sum(v.copy_bytes for v in self.vmas)
 
 
+def _coalesce(r: np.ndarray) -> np.ndarray:
+    """Merge touching ranges of sorted, disjoint ``r`` (PAGEMAP_SCAN reports regions in address order):
+    one pass, no sort (ranges.merge sorts: half of classify's time at 20k regions)."""
+    if len(r) <= 1:
+        return r
+    if (r[1:, 0] < r[:-1, 1]).any():  # not sorted and disjoint after all
+        return ranges.merge(r)
+    brk = np.flatnonzero(r[1:, 0] != r[:-1, 1]) + 1
+    out = np.empty((len(brk) + 1, 2), dtype=np.uint64)
+    out[:, 0] = r[np.concatenate(([0], brk)), 0]
+    out[:, 1] = r[np.concatenate((brk - 1, [len(r) - 1])), 1]
+    return out
+
+
 def classify(vma: Vma, regions: np.ndarray, policy: Policy, whole: bool) -> VmaPages:
     """Turn PAGEMAP_SCAN regions (reported WRITTEN) into copy / zero / reverted / guard ranges.
 
@@ -113,8 +127,8 @@ def classify(vma: Vma, regions: np.ndarray, policy: Policy, whole: bool) -> VmaP
         zero = zeropage | (gone & ~file_backed)
         reverted = (gone & file_backed) | (file_page & ~zeropage)
     return VmaPages(
-        vma, policy, ranges.merge(rng[copy]), ranges.merge(rng[zero]), ranges.merge(rng[reverted]),
-        ranges.merge(rng[guard]), whole,
+        vma, policy, _coalesce(rng[copy]), _coalesce(rng[zero]), _coalesce(rng[reverted]), _coalesce(rng[guard]),
+        whole,
     )
 
 
