@@ -43,6 +43,18 @@ def compile_target(name: str, out_dir: pathlib.Path) -> pathlib.Path:
     return exe
 
 
+def wait_idle(pid: int) -> None:
+    """Wait until a memtarget blocks in read(0, ...) for its next command: after its reply it still
+    runs (returning, calling fgets) and writes its stack; an image compared while it runs differs."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/syscall") as f:
+            if f.read().split()[:2] == ["0", "0x0"]:
+                return
+        time.sleep(0.0005)
+    raise AssertionError(f"target {pid} never went idle")
+
+
 class Target:
     """A running memtarget: send a command, get the reply fields."""
 
@@ -69,14 +81,7 @@ class Target:
         return self.addr("map", pages, kind)
 
     def wait_idle(self) -> None:
-        """Wait until the target blocks in read(0, ...) for its next command (after a reply it still runs)."""
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with open(f"/proc/{self.pid}/syscall") as f:
-                if f.read().split()[:2] == ["0", "0x0"]:
-                    return
-            time.sleep(0.0005)
-        raise AssertionError(f"target {self.pid} never went idle")
+        wait_idle(self.pid)
 
     def alive(self) -> bool:
         return self.proc.poll() is None

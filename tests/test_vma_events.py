@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import bisect
 import os
-import time
 
-from conftest import PAGE, copied_pages, page_set, zero_pages
+from conftest import PAGE, copied_pages, page_set, wait_idle, zero_pages
 from wpdump import ranges, uffd
 from wpdump.tracker import Harvest, Tracker
 from wpdump.vmas import EventKind, Policy, read_maps
@@ -87,18 +86,6 @@ class Model:
                         bad.append(lo + i)
         assert not bad, f"{len(bad)} pages differ from the image, first at {bad[0]:#x}: {[hex(b) for b in bad[:8]]}"
         return n
-
-
-def wait_idle(pid: int) -> None:
-    """Wait until the target blocks in read(0, ...) for its next command: after its reply it still
-    runs (returning, calling fgets) and writes its stack; an image compared while it runs differs."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with open(f"/proc/{pid}/syscall") as f:
-            if f.read().split()[:2] == ["0", "0x0"]:
-                return
-        time.sleep(0.0005)
-    raise AssertionError(f"target {pid} never went idle")
 
 
 def attach(target) -> Tracker:
