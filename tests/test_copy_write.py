@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import pytest
-from wpdump import image, iteration, ranges
+from wpdump import iteration, pagecopy, ranges
 
 PAGE = 4096
 
@@ -78,7 +78,7 @@ def test_copy_pages_skips_only_the_hole(target):
     t.cmd("fill", hex(c), 40, 5)
     t.cmd("munmap", hex(c + 10 * PAGE), 5)
     t.cmd("munmap", hex(c + 30 * PAGE), 1)
-    got = image.copy_pages(t.pid, ranges.from_pairs([(c, c + 40 * PAGE)]), image.CopyBuffer())
+    got = pagecopy.copy_pages(t.pid, ranges.from_pairs([(c, c + 40 * PAGE)]), pagecopy.CopyBuffer())
     assert np.array_equal(got.lost, ranges.from_pairs([(c + 10 * PAGE, c + 15 * PAGE), (c + 30 * PAGE, c + 31 * PAGE)]))
     assert len(got.addrs) == 34 and len(got.rows) == 34
     for addr, row in zip(got.addrs.tolist(), got.rows, strict=True):

@@ -172,6 +172,31 @@ def load_chain(path: str, pid: int | None = None, max_depth: int = 4096) -> list
     return chain
 
 
+def load_parent(path: str, pid: int, max_depth: int = 4096) -> Iteration:
+    """The iteration at ``path`` (decoded, pages file checked) for use as a parent; the levels below it are
+    only checked to exist with a pagemap of ``pid`` (decoding every level each iteration costs ~9 ms a level
+    at 8 GiB: ``load_chain`` / ``wpdump verify -D`` check the whole chain)."""
+    it = load_iteration(path, pid)
+    check_pages_file(it)
+    seen: set[tuple[int, int]] = set()
+    cur, below = it.parent_path, it.path
+    name = images.pagemap_file_name(pid)
+    while cur is not None:
+        try:
+            st = os.stat(cur)
+        except OSError:
+            raise ChainError(f"images directory {cur} (parent of {below}) does not exist", pid=pid,
+                             errno=errno.ENOENT) from None
+        if (st.st_dev, st.st_ino) in seen or len(seen) >= max_depth:
+            raise ChainError(f"{path}: the parent links form a loop", pid=pid, errno=errno.ELOOP)
+        seen.add((st.st_dev, st.st_ino))
+        if not os.path.isfile(os.path.join(cur, name)):
+            raise ChainError(f"{cur} (parent of {below}) holds no {name}", pid=pid, errno=errno.ENOENT)
+        link = os.path.join(cur, "parent")
+        below, cur = cur, (os.path.normpath(os.path.join(cur, os.readlink(link))) if os.path.islink(link) else None)
+    return it
+
+
 def check_parent(parent: Iteration, pid: int, start_ticks: int) -> None:
     """The parent must be an image of this very process (CRIU's pid-reuse check, plus our metadata)."""
     if parent.inventory is not None and parent.inventory.HasField("dump_uptime"):

@@ -162,7 +162,7 @@ def _check_sample(src: int, entries: np.ndarray, chain: list, parent: np.ndarray
     """Compare a random sample of would-be PE_PARENT pages between CRIU's dump and the chain."""
     if not len(parent):
         return
-    from .image import page_addrs
+    from .pagecopy import page_addrs
 
     counts = ((parent[:, 1] - parent[:, 0]) // PAGE).astype(np.int64)
     total = int(counts.sum())

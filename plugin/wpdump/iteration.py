@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import freeze, images, imgdir, keeper, ranges, uffd
-from .chain import META_FILE, META_FORMAT, Iteration, boot_id, check_parent, load_chain, uptime_us
+from .chain import META_FILE, META_FORMAT, Iteration, boot_id, check_parent, load_parent, uptime_us
 from .errors import TargetExeced, WpdumpError
-from .image import aligned_buffer, in_ranges, page_addrs, read_into
-from .image import runs as image_runs
+from .pagecopy import aligned_buffer, in_ranges, page_addrs, read_into
+from .pagecopy import runs as image_runs
 from .process import check_alive, thread_state, threads
 from .tracker import Harvest, Tracker
 from .vmas import Policy
@@ -207,16 +207,6 @@ def _batches(r: np.ndarray, limit: int) -> list[np.ndarray]:
     return out
 
 
-def _runs(addrs: np.ndarray) -> np.ndarray:
-    """Sorted page addresses → merged n×2 ranges."""
-    if not len(addrs):
-        return ranges.EMPTY.copy()
-    brk = np.flatnonzero(np.diff(addrs) != PAGE) + 1
-    starts = addrs[np.concatenate(([0], brk))]
-    ends = addrs[np.concatenate((brk - 1, [len(addrs) - 1]))] + PAGE
-    return np.column_stack((starts, ends)).astype(np.uint64)
-
-
 def _batch_size(total: int) -> int:
     """Bytes per batch: at most BATCH_BYTES, and small copies cut in about four, so that writing the first
     batch overlaps reading the next."""
@@ -349,7 +339,7 @@ def _read_batch(pid: int, batch: np.ndarray, buf: np.ndarray, anon: np.ndarray) 
                 keep = np.ones(len(rows), dtype=bool) if keep is None else keep
                 keep[cand[inside]] = False
                 zero_count = int(inside.sum())
-                held = ranges.subtract(held, _runs(addrs[inside]))
+                held = ranges.subtract(held, image_runs(addrs[inside]))
     mv = memoryview(out)
     if keep is None:
         return [mv], held, 0
@@ -500,7 +490,7 @@ def run(
     dest = imgdir.check_destination(images_dir)
     parent: Iteration | None = None
     if prev_images_dir:
-        parent = load_chain(_resolve_prev(dest, prev_images_dir), pid)[0]
+        parent = load_parent(_resolve_prev(dest, prev_images_dir), pid)
         check_parent(parent, pid, st_target.start_ticks)
     if keep_tracking is None:
         keep_tracking = not final

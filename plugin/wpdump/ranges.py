@@ -16,7 +16,8 @@ def merge(r: np.ndarray) -> np.ndarray:
     """Sort and merge overlapping or touching ranges."""
     if len(r) <= 1:
         return r
-    r = r[np.argsort(r[:, 0], kind="stable")]
+    if not (r[1:, 0] >= r[:-1, 0]).all():  # most callers pass sorted ranges: skip the sort
+        r = r[np.argsort(r[:, 0], kind="stable")]
     ends = np.maximum.accumulate(r[:, 1])
     starts_new = np.ones(len(r), dtype=bool)
     starts_new[1:] = r[1:, 0] > ends[:-1]
@@ -47,36 +48,36 @@ def pages(r: np.ndarray, page_size: int = 4096) -> np.ndarray:
     return np.concatenate([np.arange(int(a), int(b), page_size, dtype=np.uint64) for a, b in r])
 
 
-def _coverage(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Boundary points of ``a`` and ``b`` and how many ranges of each cover [u[i], u[i+1])."""
-    one, zero = np.ones(len(a), dtype=np.int64), np.zeros(len(b), dtype=np.int64)
-    pts = np.concatenate((a[:, 0], a[:, 1], b[:, 0], b[:, 1]))
-    da = np.concatenate((one, -one, zero, zero))
-    db = np.concatenate((np.zeros(len(a) * 2, dtype=np.int64), zero + 1, zero - 1))
-    u, inv = np.unique(pts, return_inverse=True)
-    ca = np.zeros(len(u), dtype=np.int64)
-    cb = np.zeros(len(u), dtype=np.int64)
-    np.add.at(ca, inv, da)
-    np.add.at(cb, inv, db)
-    return u, np.cumsum(ca)[:-1], np.cumsum(cb)[:-1]
+def _sweep(a: np.ndarray, b: np.ndarray, want_b: bool) -> np.ndarray:
+    """Ranges covered by ``a`` and (``want_b``) or not (not ``want_b``) by ``b``: one sort of the boundaries,
+    coverage counts by cumulative sums, no per-range Python work."""
+    one_a, one_b = np.ones(len(a), dtype=np.int64), np.ones(len(b), dtype=np.int64)
+    pts = np.concatenate((a[:, 0], a[:, 1], b[:, 0], b[:, 1])).astype(np.uint64)
+    da = np.concatenate((one_a, -one_a, 0 * one_b, 0 * one_b))
+    db = np.concatenate((0 * one_a, 0 * one_a, one_b, -one_b))
+    order = np.argsort(pts, kind="stable")
+    p = pts[order]
+    ca, cb = np.cumsum(da[order]), np.cumsum(db[order])
+    last = np.flatnonzero(p[1:] != p[:-1])  # the last event at each position but the final one
+    keep = (ca[last] > 0) & ((cb[last] > 0) if want_b else (cb[last] == 0))
+    idx = last[keep]
+    if not len(idx):
+        return EMPTY.copy()
+    return merge(np.column_stack((p[idx], p[idx + 1])))
 
 
 def subtract(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Ranges of ``a`` not covered by ``b`` (a sweep over the boundaries: cost independent of span)."""
     if not len(a) or not len(b):
         return a
-    u, ca, cb = _coverage(a, b)
-    keep = (ca > 0) & (cb == 0)
-    return merge(np.column_stack((u[:-1][keep], u[1:][keep])).astype(np.uint64))
+    return _sweep(a, b, want_b=False)
 
 
 def intersect(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Ranges covered by both ``a`` and ``b``."""
     if not len(a) or not len(b):
         return EMPTY.copy()
-    u, ca, cb = _coverage(a, b)
-    keep = (ca > 0) & (cb > 0)
-    return merge(np.column_stack((u[:-1][keep], u[1:][keep])).astype(np.uint64))
+    return _sweep(a, b, want_b=True)
 
 
 def union(*parts: np.ndarray) -> np.ndarray:

@@ -88,7 +88,7 @@ def check_layout(pid: int, top: Iteration, now: list[Vma]) -> list[Vma]:
 
 
 def _page_addrs(r: np.ndarray) -> np.ndarray:
-    from .image import page_addrs
+    from .pagecopy import page_addrs
 
     return page_addrs(ranges.merge(r))
 
@@ -195,7 +195,7 @@ def _rollback(pid: int, chain: list[Iteration], vmas: list[Vma], candidates: np.
                     if not v.anonymous:
                         drop_rows.append((a[zap], want[zap]))
         if drop_addrs:
-            from .iteration import _runs as page_runs
+            from .pagecopy import runs as page_runs
 
             r = page_runs(np.sort(np.concatenate(drop_addrs)))
             failed = _drop(pid, r)

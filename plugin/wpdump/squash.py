@@ -14,7 +14,7 @@ import numpy as np
 
 from . import images, imgdir, ranges
 from .chain import META_FILE, PAGE, ChainError, load_chain, read_image_file, read_pages_into
-from .image import page_addrs
+from .pagecopy import page_addrs
 
 BATCH_BYTES = 64 << 20  # pages read from the chain and written per step
 

@@ -30,7 +30,7 @@ import numpy as np
 from . import freeze, images, keeper, ranges, uffd
 from .chain import PAGE, ChainError, Iteration, check_pages_file, load_chain, locate_pages, read_pages_into
 from .errors import AccessDenied, NoSuchProcess, WpdumpError
-from .image import in_ranges, page_addrs
+from .pagecopy import in_ranges, page_addrs
 from .process import check_alive, thread_state, threads
 from .show import walk
 from .vmas import KERNEL_VMAS, Vma, read_maps

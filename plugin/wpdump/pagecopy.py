@@ -1,19 +1,17 @@
-"""A model memory image kept up to date from harvests, the page copy, and verification against
-/proc/PID/mem. Pages live in numpy arrays (sorted addresses + one row of PAGE bytes per page)."""
+"""Reading pages out of a target: page-aligned reusable buffers, process_vm_readv into them (resuming past
+ranges that vanished), and the page/range conversions the copy needs."""
 
 from __future__ import annotations
 
 import errno
 import mmap
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import ranges, uffd
 from .errors import NoSuchProcess, WpdumpError, from_errno
-from .tracker import Harvest
-from .vmas import Policy, read_maps
+from .vmas import read_maps
 
 PAGE = uffd.PAGE_SIZE
 
@@ -173,118 +171,3 @@ def copy_pages(pid: int, r: np.ndarray, buf: CopyBuffer) -> Copied:
     if ok is not None:
         return Copied(addrs[ok], rows[ok], runs(addrs[~ok]))
     return Copied(addrs, rows)
-
-
-class PageImage:
-    """The model image: every page with content, as the harvests and copies say."""
-
-    def __init__(self) -> None:
-        self.addrs = np.zeros(0, dtype=np.uint64)
-        self.data = np.zeros((0, PAGE), dtype=np.uint8)
-
-    def __len__(self) -> int:
-        return len(self.addrs)
-
-    def drop(self, r: np.ndarray) -> None:
-        """Forget the pages inside ranges ``r`` (zero, reverted to file content, gone)."""
-        if len(r) and len(self.addrs):
-            keep = ~in_ranges(self.addrs, ranges.merge(r))
-            if not keep.all():
-                self.addrs, self.data = self.addrs[keep], self.data[keep]
-
-    def keep_only(self, r: np.ndarray) -> None:
-        """Forget pages outside ranges ``r`` (the VMAs that still exist)."""
-        keep = in_ranges(self.addrs, ranges.merge(r))
-        if not keep.all():
-            self.addrs, self.data = self.addrs[keep], self.data[keep]
-
-    def put(self, addrs: np.ndarray, rows: np.ndarray) -> None:
-        """Store pages: overwrite those already known in place, insert the new ones."""
-        if not len(addrs):
-            return
-        pos = np.searchsorted(self.addrs, addrs)
-        known = pos < len(self.addrs)
-        known[known] = self.addrs[pos[known]] == addrs[known]
-        self.data[pos[known]] = rows[known]
-        new = ~known
-        if new.any():
-            a = np.concatenate((self.addrs, addrs[new]))
-            d = np.concatenate((self.data, rows[new]))
-            order = np.argsort(a, kind="stable")
-            self.addrs, self.data = a[order], d[order]
-
-    def apply(self, h: Harvest, copied: Copied) -> None:
-        """Bring the image up to date with harvest ``h`` whose copy ranges were read into ``copied``."""
-        vmas = ranges.from_pairs([(v.vma.start, v.vma.end) for v in h.vmas])
-        self.keep_only(vmas)  # VMAs that vanished (or were never reported: skipped ones)
-        stale = [(v.vma.start, v.vma.end) for v in h.vmas if v.whole]  # new / dumped whole: reset
-        gone = [v.zero for v in h.vmas] + [v.reverted for v in h.vmas] + [v.guard for v in h.vmas]
-        self.drop(np.concatenate([ranges.from_pairs(stale), *gone, copied.lost]))
-        self.put(copied.addrs, copied.rows)
-
-
-@dataclass
-class Verdict:
-    pages: int
-    mismatched: np.ndarray  # page addresses whose content differs
-    zero_checked: int = 0
-    nonzero: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
-
-    @property
-    def identical(self) -> bool:
-        return not len(self.mismatched) and not len(self.nonzero)
-
-
-def _runs(addrs: np.ndarray) -> list[tuple[int, int]]:
-    """[first index, end index) of each run of consecutive pages in sorted ``addrs``."""
-    if not len(addrs):
-        return []
-    brk = np.flatnonzero(np.diff(addrs) != PAGE) + 1
-    bounds = np.concatenate(([0], brk, [len(addrs)]))
-    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True))
-
-
-def verify(pid: int, image: PageImage, h: Harvest) -> Verdict:
-    """Compare every page of ``image`` with /proc/PID/mem (the target must be frozen).
-
-    Also checks that the pages the model lacks in tracked anonymous VMAs of harvest ``h`` read zero.
-    """
-    try:
-        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, ProcessLookupError):
-        raise NoSuchProcess(f"no such process: {pid}", pid=pid, errno=errno.ESRCH) from None
-    bad: list[np.ndarray] = []
-    nonzero: list[np.ndarray] = []
-    checked = 0
-    try:
-        for a, b in _runs(image.addrs):
-            start, n = int(image.addrs[a]), b - a
-            got = np.frombuffer(os.pread(fd, n * PAGE, start), dtype=np.uint8)
-            want = image.data[a:b]
-            if len(got) != n * PAGE:  # unreadable tail: count every unread page as a mismatch
-                full = np.zeros(n * PAGE, dtype=np.uint8)
-                full[: len(got)] = got
-                got = full
-                diff = np.arange(n) >= len(got) // PAGE
-            else:
-                diff = np.zeros(n, dtype=bool)
-            diff |= (got.reshape(n, PAGE) != want).any(axis=1)
-            if diff.any():
-                bad.append(image.addrs[a:b][diff])
-        for v in h.vmas:
-            if v.policy is not Policy.TRACK or not v.vma.anonymous or v.vma.perms[0] != "r":
-                continue
-            pages = np.arange(v.vma.start, v.vma.end, PAGE, dtype=np.uint64)
-            pages = pages[~np.isin(pages, image.addrs, assume_unique=True)]
-            checked += len(pages)
-            for a, b in _runs(pages):
-                got = np.frombuffer(os.pread(fd, (b - a) * PAGE, int(pages[a])), dtype=np.uint8)
-                rows = np.zeros(((b - a), PAGE), dtype=np.uint8)
-                rows.reshape(-1)[: len(got)] = got
-                nz = rows.any(axis=1)
-                if nz.any():
-                    nonzero.append(pages[a:b][nz])
-    finally:
-        os.close(fd)
-    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.uint64)  # noqa: E731
-    return Verdict(len(image), cat(bad), checked, cat(nonzero))
