@@ -168,19 +168,13 @@ class _Tracking:
 # ---- laying out and writing the images ----
 
 
-def _parent_part(h: Harvest, parent: np.ndarray) -> np.ndarray:
+def _parent_part(h: Harvest, parent: np.ndarray, written: np.ndarray = ranges.EMPTY) -> np.ndarray:
     """Pages of the parent still valid now: in a VMA tracked (not reported whole) this round and
-    neither written, zeroed, reverted to file content nor turned into a guard since."""
-    keep = []
-    for v in h.vmas:
-        if v.whole or v.policy is not Policy.TRACK:
-            continue
-        part = ranges.clip(parent, v.vma.start, v.vma.end)
-        if len(part):
-            part = ranges.subtract(part, ranges.union(v.copy, v.zero, v.reverted, v.guard))
-            if len(part):
-                keep.append(part)
-    return ranges.union(*keep)
+    neither written, zeroed, reverted to file content nor turned into a guard since (two sweeps in all)."""
+    tracked = ranges.from_pairs([(v.vma.start, v.vma.end) for v in h.vmas
+                                 if not v.whole and v.policy is Policy.TRACK])
+    changed = ranges.union(written, *(r for v in h.vmas for r in (v.copy, v.zero, v.reverted, v.guard)))
+    return ranges.subtract(ranges.intersect(parent, tracked), changed)
 
 
 def _batches(r: np.ndarray, limit: int) -> list[np.ndarray]:
@@ -451,8 +445,7 @@ def _write_images(
             raise imgdir.describe_os_error(e, os.path.join(st.dest, pages_name)) from None
     finally:
         os.close(fd)
-    keep = _parent_part(h, parent) if parent is not None and len(parent) else ranges.EMPTY
-    keep = ranges.subtract(keep, written)
+    keep = _parent_part(h, parent, written) if parent is not None and len(parent) else ranges.EMPTY
     entries = images.entries_from_ranges(written, keep)
     st.write_file(images.pagemap_file_name(pid), images.encode_pagemap(PAGES_ID, entries))
     res.pages_scanned = sum(v.vma.size for v in h.vmas) // PAGE
