@@ -321,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wpdump: {e.filename or ''}: {e.strerror or e}" if e.filename else f"wpdump: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # the with-blocks have closed the tracker: the target runs on, unprotected
+        from .imgdir import remove_own_leftovers
+
+        remove_own_leftovers()
         print(file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `wpdump track ... | head`

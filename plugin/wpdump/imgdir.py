@@ -11,6 +11,7 @@ import tempfile
 
 from .errors import WpdumpError
 
+_STAGING_PARENTS: set[str] = set()  # where this process may have created staging directories
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -57,6 +58,7 @@ class Staging:
         self.dest = check_destination(dest)
         parent, base = os.path.split(self.dest)
         _remove_stale(parent, base)
+        _STAGING_PARENTS.add(parent)  # before mkdtemp: an interrupt right after it must not leak the dir
         try:
             self.path = tempfile.mkdtemp(prefix=f".{base}.wpdump-{os.getpid()}-", dir=parent)
         except OSError as e:
@@ -115,6 +117,20 @@ class Staging:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def remove_own_leftovers() -> None:
+    """Remove staging directories this process created and did not finish (called when interrupted:
+    a KeyboardInterrupt can land between mkdtemp and the with-block that would have removed them)."""
+    mark = f".wpdump-{os.getpid()}-"
+    for parent in _STAGING_PARENTS:
+        try:
+            names = os.listdir(parent)
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith(".") and mark in name:
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 def _remove_stale(parent: str, base: str) -> None:
