@@ -209,7 +209,12 @@ class Tracker:
         if self._uffd < 0:
             raise TrackerError(f"tracker of pid {self.pid} is closed", pid=self.pid)
         self.round += 1
-        return self._harvest(initial=False)
+        try:
+            return self._harvest(initial=False)
+        except NoSuchProcess as e:  # /proc files of the target vanished mid-round: it exited
+            if isinstance(e, TargetExited):
+                raise
+            raise TargetExited(f"target {self.pid} exited", pid=self.pid, errno=errno.ESRCH) from None
 
     def close(self) -> None:
         """Release the userfaultfd: the kernel unregisters every range and drops all write-protection."""
@@ -310,6 +315,7 @@ class Tracker:
                 else:
                     out.append(res)
         if lost:
+            self._check_target()  # an exiting target tears its VMAs down under us
             raise TrackerError(
                 f"pid {self.pid}: memory layout kept changing during the harvest", pid=self.pid, errno=errno.EAGAIN
             )
@@ -459,10 +465,21 @@ class Tracker:
         probe = self._probe_addr(self._layout if layout is None else layout)
         r = uffd.writeprotect(self._uffd, probe, probe + uffd.PAGE_SIZE, protect=False)
         if r == -errno.ESRCH:
+            if self._exiting():
+                raise TargetExited(f"target {self.pid} exited", pid=self.pid, errno=errno.ESRCH)
             raise TargetExeced(
                 f"target {self.pid} called execve: its tracked memory was replaced", pid=self.pid,
                 errno=errno.ESRCH,
             )
+
+    def _exiting(self) -> bool:
+        """True while the target is exiting: its mm is gone (empty maps) or it is a zombie already."""
+        try:
+            if read_stat(self.pid).state in ("Z", "X", "x"):
+                return True
+            return not read_maps(self.pid)
+        except NoSuchProcess:
+            return True
 
     @staticmethod
     def _probe_addr(layout: list[Vma]) -> int:
