@@ -384,6 +384,8 @@ def test_verify_ignores_the_rseq_fields_the_kernel_writes(made):
     areas, why = verify.rseq_areas(c.pid)
     assert why is None and state(c.pid) == "T"  # asking leaves the target stopped
     if len(os.sched_getaffinity(0)) < 2 or not areas:
+        if os.environ.get("CI"):  # CI machines have 2 cores and Debian 12's glibc registers rseq
+            pytest.fail("needs two CPUs and a glibc that registers rseq")
         pytest.skip("needs two CPUs and a glibc that registers rseq")
     [(ptr, size)] = areas
     assert size >= 32

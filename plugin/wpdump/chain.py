@@ -257,23 +257,6 @@ def _in(addrs: np.ndarray, r: np.ndarray) -> np.ndarray:
     return ok
 
 
-def read_pages(chain: list[Iteration], addrs: np.ndarray) -> np.ndarray:
-    """The content of each page address (sorted) as the chain's top says: len(addrs)×PAGE uint8 rows."""
-    level, offset = locate_pages(chain, addrs)
-    out = np.zeros((len(addrs), PAGE), dtype=np.uint8)
-    for i, it in enumerate(chain):
-        sel = np.flatnonzero(level == i)
-        if not len(sel):
-            continue
-        with open(it.pages_path, "rb", buffering=0) as f:
-            for k, off in zip(sel.tolist(), offset[sel].tolist(), strict=True):
-                data = os.pread(f.fileno(), PAGE, off)
-                if len(data) != PAGE:
-                    raise ChainError(f"{it.pages_path}: truncated at offset {off}", pid=it.pid, errno=errno.EINVAL)
-                out[k] = np.frombuffer(data, dtype=np.uint8)
-    return out
-
-
 def file_runs(idx: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Runs of consecutive indices whose file offsets are consecutive pages too.
 
@@ -333,8 +316,9 @@ def read_pages_into(
     return level
 
 
-def read_pages_coalesced(chain: list[Iteration], addrs: np.ndarray) -> np.ndarray:
-    """read_pages with one pread per run of consecutive pages (zero rows for pages no level holds)."""
+def read_pages(chain: list[Iteration], addrs: np.ndarray) -> np.ndarray:
+    """The content of each page address (sorted) as the chain's top says: len(addrs)×PAGE uint8 rows, zero for
+    pages no level holds; one pread per run of consecutive pages."""
     out = np.zeros((len(addrs), PAGE), dtype=np.uint8)
     read_pages_into(chain, addrs, out)
     return out

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import images, keeper, ranges
+from . import images, imgdir, keeper, ranges
 from .chain import ChainError, boot_id, load_chain, read_image_file, read_pages
 from .errors import WpdumpError
 from .iteration import _parent_part
@@ -75,7 +75,7 @@ def _offsets_of(entries: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return offs[j] + (starts - entries["vaddr"][j]).astype(np.int64)
 
 
-def rewrite(images_dir: str, pid: int, top_dir: str, tracker: Tracker) -> HookResult:
+def rewrite(images_dir: str, pid: int, top_dir: str, tracker: Tracker, chain: list | None = None) -> HookResult:
     """Turn CRIU's final images of ``pid`` in ``images_dir`` into an increment on the chain at ``top_dir``.
 
     ``tracker`` must have tracked ``pid`` since that iteration; the target must be frozen.
@@ -90,7 +90,7 @@ def rewrite(images_dir: str, pid: int, top_dir: str, tracker: Tracker) -> HookRe
         raise HookSkipped("CRIU's dump already refers to a parent", pid=pid, errno=errno.EEXIST)
     if os.path.lexists(os.path.join(images_dir, "parent")):
         raise HookSkipped(f"{images_dir} already has a parent link", pid=pid, errno=errno.EEXIST)
-    chain = load_chain(top_dir, pid)
+    chain = chain or load_chain(top_dir, pid)
     top = chain[0]
     pages_path = os.path.join(images_dir, images.pages_file_name(pages_id))
     criu = images.ranges_of(entries)
@@ -135,9 +135,7 @@ def rewrite(images_dir: str, pid: int, top_dir: str, tracker: Tracker) -> HookRe
     try:
         fd = os.open(tmp_map, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            view = memoryview(images.encode_pagemap(new_id, images.entries_from_ranges(present, parent)))
-            while len(view):
-                view = view[os.write(fd, view):]
+            imgdir.write_all(fd, images.encode_pagemap(new_id, images.entries_from_ranges(present, parent)), tmp_map)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -223,7 +221,7 @@ def _hook_pid(images_dir: str, pid: int) -> HookResult:
             raise HookSkipped(f"{top_dir} is an image of another process", pid=pid, errno=errno.ESRCH)
         _, fd, state = k.checkout()
         tr = Tracker.adopt(pid, fd, state)
-        res = rewrite(images_dir, pid, top_dir, tr)
+        res = rewrite(images_dir, pid, top_dir, tr, chain)
         k.untrack()  # the final dump: tracking ends (the harvest above consumed the dirty set)
         return res
     finally:

@@ -144,6 +144,14 @@ def _remove_stale(parent: str, base: str) -> None:
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
+def fsync(fd: int, what: str) -> None:
+    """fsync ``fd``; an error (ENOSPC, EIO) becomes one line naming ``what``."""
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        raise describe_os_error(e, what) from None
+
+
 def write_all(fd: int, data: bytes | memoryview, what: str) -> None:
     """os.write until everything is written (raises OSError, e.g. ENOSPC)."""
     view = memoryview(data).cast("B")

@@ -439,10 +439,7 @@ def _write_images(
         if frozen is not None:
             frozen()  # every page is read: the target may run again while we fsync
         t0 = time.perf_counter()
-        try:
-            os.fsync(fd)
-        except OSError as e:
-            raise imgdir.describe_os_error(e, os.path.join(st.dest, pages_name)) from None
+        imgdir.fsync(fd, os.path.join(st.dest, pages_name))
     finally:
         os.close(fd)
     keep = _parent_part(h, parent, written) if parent is not None and len(parent) else ranges.EMPTY

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import freeze, keeper, ranges
-from .chain import Iteration, boot_id, load_chain, locate_pages, read_pages
+from .chain import Iteration, boot_id, load_chain, read_pages_into
 from .errors import NoSuchProcess, WpdumpError, from_errno
 from .inject import seized
 from .process import check_alive, thread_state, threads
@@ -177,9 +177,8 @@ def _rollback(pid: int, chain: list[Iteration], vmas: list[Vma], candidates: np.
             addrs = _page_addrs(ranges.clip(candidates, v.start, v.end))
             for i in range(0, len(addrs), BATCH_PAGES):
                 a = addrs[i : i + BATCH_PAGES]
-                level, _ = locate_pages(chain, a)
-                absent = level < 0
-                want = read_pages(chain, a)
+                want = np.zeros((len(a), PAGE), dtype=np.uint8)
+                absent = read_pages_into(chain, a, want) < 0
                 if absent.any() and not v.shared and not v.anonymous:
                     want[absent] = _file_content(pid, v, a[absent])
                 cur = mem.read(a)

@@ -103,10 +103,7 @@ def squash(path: str, out: str, batch_bytes: int = BATCH_BYTES) -> SquashResult:
                 except OSError as e:
                     raise imgdir.describe_os_error(e, os.path.join(st.dest, pages_name)) from None
                 written += n
-            try:
-                os.fsync(fd)
-            except OSError as e:
-                raise imgdir.describe_os_error(e, os.path.join(st.dest, pages_name)) from None
+            imgdir.fsync(fd, os.path.join(st.dest, pages_name))
         finally:
             os.close(fd)
         entries = images.entries_from_ranges(listed, ranges.EMPTY)
