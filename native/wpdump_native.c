@@ -216,14 +216,14 @@ int64_t wpd_pagemap_scan(int fd, uint64_t start, uint64_t end, uint64_t flags,
 		if (r < 0)
 			return -errno;
 		n += (uint64_t)r;
-		/* KERNEL.md rule 5: a call that returned fewer regions than vec_len is complete,
+		/* docs/kernel.md rule 5: a call that returned fewer regions than vec_len is complete,
 		 * whatever walk_end says (it can point back to a stale address). */
 		if ((uint64_t)r < arg.vec_len || max_pages) {
 			*walk_end = max_pages ? arg.walk_end : end;
 			return (int64_t)n;
 		}
 		if (arg.walk_end <= start)
-			return -EAGAIN; /* no progress (KERNEL.md rule 6) */
+			return -EAGAIN; /* no progress (docs/kernel.md rule 6) */
 		start = arg.walk_end;
 		*walk_end = start;
 	}

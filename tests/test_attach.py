@@ -44,7 +44,7 @@ def test_attach_to_thread_blocked_in_read(blocked_exe):
         wait_blocked(p.pid)
         before = fds(p.pid)
         with Tracker(p.pid) as tr:
-            # the target keeps no userfaultfd of its own (KERNEL.md rule 10) and no other fd changed
+            # the target keeps no userfaultfd of its own (docs/kernel.md rule 10) and no other fd changed
             assert fds(p.pid) == before
             assert os.readlink(f"/proc/self/fd/{tr.uffd_fd}") == "anon_inode:[userfaultfd]"
             p.stdin.write("hello")

@@ -1,4 +1,4 @@
-"""hugetlb: whole 2 MiB pages are reported (KERNEL.md rules 6 and 15) and the scan terminates."""
+"""hugetlb: whole 2 MiB pages are reported (docs/kernel.md rules 6 and 15) and the scan terminates."""
 
 from __future__ import annotations
 

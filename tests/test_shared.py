@@ -1,4 +1,4 @@
-"""Shared memory: writes through another mapping are invisible to write-protect (KERNEL.md rule 7),
+"""Shared memory: writes through another mapping are invisible to write-protect (docs/kernel.md rule 7),
 so shared mappings are reported whole, by the data their object holds."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A tracker that dies leaves the target running normally and unprotected (KERNEL.md rule 10)."""
+"""A tracker that dies leaves the target running normally and unprotected (docs/kernel.md rule 10)."""
 
 from __future__ import annotations
 

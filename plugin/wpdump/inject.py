@@ -167,7 +167,7 @@ def open_userfaultfd(pid: int, pidfd: int) -> int:
         base = os.O_CLOEXEC | os.O_NONBLOCK
         remote = th.syscall(lib.wpd_nr_userfaultfd(), base)
         if remote == -errno.EPERM:
-            # KERNEL.md rule 8b: unprivileged targets need UFFD_USER_MODE_ONLY
+            # docs/kernel.md rule 8b: unprivileged targets need UFFD_USER_MODE_ONLY
             remote = th.syscall(lib.wpd_nr_userfaultfd(), base | UFFD_USER_MODE_ONLY)
         if remote < 0:
             raise from_errno(remote, pid, "userfaultfd() in the target")
@@ -176,7 +176,7 @@ def open_userfaultfd(pid: int, pidfd: int) -> int:
             if local < 0:
                 raise from_errno(local, pid, "pidfd_getfd")
         finally:
-            # KERNEL.md rule 10: the target must not keep a copy, or a tracker death leaves it protected
+            # docs/kernel.md rule 10: the target must not keep a copy, or a tracker death leaves it protected
             r = th.syscall(lib.wpd_nr_close(), remote)
         if r < 0:
             os.close(local)

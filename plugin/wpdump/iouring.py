@@ -1,6 +1,6 @@
 """io_uring fixed buffers of a target (IORING_REGISTER_BUFFERS), read from /proc/PID/fdinfo.
 
-The kernel writes into these pinned pages without the tracker seeing it (KERNEL.md rule 7),
+The kernel writes into these pinned pages without the tracker seeing it (docs/kernel.md rule 7),
 so their pages are reported every round.
 """
 

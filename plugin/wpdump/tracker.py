@@ -104,7 +104,7 @@ def _coalesce(r: np.ndarray) -> np.ndarray:
 def classify(vma: Vma, regions: np.ndarray, policy: Policy, whole: bool) -> VmaPages:
     """Turn PAGEMAP_SCAN regions (reported WRITTEN) into copy / zero / reverted / guard ranges.
 
-    KERNEL.md "Classifying a page reported WRITTEN": a written page that is neither present nor
+    docs/kernel.md "Classifying a page reported WRITTEN": a written page that is neither present nor
     swapped was zapped: zero in anonymous memory, file content again in a private file mapping.
     """
     cat = regions["categories"]
@@ -277,12 +277,12 @@ class Tracker:
             if pol is Policy.WHOLE or (v.start, v.end) in self._busy:
                 out.append(self._whole(pagemap, v, pol))
                 continue
-            # PAGE_IS_FILE only where classify needs it: it costs a page lookup per PTE (KERNEL.md, costs)
+            # PAGE_IS_FILE only where classify needs it: it costs a page lookup per PTE (docs/kernel.md, costs)
             mask = uffd.classify_mask(file_private=not v.anonymous and not v.shared)
             regions = uffd.scan_all(pagemap, v.start, v.end, self._buf, return_mask=mask)
             if isinstance(regions, int):
                 if regions == -errno.EPERM:
-                    # Unregistered (new VMA) or changed under us. KERNEL.md rule 4: the call may
+                    # Unregistered (new VMA) or changed under us. docs/kernel.md rule 4: the call may
                     # already have re-protected written pages it could not return: dump it whole.
                     lost.append((v.start, v.end))
                     continue
@@ -342,7 +342,7 @@ class Tracker:
             if r < 0:
                 raise self._error(r, "UFFDIO_REGISTER")
             fresh.add((v.start, v.end))
-            # Right after registration every page reads WRITTEN (KERNEL.md rules 1-2): this scan
+            # Right after registration every page reads WRITTEN (docs/kernel.md rules 1-2): this scan
             # write-protects the whole VMA and lists every page, present (copy) or not (zero).
             regions = uffd.scan_all(pagemap, v.start, v.end, self._buf)
             if isinstance(regions, int):
@@ -422,7 +422,7 @@ class Tracker:
             os.close(fd)
 
     def _add_pinned(self, out: list[VmaPages]) -> None:
-        """KERNEL.md rule 7: io_uring fixed buffers are written without being reported: copy them always."""
+        """docs/kernel.md rule 7: io_uring fixed buffers are written without being reported: copy them always."""
         bufs = ranges.from_pairs(iouring.registered_buffers(self.pid))
         if not len(bufs):
             return
@@ -461,7 +461,7 @@ class Tracker:
         if st.state in ("Z", "X", "x") or st.start_ticks != self.start_ticks:
             raise TargetExited(f"target {self.pid} exited", pid=self.pid, errno=errno.ESRCH)
         # The userfaultfd belongs to the attach-time mm: an unprotect of one page answers ESRCH once
-        # that mm is gone (KERNEL.md rule 14) and a harmless ENOENT/EINVAL otherwise.
+        # that mm is gone (docs/kernel.md rule 14) and a harmless ENOENT/EINVAL otherwise.
         probe = self._probe_addr(self._layout if layout is None else layout)
         r = uffd.writeprotect(self._uffd, probe, probe + uffd.PAGE_SIZE, protect=False)
         if r == -errno.ESRCH:

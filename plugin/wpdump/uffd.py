@@ -42,7 +42,7 @@ CLASSIFY_MASK = (
     | PAGE_IS_GUARD
 )
 # PAGE_IS_FILE costs the kernel a struct page lookup per PTE of the whole range (not only the written
-# ones): 10 ms per GiB scanned against 1.1 ms without it (KERNEL.md, costs). Only private file
+# ones): 10 ms per GiB scanned against 1.1 ms without it (docs/kernel.md, costs). Only private file
 # mappings need it; in anonymous and shared VMAs classification does not look at it.
 CLASSIFY_MASK_NO_FILE = CLASSIFY_MASK & ~PAGE_IS_FILE
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .errors import NoSuchProcess
 
-# VMAs the kernel provides itself: UFFDIO_REGISTER refuses them (KERNEL.md rule 12) and
+# VMAs the kernel provides itself: UFFDIO_REGISTER refuses them (docs/kernel.md rule 12) and
 # process_vm_readv cannot read [vvar*]/[vsyscall]; CRIU recreates them at restore too.
 KERNEL_VMAS = ("[vvar]", "[vvar_vclock]", "[vsyscall]")
 
@@ -102,11 +102,11 @@ def policy_for(vma: Vma, vmflags: frozenset[str]) -> tuple[Policy, str]:
     if vmflags & {"io", "pf"}:
         return Policy.SKIP, "device (VM_IO/VM_PFNMAP) mapping"
     if vma.path == "[vdso]":
-        return Policy.WHOLE, "[vdso] cannot be registered (KERNEL.md rule 12)"
+        return Policy.WHOLE, "[vdso] cannot be registered (docs/kernel.md rule 12)"
     if vma.shared:
-        return Policy.WHOLE, "shared mapping: writes through other mappers are invisible (KERNEL.md rule 7)"
+        return Policy.WHOLE, "shared mapping: writes through other mappers are invisible (docs/kernel.md rule 7)"
     if "dp" in vmflags:
-        return Policy.WHOLE, "MAP_DROPPABLE cannot be registered (KERNEL.md rule 12)"
+        return Policy.WHOLE, "MAP_DROPPABLE cannot be registered (docs/kernel.md rule 12)"
     return Policy.TRACK, "tracked"
 
 

@@ -5,7 +5,7 @@
  * Allocates MIB MiB of anonymous memory and fills it, prints "ready PID" on stdout, then loops
  * forever: every 100 ms it writes random bytes into PERCENT % of its pages (random pages, random
  * offsets); about every 2 s it munmaps the small region it mapped last time, mmaps a new one and
- * fills it, and grows its heap with sbrk (KERNEL.md rule 3: new, unregistered VMAs). */
+ * fills it, and grows its heap with sbrk (docs/kernel.md rule 3: new, unregistered VMAs). */
 #define _GNU_SOURCE
 #include <stdint.h>
 #include <stdio.h>
