@@ -11,19 +11,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import iouring, ranges, uffd
+from . import iouring, pinned, procfds, ranges, uffd
 from .errors import (
+    AlreadyTracked,
     KernelUnsupported,
     NoSuchProcess,
     RangeBusy,
     TargetExeced,
     TargetExited,
+    TargetUsesUserfaultfd,
     TrackerError,
     WpdumpError,
     from_errno,
 )
 from .inject import open_userfaultfd, pidfd_open
-from .process import check_alive, read_stat
+from .process import check_alive, read_stat, threads
 from .uffd import (
     PAGE_IS_FILE,
     PAGE_IS_GUARD,
@@ -71,6 +73,8 @@ class Harvest:
     events: list[VmaEvent]
     problems: list[WpdumpError]
     seconds: float
+    warnings: list[str] = field(default_factory=list)  # what this round could not vouch for
+    unreadable: list[Vma] = field(default_factory=list)  # VMAs nothing can read (memfd_secret)
 
     def copy_ranges(self) -> np.ndarray:
         """All ranges to copy, in address order."""
@@ -139,7 +143,10 @@ class Tracker:
     atomically. ``close()`` (or the tracker dying) leaves the target unprotected and running.
     """
 
-    def __init__(self, pid: int, *, region_capacity: int = 1 << 16, watch_io_uring: bool = True) -> None:
+    def __init__(
+        self, pid: int, *, region_capacity: int = 1 << 16, watch_io_uring: bool = True,
+        allow_userfaultfd_target: bool = False,
+    ) -> None:
         self.pid = pid
         self.round = 0
         self.watch_io_uring = watch_io_uring
@@ -148,9 +155,11 @@ class Tracker:
         self._busy: dict[tuple[int, int], RangeBusy] = {}
         self._layout: list[Vma] = []
         self._cow: dict[tuple[int, int], np.ndarray] = {}  # private file VMAs: their COWed pages
+        self._inflight = ranges.EMPTY  # buffers of reads in flight at the last round (pinned.py)
         self._uffd = -1
         self._pidfd = -1
         self.start_ticks = check_alive(pid).start_ticks
+        self._check_other_userfaultfds(allow_userfaultfd_target)
         self._pidfd = pidfd_open(pid)
         try:
             missing = uffd.missing_features()
@@ -182,7 +191,8 @@ class Tracker:
             self._busy = {
                 (s, e): RangeBusy(s, e, path, pid=pid, errno=errno.EBUSY) for s, e, path in st["busy"]
             }
-            self._layout, self._cow = st["layout"], st["cow"]
+            self._layout, self._cow, self._inflight = st["layout"], st["cow"], st["inflight"]
+            self._busy_allowed = st["busy_allowed"]
             self.initial = None  # type: ignore[assignment]
             if check_alive(pid).start_ticks != self.start_ticks:
                 raise TargetExited(f"target {pid} exited (the pid now names another process)", pid=pid,
@@ -199,7 +209,8 @@ class Tracker:
             "pid": self.pid, "round": self.round, "watch_io_uring": self.watch_io_uring,
             "start_ticks": self.start_ticks, "region_capacity": self._buf.capacity,
             "policy": self._policy, "busy": [(b.start, b.end, "") for b in self._busy.values()],
-            "layout": self._layout, "cow": self._cow,
+            "layout": self._layout, "cow": self._cow, "inflight": self._inflight,
+            "busy_allowed": self._busy_allowed,
         })
 
     # ---- public API ----
@@ -251,17 +262,20 @@ class Tracker:
             raise TargetExited(f"target {self.pid} exited", pid=self.pid, errno=errno.ESRCH) from None
         except PermissionError as e:
             raise from_errno(e.errno, self.pid, "open pagemap") from None
+        # reads in flight are looked for before and after the scan re-protects: a pin taken before the
+        # re-protect shows as a thread blocked in its read at one of the two looks (pinned.py)
+        before = self._in_flight() if self.watch_io_uring else None
         try:
             out, fresh, problems, layout = self._scan_all(pagemap)
         finally:
             os.close(pagemap)
         self._check_target(layout)
-        if self.watch_io_uring:
-            self._add_pinned(out)
+        warnings = self._add_pinned(out, before)
         events = [] if initial else diff_layouts(self._layout, layout, fresh)
         self._layout = layout
         out.sort(key=lambda v: v.vma.start)
-        return Harvest(self.round, out, events, problems, time.perf_counter() - t0)
+        unreadable = [v for v in layout if v.secret]
+        return Harvest(self.round, out, events, problems, time.perf_counter() - t0, warnings, unreadable)
 
     def _scan_all(self, pagemap: int) -> tuple[list[VmaPages], set, list[WpdumpError], list[Vma]]:
         maps = read_maps(self.pid)
@@ -421,15 +435,59 @@ class Tracker:
         finally:
             os.close(fd)
 
-    def _add_pinned(self, out: list[VmaPages]) -> None:
-        """docs/kernel.md rule 7: io_uring fixed buffers are written without being reported: copy them always."""
-        bufs = ranges.from_pairs(iouring.registered_buffers(self.pid))
+    def _in_flight(self) -> tuple[dict[int, str], pinned.InFlight]:
+        fds = procfds.fd_targets(self.pid)
+        return fds, pinned.in_flight(self.pid, threads(self.pid), fds)
+
+    def _add_pinned(self, out: list[VmaPages], before: tuple[dict[int, str], pinned.InFlight] | None) -> list[str]:
+        """Pages the kernel may write unreported: io_uring fixed buffers (docs/kernel.md rule 7), copied every
+        round, and buffers of reads in flight at this round or the last one (pinned.py). Returns warnings."""
+        if before is None:
+            return []
+        fds, now = self._in_flight()
+        warnings = list(dict.fromkeys(before[1].warnings + now.warnings))
+        inflight = ranges.union(before[1].ranges, now.ranges)
+        bufs = ranges.union(ranges.from_pairs(iouring.registered_buffers(self.pid, fds)), inflight, self._inflight)
+        self._inflight = inflight
+        own = procfds.userfaultfds(self.pid, fds)
+        if own and not self._busy_allowed:
+            warnings.append(
+                f"pid {self.pid} opened a userfaultfd (fd {own[0]}) while tracked: its UFFDIO_REGISTER on tracked "
+                "memory fails with EBUSY until tracking ends"
+            )
         if not len(bufs):
-            return
+            return warnings
         for p in out:
             part = ranges.clip(bufs, p.vma.start, p.vma.end)
             if len(part):
                 p.copy = ranges.merge(np.concatenate((p.copy, part)))
+        return warnings
+
+    def _check_other_userfaultfds(self, allow_userfaultfd_target: bool) -> None:
+        """Refuse a target whose VMAs another userfaultfd write-protects (a second tracker would steal the
+        dirty bits: its scans pass PM_SCAN_CHECK_WPASYNC) or, unless allowed, that uses userfaultfd itself."""
+        own = procfds.userfaultfds(self.pid)
+        self._busy_allowed = allow_userfaultfd_target
+        if own and not allow_userfaultfd_target:
+            raise TargetUsesUserfaultfd(
+                f"pid {self.pid} uses userfaultfd itself (fd {own[0]}): while tracked, its UFFDIO_REGISTER on its "
+                "memory fails with EBUSY (one userfaultfd per VMA); pass --allow-userfaultfd-target to track it "
+                "anyway (what it registers is then dumped whole every round)", pid=self.pid, errno=errno.EBUSY,
+            )
+        flags = read_vmflags(self.pid)
+        maps = {v.start: v for v in read_maps(self.pid)}
+        wp = [maps[a] for a, f in sorted(flags.items()) if "uw" in f and a in maps]
+        if not wp:
+            return
+        if not own:
+            raise AlreadyTracked(
+                f"pid {self.pid} is already tracked by another userfaultfd (another wpdump tracker, e.g. a keeper "
+                f"under another WPDUMP_RUN_DIR, or another write-protect user): {len(wp)} VMAs are write-protected, "
+                f"first {wp[0]}; two trackers would each miss the writes the other harvested",
+                pid=self.pid, errno=errno.EBUSY,
+            )
+        for v in wp:  # the target's own write-protect ranges: never scan them with WP_MATCHING
+            self._busy[(v.start, v.end)] = RangeBusy(v.start, v.end, v.path, pid=self.pid, errno=errno.EBUSY)
 
     # ---- helpers ----
 

@@ -7,11 +7,12 @@ import enum
 import errno
 from dataclasses import dataclass
 
-from .errors import NoSuchProcess
+from .errors import NoSuchProcess, from_errno
 
 # VMAs the kernel provides itself: UFFDIO_REGISTER refuses them (docs/kernel.md rule 12) and
 # process_vm_readv cannot read [vvar*]/[vsyscall]; CRIU recreates them at restore too.
 KERNEL_VMAS = ("[vvar]", "[vvar_vclock]", "[vsyscall]")
+SECRETMEM = "/secretmem (deleted)"  # how maps names a memfd_secret mapping
 
 
 class Policy(enum.Enum):
@@ -48,6 +49,11 @@ class Vma:
         return self.inode == 0 and not self.shared and not self.path.startswith("/")
 
     @property
+    def secret(self) -> bool:
+        """memfd_secret memory: removed from the kernel's direct map, nobody but its process can read it."""
+        return self.shared and self.path == SECRETMEM
+
+    @property
     def identity(self) -> tuple:
         """What stays the same when the VMA is split, grown or moved (not its addresses)."""
         return (self.dev, self.inode, self.path, self.shared)
@@ -76,6 +82,8 @@ def read_maps(pid: int) -> list[Vma]:
             return [parse_maps_line(line) for line in f]
     except (FileNotFoundError, ProcessLookupError):
         raise NoSuchProcess(f"no such process: {pid}", pid=pid, errno=errno.ESRCH) from None
+    except PermissionError as e:
+        raise from_errno(e.errno, pid, "read the memory map of") from None
 
 
 def read_vmflags(pid: int) -> dict[int, frozenset[str]]:
@@ -92,6 +100,8 @@ def read_vmflags(pid: int) -> dict[int, frozenset[str]]:
                     start = int(line.split("-", 1)[0], 16)
     except (FileNotFoundError, ProcessLookupError):
         raise NoSuchProcess(f"no such process: {pid}", pid=pid, errno=errno.ESRCH) from None
+    except PermissionError as e:
+        raise from_errno(e.errno, pid, "read the memory map of") from None
     return flags
 
 
@@ -101,6 +111,8 @@ def policy_for(vma: Vma, vmflags: frozenset[str]) -> tuple[Policy, str]:
         return Policy.SKIP, "kernel-provided mapping"
     if vmflags & {"io", "pf"}:
         return Policy.SKIP, "device (VM_IO/VM_PFNMAP) mapping"
+    if vma.secret:
+        return Policy.SKIP, "memfd_secret memory: nothing can read it (an iteration refuses it)"
     if vma.path == "[vdso]":
         return Policy.WHOLE, "[vdso] cannot be registered (docs/kernel.md rule 12)"
     if vma.shared:
