@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from chaincheck import PE_PARENT, PE_PRESENT, load_pagemap
 from conftest import Target, compile_target, copied_pages, page_set, require_kernel, zero_pages
-from wpdump import iteration, keeper
+from wpdump import iteration, keeper, ranges, uffd
 from wpdump.tracker import Tracker
 
 BIN = pathlib.Path(sys.executable).parent
@@ -287,3 +287,33 @@ def test_unmark_empty_removes_only_markers_and_loses_no_write(memtarget_exe, tmp
             assert tr.unmark_empty() >= (54 + len(fmark) - 1) * PAGE  # the harvest put markers back (rule 17)
     finally:
         t.kill()
+
+
+def test_unmark_empty_racing_writers_lose_no_update(target):
+    """Writers race with zapping, harvests and unmark_empty: an image kept from the harvests alone (copy:
+    read after the harvest, zero: zero) equals the memory at the end (model: test_no_lost_update).
+    The writers write the lower half; the upper half stays empty, its markers go every round."""
+    pages, chunk, rounds = 1024, 128, 100
+    a = target.map(pages)
+    with Tracker(target.pid) as tr:
+        model = np.zeros((pages, PAGE), dtype=np.uint8)  # the attach-time image: all zero
+        target.cmd("threads", 4, hex(a), pages // 2)
+        unmarked = 0
+        for i in range(rounds + 1):
+            if i == rounds:
+                target.cmd("stopthreads")
+            else:  # empty pages again: the harvest below puts markers on them, unmark_empty takes them off
+                target.cmd("madvise", hex(a + (i % (pages // chunk)) * chunk * PAGE), chunk, "dontneed")
+            h = tr.harvest()
+            for s, e in ranges.clip(h.zero_ranges(), a, a + pages * PAGE).tolist():
+                model[(s - a) // PAGE:(e - a) // PAGE] = 0
+            for s, e in ranges.clip(h.copy_ranges(), a, a + pages * PAGE).tolist():
+                rows = model[(s - a) // PAGE:(e - a) // PAGE]
+                assert uffd.read_ranges(target.pid, ranges.from_pairs([(s, e)]), rows) == e - s
+            if i < rounds:
+                unmarked += tr.unmark_empty()
+        final = np.empty((pages, PAGE), dtype=np.uint8)
+        assert uffd.read_ranges(target.pid, ranges.from_pairs([(a, a + pages * PAGE)]), final) == final.size
+    assert unmarked >= rounds * pages // 2 * PAGE, unmarked
+    bad = np.flatnonzero((model != final).any(axis=1))
+    assert not len(bad), f"{len(bad)} pages differ, first at {a + int(bad[0]) * PAGE:#x}"
