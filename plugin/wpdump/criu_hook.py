@@ -235,8 +235,8 @@ def unmark(pid: int) -> int | None:
     tr = None
     try:
         iteration, fd, state = k.checkout()
+        tr = Tracker.adopt(pid, fd, state)  # owns fd from here, on error too
         images_dir = k.status().get("images_dir") or ""
-        tr = Tracker.adopt(pid, fd, state)
         n = tr.unmark_empty()
         k.checkin(state, iteration, images_dir)  # the dirty set is unconsumed: the state is unchanged
         return n
