@@ -553,3 +553,97 @@ class Tracker:
         if r in (-errno.ESRCH, -errno.ENOENT):
             self._check_target()
         return from_errno(r, self.pid, what)
+
+    # ---- before someone else reads the target's page tables (CRIU) ----
+
+    def unmark_empty(self) -> int:
+        """Remove the write-protect markers from the empty pages of tracked VMAs: to CRIU a marker reads as
+        a swapped page (docs/kernel.md rule 17). Returns the bytes unmarked.
+
+        No write is lost and the dirty set is not consumed: an unprotected page reads WRITTEN (rules 1, 17),
+        so the next harvest reports it (an empty page as zero or file content, a page written meanwhile
+        with its data). Only pages this tracker registered are touched: another userfaultfd of the same mm
+        (the target's own, a busy range) would lose its markers too (docs/kernel.md rule 23).
+        """
+        if self._uffd < 0:
+            raise TrackerError(f"tracker of pid {self.pid} is closed", pid=self.pid)
+        self._check_target()
+        try:
+            pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError):
+            raise TargetExited(f"target {self.pid} exited", pid=self.pid, errno=errno.ESRCH) from None
+        except PermissionError as e:
+            raise from_errno(e.errno, self.pid, "open pagemap") from None
+        # ours: VMAs registered at the last harvest (registration does not follow new mappings, rule 3)
+        ours = ranges.subtract(
+            ranges.from_pairs([(v.start, v.end) for v in self._layout
+                               if self._policy.get(self._key(v), (Policy.SKIP,))[0] is Policy.TRACK]),
+            ranges.from_pairs(list(self._busy)),
+        )
+        done = 0
+        try:
+            swapped = self._swap_entries()
+            for v in read_maps(self.pid):
+                for s, e in ranges.clip(ours, v.start, v.end).tolist():
+                    # not present, not written, "swapped": uffd-wp markers (and protected real swap entries)
+                    found = uffd.scan_all(
+                        pagemap, s, e, self._buf, flags=0,
+                        category_mask=PAGE_IS_PRESENT | uffd.PAGE_IS_WRITTEN | PAGE_IS_SWAPPED,
+                        category_inverted=PAGE_IS_PRESENT | uffd.PAGE_IS_WRITTEN, return_mask=PAGE_IS_SWAPPED,
+                    )
+                    if isinstance(found, int):
+                        raise self._error(found, "PAGEMAP_SCAN")
+                    todo = _coalesce(np.column_stack((found["start"], found["end"])).astype(np.uint64))
+                    if swapped:
+                        todo = _markers_only(pagemap, todo)
+                    for a, b in todo.tolist():
+                        r = -errno.EAGAIN
+                        for _ in range(_RETRIES):  # EAGAIN: the mm is changing (mremap, fork)
+                            r = uffd.writeprotect(self._uffd, a, b, protect=False)
+                            if r != -errno.EAGAIN:
+                                break
+                        if r == -errno.ENOENT:  # unmapped or replaced since the scan: no marker of ours
+                            continue
+                        if r < 0:
+                            raise self._error(r, "UFFDIO_WRITEPROTECT")
+                        done += b - a
+        finally:
+            os.close(pagemap)
+        return done
+
+    def _swap_entries(self) -> bool:
+        """Whether the target has pages in swap (VmSwap): only then can a "swapped" page be a real one."""
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmSwap:"):
+                        return int(line.split()[1]) > 0
+        except (FileNotFoundError, ProcessLookupError):
+            raise TargetExited(f"target {self.pid} exited", pid=self.pid, errno=errno.ESRCH) from None
+        return True
+
+
+_PM_SWAP = 1 << 62
+_PM_FRAME = (1 << 55) - 1
+_SWP_PTE_MARKER = 31  # swap type of a pte marker in /proc/PID/pagemap (docs/kernel.md rule 23)
+_PM_CHUNK = 1 << 18  # pagemap entries read at once (2 MiB)
+
+
+def _markers_only(pagemap: int, r: np.ndarray) -> np.ndarray:
+    """The pages of ``r`` that are no real swap entry in /proc/PID/pagemap (docs/kernel.md rule 23): a
+    marker shows swap type 31; without CAP_SYS_ADMIN the type reads 0 and every page counts as a marker
+    (unprotecting a real swapped page only makes the next harvest copy it)."""
+    out = []
+    for s, e in r.tolist():
+        for lo in range(s, e, _PM_CHUNK * uffd.PAGE_SIZE):
+            hi = min(e, lo + _PM_CHUNK * uffd.PAGE_SIZE)
+            n = (hi - lo) // uffd.PAGE_SIZE
+            raw = os.pread(pagemap, n * 8, lo // uffd.PAGE_SIZE * 8)
+            ent = np.frombuffer(raw, dtype=np.uint64)
+            frame = ent & np.uint64(_PM_FRAME)
+            real = ((ent & np.uint64(_PM_SWAP)) != 0) & (frame != 0) & ((frame & np.uint64(31)) != _SWP_PTE_MARKER)
+            keep = np.concatenate(([False], ~real, [False]))
+            edges = np.flatnonzero(keep[1:] != keep[:-1])
+            starts, ends = edges[0::2], edges[1::2]
+            out.extend(zip((lo + starts * uffd.PAGE_SIZE).tolist(), (lo + ends * uffd.PAGE_SIZE).tolist(), strict=True))
+    return ranges.from_pairs(out)
