@@ -53,6 +53,19 @@ class RangeBusy(WpdumpError):
         self.end = end
 
 
+class UnreadableMemory(WpdumpError):
+    """Pages of a mapped VMA that can be read neither by process_vm_readv nor through /proc/PID/mem (e.g.
+    memfd_secret): the iteration fails rather than leave them out of the image."""
+
+    def __init__(self, start: int, end: int, vma: str = "", **kw: object) -> None:
+        where = f" in {vma}" if vma else ""
+        err = kw.get("errno")
+        why = f": {os.strerror(err)}" if isinstance(err, int) else ""
+        super().__init__(f"pid {kw.get('pid')}: cannot read {start:#x}-{end:#x}{where}{why}", **kw)
+        self.start = start
+        self.end = end
+
+
 class TrackerError(WpdumpError):
     """A kernel operation failed in a way none of the specific errors describes."""
 
