@@ -151,7 +151,7 @@ class Reader:
         self.unreadable = ranges.merge(unreadable) if len(unreadable) else ranges.EMPTY
         self.mem = _open_proc(pid, "mem")
         try:
-            self.pagemap = _open_proc(pid, "pagemap") if pin else -1
+            self.pagemap = _open_proc(pid, "pagemap")
         except BaseException:
             os.close(self.mem)
             raise
@@ -293,7 +293,7 @@ class Reader:
 
     def _guard(self, addr: int) -> bool:
         try:
-            raw = os.pread(self.pagemap, 8, addr // PAGE * 8) if self.pagemap >= 0 else b""
+            raw = os.pread(self.pagemap, 8, addr // PAGE * 8)
         except OSError:
             return False
         return len(raw) == 8 and bool(np.frombuffer(raw, dtype=np.uint64)[0] & PM_GUARD)
