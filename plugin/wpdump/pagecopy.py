@@ -181,36 +181,54 @@ class Reader:
             raise ValueError(f"{total} bytes to read into a buffer of {len(out)}")
         if not total:
             return None
-        addrs = page_addrs(r)
-        slow = ~self._pinnable(r, addrs)
-        if not slow.all():
-            rr, first = _runs_of(addrs, ~slow)
-            for a, b in self._readv(rr, first, out):
-                slow[a:b] = True  # not readable this way: through /proc/PID/mem
+        npages = ((r[:, 1] - r[:, 0]) // PAGE).astype(np.int64)
+        ok, addrs = self._pinnable(r)
+        slow = ~ok
+        if ok.all():  # the common case: one process_vm_readv a batch, no per-page arrays
+            fails = self._readv(r, np.cumsum(npages) - npages, out)
+        elif ok.any():
+            addrs = page_addrs(r) if addrs is None else addrs
+            fails = self._readv(*_runs_of(addrs, ok), out)
+        else:
+            fails = []
+        for a, b in fails:
+            slow[a:b] = True  # not readable this way: through /proc/PID/mem
+        if not slow.any():
+            return None
+        addrs = page_addrs(r) if addrs is None else addrs
         lost = np.zeros(len(addrs), dtype=bool)
-        if slow.any():
-            rr, first = _runs_of(addrs, slow)
-            for a, b in self._pread(rr, first, out):
-                lost[a:b] = True
+        for a, b in self._pread(*_runs_of(addrs, slow), out):
+            lost[a:b] = True
         return ~lost if lost.any() else None
 
-    def _pinnable(self, r: np.ndarray, addrs: np.ndarray) -> np.ndarray:
-        """Which pages process_vm_readv may read: present, and mapped by this process alone or not anonymous."""
+    def _pinnable(self, r: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Which pages of ``r`` process_vm_readv may read: present, and mapped by this process alone or not
+        anonymous. Also their addresses when it had to compute them (else None)."""
+        n = ranges.total(r) // PAGE
         if not self.pin:
-            return np.zeros(len(addrs), dtype=bool)
-        s = r if len(r) < 2 or (r[1:, 0] >= r[:-1, 1]).all() else ranges.merge(r)
-        cov = _cover(s, COVER_GAP)
+            return np.zeros(n, dtype=bool), None
+        addrs = None
+        in_order = len(r) < 2 or bool((r[1:, 0] >= r[:-1, 1]).all())
+        cov = _cover(r if in_order else ranges.merge(r), COVER_GAP)
         pages = ((cov[:, 1] - cov[:, 0]) // PAGE).astype(np.int64)
         ent = np.zeros(int(pages.sum()), dtype=np.uint64)
         got = uffd.pread_ranges(self.pagemap, cov // PAGE * 8, ent.view(np.uint8))
         if got != len(ent) * 8:  # the mm is gone: /proc/PID/mem will say so
-            return np.zeros(len(addrs), dtype=bool)
-        k = np.searchsorted(cov[:, 0], addrs, side="right") - 1
-        e = ent[(np.cumsum(pages) - pages)[k] + ((addrs - cov[k, 0]) // PAGE).astype(np.int64)]
+            return np.zeros(n, dtype=bool), None
+        if in_order and len(ent) == n:  # the cover is the ranges themselves: entries in page order
+            e = ent
+        else:
+            addrs = page_addrs(r)
+            k = np.searchsorted(cov[:, 0], addrs, side="right") - 1
+            e = ent[(np.cumsum(pages) - pages)[k] + ((addrs - cov[k, 0]) // PAGE).astype(np.int64)]
         ok = ((e & PM_PRESENT) != 0) & ((e & (PM_EXCLUSIVE | PM_FILE)) != 0)
-        if len(self.unreadable):
-            ok &= ~in_ranges(addrs, self.unreadable)
-        return ok
+        u = self.unreadable
+        if len(u):
+            k = np.searchsorted(u[:, 1], r[:, 0], side="right")
+            if ((k < len(u)) & (u[np.minimum(k, len(u) - 1), 0] < r[:, 1])).any():  # some range meets them
+                addrs = page_addrs(r) if addrs is None else addrs
+                ok &= ~in_ranges(addrs, u)
+        return ok, addrs
 
     def _readv(self, rr: np.ndarray, first: np.ndarray, out: np.ndarray) -> list[tuple[int, int]]:
         """process_vm_readv runs ``rr`` (run i to page ``first[i]`` of ``out``); the page spans it could not read."""
