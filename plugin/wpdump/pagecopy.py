@@ -259,31 +259,29 @@ class Reader:
         lost: list[tuple[int, int]] = []
         maps: tuple[np.ndarray, list[Vma]] | None = None
         retried = -1
-        i, at = 0, int(rr[0, 0])  # the next page to read: ``at`` in run i
-        while i < len(rr):
-            end = int(rr[i, 1])
+        cum = np.cumsum((rr[:, 1] - rr[:, 0]).astype(np.int64))
+        pos = 0  # bytes of the runs, back to back, read or given up
+        while pos < int(cum[-1]):
+            i = int(np.searchsorted(cum, pos, side="right"))  # the run holding ``pos``
+            at = int(rr[i, 1]) - (int(cum[i]) - pos)
             sub = rr[i:].copy()
             sub[0, 0] = at
             dst = first[i:].astype(np.uint64) * np.uint64(PAGE)
             dst[0] += np.uint64(at - int(rr[i, 0]))
             got = uffd.pread_ranges(self.mem, sub, out, dst)
-            if got == ranges.total(sub):
-                break
-            if got > 0:  # short: go on from the page that failed, to learn why
-                while got >= end - at:
-                    got -= end - at
-                    i += 1
-                    at, end = int(rr[i, 0]), int(rr[i, 1])
-                at += got // PAGE * PAGE
+            if got > 0:  # all, or short: go on from where it stopped, to learn why
+                pos += got
                 continue
             if got == 0:
                 raise self._gone()
             if got != -errno.EIO:
                 raise from_errno(got, self.pid, "read /proc/PID/mem")
+            pos -= at % PAGE  # the page that failed, whole
+            at -= at % PAGE
+            end = int(rr[i, 1])
             if maps is None or retried == at:
                 maps = self._maps()
             v = _vma_at(maps, at)
-            page = int(first[i]) + (at - int(rr[i, 0])) // PAGE
             if v is None:  # unmapped meanwhile: lose the pages up to the next VMA
                 k = int(np.searchsorted(maps[0], at, side="right"))
                 stop = min(end, int(maps[0][k])) if k < len(maps[0]) else end
@@ -294,12 +292,9 @@ class Reader:
                 continue
             else:
                 raise UnreadableMemory(at, min(end, v.end), str(v), pid=self.pid, errno=errno.EIO)
+            page = int(first[i]) + (at - int(rr[i, 0])) // PAGE
             lost.append((page, page + (stop - at) // PAGE))
-            if stop < end:
-                at = stop
-            else:
-                i += 1
-                at = int(rr[i, 0]) if i < len(rr) else 0
+            pos += stop - at
         return lost
 
     def _maps(self) -> tuple[np.ndarray, list[Vma]]:
