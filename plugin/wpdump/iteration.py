@@ -36,8 +36,9 @@ log = logging.getLogger("wpdump.iteration")
 PAGE = 4096
 # Pages are read from the target in batches of at most BATCH_BYTES, by READERS threads at once, into one of
 # BUFFERS buffers, while a thread writes the batches read before in order: wpdump's memory for page data is
-# bounded by BUFFERS * BATCH_BYTES. Two readers: process_vm_readv of scattered pages is CPU-bound (the page
-# table walk), 2.8-3.3 GB/s with one thread, 5 GB/s with two on this 2-CPU VM (8 GiB, 1 % random pages).
+# bounded by BUFFERS * BATCH_BYTES. Two readers: reading scattered pages is CPU-bound (page table walks, a
+# syscall per isolated page: pagecopy.Reader), process_vm_readv 2.8-3.3 GB/s with one thread, 5 GB/s with two
+# on this 2-CPU VM (8 GiB, 1 % random pages).
 BATCH_BYTES = 8 << 20
 MIN_BATCH_BYTES = 1 << 20
 READERS = min(2, os.cpu_count() or 1)

@@ -141,7 +141,8 @@ class Reader:
     present pages this process maps alone (and file or shmem pages, which pins never copy), /proc/PID/mem for
     the rest and for whatever process_vm_readv cannot read. A page that /proc/PID/mem cannot read either is
     lost if its VMA is gone (unmapped meanwhile) or turned into a guard page, else UnreadableMemory.
-    Safe to share between threads.
+    Safe to share between threads. A running target that forks between a batch's pagemap read and its
+    process_vm_readv still has that batch's pages un-shared (docs/kernel.md rule 23).
     """
 
     def __init__(self, pid: int, unreadable: np.ndarray = ranges.EMPTY, *, pin: bool = True) -> None:
