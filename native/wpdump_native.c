@@ -234,9 +234,13 @@ int64_t wpd_pagemap_scan(int fd, uint64_t start, uint64_t end, uint64_t flags,
 
 /* ---- reading memory ---- */
 
-int64_t wpd_read_ranges(int pid, const uint64_t *ranges, uint64_t nranges, void *buf, uint64_t buflen)
+/* Copy the target's [start, end) ranges (n pairs) into buf with process_vm_readv, up to IOV_MAX ranges a
+ * call: back to back, or range i at buf + dst[i] when dst is not NULL. Returns the bytes copied, short at
+ * the first range that cannot be read (the caller sees the count), or -errno when nothing was. */
+int64_t wpd_read_ranges(int pid, const uint64_t *ranges, uint64_t nranges, void *buf, uint64_t buflen,
+			const uint64_t *dst)
 {
-	struct iovec remote[IOV_MAX];
+	struct iovec remote[IOV_MAX], local[IOV_MAX];
 	uint64_t done = 0, i = 0;
 
 	while (i < nranges) {
@@ -244,23 +248,58 @@ int64_t wpd_read_ranges(int pid, const uint64_t *ranges, uint64_t nranges, void 
 		int k = 0;
 		while (i + k < nranges && k < IOV_MAX) {
 			uint64_t len = ranges[2 * (i + k) + 1] - ranges[2 * (i + k)];
-			if (done + want + len > buflen)
+			uint64_t at = dst ? dst[i + k] : done + want;
+			if (at > buflen || len > buflen - at)
 				break;
 			remote[k].iov_base = (void *)(uintptr_t)ranges[2 * (i + k)];
 			remote[k].iov_len = len;
+			local[k].iov_base = (char *)buf + at;
+			local[k].iov_len = len;
 			want += len;
 			k++;
 		}
 		if (k == 0)
 			return done ? (int64_t)done : -ENOBUFS;
-		struct iovec local = {.iov_base = (char *)buf + done, .iov_len = want};
-		ssize_t r = process_vm_readv(pid, &local, 1, remote, k, 0);
+		if (!dst) {
+			local[0].iov_base = (char *)buf + done;
+			local[0].iov_len = want;
+		}
+		ssize_t r = process_vm_readv(pid, local, dst ? (unsigned long)k : 1, remote, k, 0);
 		if (r < 0)
 			return done ? (int64_t)done : -errno;
 		done += (uint64_t)r;
 		if ((uint64_t)r < want)
 			return (int64_t)done; /* a range vanished: the caller sees the short count */
 		i += k;
+	}
+	return (int64_t)done;
+}
+
+/* pread the byte ranges [start, end) of fd (n pairs) into buf, back to back or range i at buf + dst[i]:
+ * one pread per range (looping over short reads). Returns the bytes read, short at the first range that
+ * fails or ends early (the caller sees the count), or -errno (0 at end of file) when nothing could be read.
+ * For /proc/PID/mem and /proc/PID/pagemap. */
+int64_t wpd_pread_ranges(int fd, const uint64_t *ranges, uint64_t nranges, void *buf, uint64_t buflen,
+			 const uint64_t *dst)
+{
+	uint64_t done = 0;
+
+	for (uint64_t i = 0; i < nranges; i++) {
+		uint64_t off = ranges[2 * i], len = ranges[2 * i + 1] - ranges[2 * i];
+		uint64_t at = dst ? dst[i] : done;
+		if (at > buflen || len > buflen - at)
+			return done ? (int64_t)done : -ENOBUFS;
+		while (len) {
+			ssize_t r = pread(fd, (char *)buf + at, len, (off_t)off);
+			if (r < 0 && errno == EINTR)
+				continue;
+			if (r <= 0)
+				return done ? (int64_t)done : (r < 0 ? -errno : 0);
+			done += (uint64_t)r;
+			at += (uint64_t)r;
+			off += (uint64_t)r;
+			len -= (uint64_t)r;
+		}
 	}
 	return (int64_t)done;
 }

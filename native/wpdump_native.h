@@ -43,6 +43,8 @@ int64_t wpd_pagemap_scan(int fd, uint64_t start, uint64_t end, uint64_t flags,
 			 struct wpd_region *vec, uint64_t vec_len, uint64_t *walk_end);
 
 int64_t wpd_read_ranges(int pid, const uint64_t *ranges, uint64_t nranges, void *buf,
-			uint64_t buflen);
+			uint64_t buflen, const uint64_t *dst);
+int64_t wpd_pread_ranges(int fd, const uint64_t *ranges, uint64_t nranges, void *buf,
+			 uint64_t buflen, const uint64_t *dst);
 int64_t wpd_zero_pages(const void *buf, uint64_t npages, uint64_t page_size, uint8_t *is_zero);
 #endif

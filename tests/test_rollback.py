@@ -85,3 +85,21 @@ def test_restore_memory_refuses_a_changed_layout(target, tmp_path):
     with pytest.raises(LayoutMismatch):
         restore_memory(t.pid, str(tmp_path / "1"))
     assert t.cmd("hash", hex(a), 64)[0] == before
+
+
+def test_restore_memory_reads_past_a_guard_page(target, tmp_path):
+    """A guard page inside a VMA compared whole: the pages after it are read, not taken for zero."""
+    t = target
+    a = t.map(16)
+    t.cmd("fill", hex(a), 3, 4)
+    t.cmd("madvise", hex(a + 3 * PAGE), 1, "guard")  # pages 4..15 stay untouched: zero at the checkpoint
+    t.wait_idle()
+    iteration.dump(t.pid, str(tmp_path / "1"), keep_tracking=False)
+    want_lo, want_hi = t.cmd("hash", hex(a), 3)[0], t.cmd("hash", hex(a + 4 * PAGE), 12)[0]
+    t.cmd("poke", hex(a + 4 * PAGE), "0,1,2,3")
+    t.cmd("poke", hex(a), "0")
+    t.wait_idle()
+    r = restore_memory(t.pid, str(tmp_path / "1"))
+    assert not r.tracked and r.pages_dropped >= 4
+    assert t.cmd("hash", hex(a + 4 * PAGE), 12)[0] == want_hi
+    assert t.cmd("hash", hex(a), 3)[0] == want_lo

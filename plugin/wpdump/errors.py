@@ -63,10 +63,14 @@ class TargetUsesUserfaultfd(WpdumpError):
 
 
 class UnreadableMemory(WpdumpError):
-    """Memory of the target that nothing can read (memfd_secret): [start, end) would be lost."""
+    """Pages of a mapped VMA that can be read neither by process_vm_readv nor through /proc/PID/mem (e.g.
+    memfd_secret): the iteration fails rather than leave them out of the image."""
 
-    def __init__(self, message: str, start: int, end: int, **kw: object) -> None:
-        super().__init__(message, **kw)
+    def __init__(self, start: int, end: int, vma: str = "", message: str | None = None, **kw: object) -> None:
+        where = f" in {vma}" if vma else ""
+        err = kw.get("errno")
+        why = f": {os.strerror(err)}" if isinstance(err, int) else ""
+        super().__init__(message or f"pid {kw.get('pid')}: cannot read {start:#x}-{end:#x}{where}{why}", **kw)
         self.start = start
         self.end = end
 

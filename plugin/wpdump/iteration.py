@@ -25,7 +25,7 @@ import numpy as np
 from . import freeze, images, imgdir, keeper, ranges, uffd
 from .chain import META_FILE, META_FORMAT, Iteration, boot_id, check_parent, load_parent, uptime_us
 from .errors import TargetExeced, UnreadableMemory, WpdumpError
-from .pagecopy import aligned_buffer, in_ranges, page_addrs, read_into
+from .pagecopy import Reader, aligned_buffer, in_ranges, page_addrs
 from .pagecopy import runs as image_runs
 from .process import check_alive, thread_state, threads
 from .tracker import Harvest, Tracker
@@ -36,8 +36,9 @@ log = logging.getLogger("wpdump.iteration")
 PAGE = 4096
 # Pages are read from the target in batches of at most BATCH_BYTES, by READERS threads at once, into one of
 # BUFFERS buffers, while a thread writes the batches read before in order: wpdump's memory for page data is
-# bounded by BUFFERS * BATCH_BYTES. Two readers: process_vm_readv of scattered pages is CPU-bound (the page
-# table walk), 2.8-3.3 GB/s with one thread, 5 GB/s with two on this 2-CPU VM (8 GiB, 1 % random pages).
+# bounded by BUFFERS * BATCH_BYTES. Two readers: reading scattered pages is CPU-bound (page table walks, a
+# syscall per isolated page: pagecopy.Reader), process_vm_readv 2.8-3.3 GB/s with one thread, 5 GB/s with two
+# on this 2-CPU VM (8 GiB, 1 % random pages).
 BATCH_BYTES = 8 << 20
 MIN_BATCH_BYTES = 1 << 20
 READERS = min(2, os.cpu_count() or 1)
@@ -314,12 +315,12 @@ def _take_arena(nbytes: int) -> tuple[np.ndarray, bool]:
     return _arena[:nbytes], True
 
 
-def _read_batch(pid: int, batch: np.ndarray, buf: np.ndarray, anon: np.ndarray) -> tuple[list, np.ndarray, int]:
+def _read_batch(reader: Reader, batch: np.ndarray, buf: np.ndarray, anon: np.ndarray) -> tuple[list, np.ndarray, int]:
     """Read ``batch`` into ``buf``; returns the views of ``buf`` to write, the ranges they hold, and the number
     of pages dropped because they read all zero in an anonymous VMA (absent means zero)."""
     n = ranges.total(batch)
     out = buf[:n]
-    keep = read_into(pid, batch, out)  # None, or False for pages that vanished meanwhile
+    keep = reader.read_into(batch, out)  # None, or False for pages that vanished meanwhile
     rows = out.reshape(-1, PAGE)
     held = batch
     if keep is not None:
@@ -347,13 +348,15 @@ def _read_batch(pid: int, batch: np.ndarray, buf: np.ndarray, anon: np.ndarray) 
 
 
 def _copy_and_write(
-    pid: int, copy: np.ndarray, anon: np.ndarray, fd: int, what: str, progress: Progress | None
+    pid: int, copy: np.ndarray, anon: np.ndarray, fd: int, what: str, progress: Progress | None,
+    unreadable: np.ndarray = ranges.EMPTY,
 ) -> tuple[np.ndarray, int, float, float]:
     """Read ``copy`` (sorted, merged ranges) from the target batch by batch and append the pages to ``fd``.
 
-    READERS threads read batches while a thread writes those read before (see _Writer). Pages of anonymous
-    VMAs that read all zero are left out (absent means zero). Returns the ranges written, the pages dropped as
-    zero, the seconds until every batch was read, and the seconds of writing after that (the two add up to the
+    READERS threads read batches (pagecopy.Reader: sharing left as it is; ``unreadable``: the ranges of VMAs
+    without read permission) while a thread writes those read before (see _Writer). Pages of anonymous VMAs
+    that read all zero are left out (absent means zero). Returns the ranges written, the pages dropped as zero,
+    the seconds until every batch was read, and the seconds of writing after that (the two add up to the
     elapsed time).
     """
     total = ranges.total(copy)
@@ -365,14 +368,15 @@ def _copy_and_write(
     arena, shared = _take_arena(nbuf * limit)
     try:
         bufs = [arena[i * limit : (i + 1) * limit] for i in range(nbuf)]
-        return _pipeline(pid, batches, bufs, anon, fd, what, progress, total)
+        with Reader(pid, unreadable) as reader:
+            return _pipeline(reader, batches, bufs, anon, fd, what, progress, total)
     finally:
         if shared:
             _arena_lock.release()
 
 
 def _pipeline(
-    pid: int, batches: list[np.ndarray], bufs: list[np.ndarray], anon: np.ndarray, fd: int, what: str,
+    reader: Reader, batches: list[np.ndarray], bufs: list[np.ndarray], anon: np.ndarray, fd: int, what: str,
     progress: Progress | None, total: int,
 ) -> tuple[np.ndarray, int, float, float]:
     """_copy_and_write's work: READERS threads read ``batches`` into ``bufs`` while a _Writer writes them in order."""
@@ -384,7 +388,7 @@ def _pipeline(
     t_start = time.perf_counter()
 
     def read(batch: np.ndarray, slot: int) -> tuple[list, np.ndarray, int]:
-        res = _read_batch(pid, batch, bufs[slot], anon)
+        res = _read_batch(reader, batch, bufs[slot], anon)
         read_end[0] = max(read_end[0], time.perf_counter())
         return res
 
@@ -434,11 +438,12 @@ def _write_images(
     """Write pages, pagemap, inventory and stats into the staging directory; returns the stats."""
     copy = h.copy_ranges()
     anon = ranges.from_pairs([(v.vma.start, v.vma.end) for v in h.vmas if v.vma.anonymous])
+    unreadable = ranges.from_pairs([(v.vma.start, v.vma.end) for v in h.vmas if v.vma.perms[0] != "r"])
     pages_name = images.pages_file_name(PAGES_ID)
     fd = st.create(pages_name)
     try:
         written, zero_dropped, res.copy_s, res.write_s = _copy_and_write(
-            pid, ranges.merge(copy), anon, fd, os.path.join(st.dest, pages_name), progress
+            pid, ranges.merge(copy), anon, fd, os.path.join(st.dest, pages_name), progress, unreadable
         )
         if frozen is not None:
             frozen()  # every page is read: the target may run again while we fsync
@@ -478,8 +483,8 @@ def _check_readable(pid: int, vmas: list[Vma], allow_unreadable: bool, warnings:
         text = f"pid {pid}: {v} is memfd_secret memory, which nothing can read"
         if not allow_unreadable:
             raise UnreadableMemory(
-                f"{text}: refusing to write a dump without it (--allow-unreadable records it as lost)",
-                v.start, v.end, pid=pid, errno=errno.EIO,
+                v.start, v.end, str(v), f"{text}: refusing to write a dump without it (--allow-unreadable records "
+                "it as lost)", pid=pid, errno=errno.EIO,
             )
         warnings.append(f"{text}: left out of the images, its content is lost")
 

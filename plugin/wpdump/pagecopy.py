@@ -1,17 +1,20 @@
-"""Reading pages out of a target: page-aligned reusable buffers, process_vm_readv into them (resuming past
-ranges that vanished), and the page/range conversions the copy needs."""
+"""Reading pages out of a target without changing it: page-aligned reusable buffers, process_vm_readv or
+/proc/PID/mem into them page by page as /proc/PID/pagemap allows (Reader), and the page/range conversions
+the copy needs."""
 
 from __future__ import annotations
 
 import errno
 import mmap
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import ranges, uffd
-from .errors import NoSuchProcess, WpdumpError, from_errno
-from .vmas import read_maps
+from .errors import NoSuchProcess, TargetExeced, UnreadableMemory, WpdumpError, from_errno
+from .process import check_alive
+from .vmas import Vma, read_maps
 
 PAGE = uffd.PAGE_SIZE
 
@@ -90,71 +93,244 @@ def runs(addrs: np.ndarray) -> np.ndarray:
     return np.column_stack((starts, ends)).astype(np.uint64)
 
 
-def _readable(pid: int) -> tuple[np.ndarray, np.ndarray]:
-    """Starts and ends of the target's readable VMAs, sorted (empty when the target is gone)."""
+# /proc/PID/pagemap entry bits (admin-guide/mm/pagemap.rst)
+PM_PRESENT = np.uint64(1 << 63)
+PM_FILE = np.uint64(1 << 61)  # a file page or shared anonymous (shmem): pins never copy it
+PM_GUARD = np.uint64(1 << 58)
+PM_EXCLUSIVE = np.uint64(1 << 56)  # mapped by this process alone
+# pagemap is read across gaps of fewer pages than this (an entry costs ~35 ns, a pread ~1 µs)
+COVER_GAP = 32 * PAGE
+
+
+def _open_proc(pid: int, name: str) -> int:
     try:
-        spans = [(v.start, v.end) for v in read_maps(pid) if v.perms[0] == "r"]
-    except WpdumpError:
-        spans = []
-    arr = ranges.from_pairs(spans)
-    return arr[:, 0], arr[:, 1]
+        return os.open(f"/proc/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
+        raise NoSuchProcess(f"no such process: {pid}", pid=pid, errno=errno.ESRCH) from None
+    except OSError as e:
+        raise from_errno(e.errno or errno.EIO, pid, f"open /proc/{pid}/{name}") from None
+
+
+def _cover(r: np.ndarray, gap: int) -> np.ndarray:
+    """Sorted ranges merged across gaps shorter than ``gap`` bytes."""
+    if len(r) <= 1:
+        return r
+    brk = np.flatnonzero(r[1:, 0] - r[:-1, 1] >= np.uint64(gap)) + 1
+    return np.column_stack((r[np.concatenate(([0], brk)), 0], r[np.concatenate((brk - 1, [len(r) - 1])), 1]))
+
+
+def _runs_of(addrs: np.ndarray, sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The runs of selected pages consecutive both in memory and in ``addrs``: (n×2 ranges, index in ``addrs``
+    of each run's first page)."""
+    idx = np.flatnonzero(sel)
+    if not len(idx):
+        return ranges.EMPTY.copy(), np.zeros(0, dtype=np.int64)
+    a = addrs[idx]
+    brk = np.flatnonzero((np.diff(a) != PAGE) | (np.diff(idx) != 1)) + 1
+    first = np.concatenate(([0], brk))
+    last = np.concatenate((brk - 1, [len(a) - 1]))
+    return np.column_stack((a[first], a[last] + PAGE)).astype(np.uint64), idx[first]
+
+
+class Reader:
+    """Reads a target's pages without changing its memory (docs/kernel.md rule 18).
+
+    process_vm_readv is fast but pins what it reads, which makes the kernel copy (un-share) anonymous pages
+    shared copy-on-write with another process, and it fails on VMAs without read permission. /proc/PID/mem
+    does neither, at about half the speed. So /proc/PID/pagemap decides page by page: process_vm_readv for
+    present pages this process maps alone (and file or shmem pages, which pins never copy), /proc/PID/mem for
+    the rest and for whatever process_vm_readv cannot read. A page that /proc/PID/mem cannot read either is
+    lost if its VMA is gone (unmapped meanwhile) or turned into a guard page, else UnreadableMemory.
+    Safe to share between threads. A running target that forks between a batch's pagemap read and its
+    process_vm_readv still has that batch's pages un-shared (docs/kernel.md rule 24).
+    """
+
+    def __init__(self, pid: int, unreadable: np.ndarray = ranges.EMPTY, *, pin: bool = True) -> None:
+        """``unreadable``: ranges known to lack read permission (read through /proc/PID/mem straight away);
+        ``pin=False``: never use process_vm_readv."""
+        self.pid, self.pin = pid, pin
+        self.unreadable = ranges.merge(unreadable) if len(unreadable) else ranges.EMPTY
+        self.mem = _open_proc(pid, "mem")
+        try:
+            self.pagemap = _open_proc(pid, "pagemap")
+        except BaseException:
+            os.close(self.mem)
+            raise
+
+    def close(self) -> None:
+        for fd in (self.mem, self.pagemap):
+            if fd >= 0:
+                os.close(fd)
+        self.mem = self.pagemap = -1
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read_into(self, r: np.ndarray, out: np.ndarray) -> np.ndarray | None:
+        """Read ranges ``r`` back to back into ``out``.
+
+        Returns None when every page was read, else a mask with one bool per page of ``r``: False for a page
+        whose VMA vanished meanwhile (unmapped, or made a guard page: the next harvest reports it); its part
+        of ``out`` holds garbage. Raises UnreadableMemory for a mapped page that cannot be read.
+        """
+        r = np.ascontiguousarray(r, dtype=np.uint64)
+        total = ranges.total(r)
+        if total > len(out):
+            raise ValueError(f"{total} bytes to read into a buffer of {len(out)}")
+        if not total:
+            return None
+        npages = ((r[:, 1] - r[:, 0]) // PAGE).astype(np.int64)
+        ok, addrs = self._pinnable(r)
+        slow = ~ok
+        if ok.all():  # the common case: one process_vm_readv a batch, no per-page arrays
+            fails = self._readv(r, np.cumsum(npages) - npages, out)
+        elif ok.any():
+            addrs = page_addrs(r) if addrs is None else addrs
+            fails = self._readv(*_runs_of(addrs, ok), out)
+        else:
+            fails = []
+        for a, b in fails:
+            slow[a:b] = True  # not readable this way: through /proc/PID/mem
+        if not slow.any():
+            return None
+        addrs = page_addrs(r) if addrs is None else addrs
+        lost = np.zeros(len(addrs), dtype=bool)
+        for a, b in self._pread(*_runs_of(addrs, slow), out):
+            lost[a:b] = True
+        return ~lost if lost.any() else None
+
+    def _pinnable(self, r: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Which pages of ``r`` process_vm_readv may read: present, and mapped by this process alone or not
+        anonymous. Also their addresses when it had to compute them (else None)."""
+        n = ranges.total(r) // PAGE
+        if not self.pin:
+            return np.zeros(n, dtype=bool), None
+        addrs = None
+        in_order = len(r) < 2 or bool((r[1:, 0] >= r[:-1, 1]).all())
+        cov = _cover(r if in_order else ranges.merge(r), COVER_GAP)
+        pages = ((cov[:, 1] - cov[:, 0]) // PAGE).astype(np.int64)
+        ent = np.zeros(int(pages.sum()), dtype=np.uint64)
+        got = uffd.pread_ranges(self.pagemap, cov // PAGE * 8, ent.view(np.uint8))
+        if got != len(ent) * 8:  # the mm is gone: /proc/PID/mem will say so
+            return np.zeros(n, dtype=bool), None
+        if in_order and len(ent) == n:  # the cover is the ranges themselves: entries in page order
+            e = ent
+        else:
+            addrs = page_addrs(r)
+            k = np.searchsorted(cov[:, 0], addrs, side="right") - 1
+            e = ent[(np.cumsum(pages) - pages)[k] + ((addrs - cov[k, 0]) // PAGE).astype(np.int64)]
+        ok = ((e & PM_PRESENT) != 0) & ((e & (PM_EXCLUSIVE | PM_FILE)) != 0)
+        u = self.unreadable
+        if len(u):
+            k = np.searchsorted(u[:, 1], r[:, 0], side="right")
+            if ((k < len(u)) & (u[np.minimum(k, len(u) - 1), 0] < r[:, 1])).any():  # some range meets them
+                addrs = page_addrs(r) if addrs is None else addrs
+                ok &= ~in_ranges(addrs, u)
+        return ok, addrs
+
+    def _readv(self, rr: np.ndarray, first: np.ndarray, out: np.ndarray) -> list[tuple[int, int]]:
+        """process_vm_readv runs ``rr`` (run i to page ``first[i]`` of ``out``); the page spans it could not read."""
+        dst = first.astype(np.uint64) * np.uint64(PAGE)
+        npages = ((rr[:, 1] - rr[:, 0]) // PAGE).astype(np.int64)
+        cum = np.cumsum(npages * PAGE)
+        failed = []
+        i = 0
+        while i < len(rr):
+            got = uffd.read_ranges(self.pid, rr[i:], out, dst[i:])
+            if got < 0:
+                if got == -errno.ESRCH:
+                    raise NoSuchProcess(f"no such process: {self.pid}", pid=self.pid, errno=errno.ESRCH)
+                if got not in (-errno.EFAULT, -errno.ENOMEM, -errno.EIO):
+                    raise from_errno(got, self.pid, "process_vm_readv")
+                got = 0
+            done = (int(cum[i - 1]) if i else 0) + got
+            if done >= int(cum[-1]):
+                break
+            k = int(np.searchsorted(cum, done, side="right"))
+            skip = (done - (int(cum[k - 1]) if k else 0)) // PAGE
+            failed.append((int(first[k]) + skip, int(first[k] + npages[k])))
+            i = k + 1
+        return failed
+
+    def _pread(self, rr: np.ndarray, first: np.ndarray, out: np.ndarray) -> list[tuple[int, int]]:
+        """Read runs ``rr`` through /proc/PID/mem (run i to page ``first[i]`` of ``out``); the page spans lost."""
+        lost: list[tuple[int, int]] = []
+        maps: tuple[np.ndarray, list[Vma]] | None = None
+        retried = -1
+        cum = np.cumsum((rr[:, 1] - rr[:, 0]).astype(np.int64))
+        pos = 0  # bytes of the runs, back to back, read or given up
+        while pos < int(cum[-1]):
+            i = int(np.searchsorted(cum, pos, side="right"))  # the run holding ``pos``
+            at = int(rr[i, 1]) - (int(cum[i]) - pos)
+            sub = rr[i:].copy()
+            sub[0, 0] = at
+            dst = first[i:].astype(np.uint64) * np.uint64(PAGE)
+            dst[0] += np.uint64(at - int(rr[i, 0]))
+            got = uffd.pread_ranges(self.mem, sub, out, dst)
+            if got > 0:  # all, or short: go on from where it stopped, to learn why
+                pos += got
+                continue
+            if got == 0:
+                raise self._gone()
+            if got != -errno.EIO:
+                raise from_errno(got, self.pid, "read /proc/PID/mem")
+            pos -= at % PAGE  # the page that failed, whole
+            at -= at % PAGE
+            end = int(rr[i, 1])
+            if maps is None or retried == at:
+                maps = self._maps()
+            v = _vma_at(maps, at)
+            if v is None:  # unmapped meanwhile: lose the pages up to the next VMA
+                k = int(np.searchsorted(maps[0], at, side="right"))
+                stop = min(end, int(maps[0][k])) if k < len(maps[0]) else end
+            elif self._guard(at):  # made a guard page meanwhile: lose this page alone
+                stop = at + PAGE
+            elif retried != at:  # mapped: read it again (it may have been remapped meanwhile)
+                retried = at
+                continue
+            else:
+                raise UnreadableMemory(at, min(end, v.end), str(v), pid=self.pid, errno=errno.EIO)
+            page = int(first[i]) + (at - int(rr[i, 0])) // PAGE
+            lost.append((page, page + (stop - at) // PAGE))
+            pos += stop - at
+        return lost
+
+    def _maps(self) -> tuple[np.ndarray, list[Vma]]:
+        """The target's VMAs now (their starts, and the VMAs); the target gone or without memory raises."""
+        vmas = read_maps(self.pid)
+        if not vmas:
+            raise self._gone()
+        return np.array([v.start for v in vmas], dtype=np.uint64), vmas
+
+    def _guard(self, addr: int) -> bool:
+        try:
+            raw = os.pread(self.pagemap, 8, addr // PAGE * 8)
+        except OSError:
+            return False
+        return len(raw) == 8 and bool(np.frombuffer(raw, dtype=np.uint64)[0] & PM_GUARD)
+
+    def _gone(self) -> WpdumpError:
+        """The error for a memory that reads as end of file: the process exited, or exec'd a new image."""
+        try:
+            check_alive(self.pid)
+        except NoSuchProcess as e:
+            return e
+        return TargetExeced(f"pid {self.pid}: its memory was replaced (execve?) while pages were read",
+                            pid=self.pid, errno=errno.ESRCH)
+
+
+def _vma_at(maps: tuple[np.ndarray, list[Vma]], addr: int) -> Vma | None:
+    k = int(np.searchsorted(maps[0], addr, side="right")) - 1
+    return maps[1][k] if k >= 0 and addr < maps[1][k].end else None
 
 
 def read_into(pid: int, r: np.ndarray, out: np.ndarray) -> np.ndarray | None:
-    """Read ranges ``r`` of ``pid`` back to back into ``out`` (uffd.read_ranges).
-
-    Returns None when every page was read, else a mask with one bool per page of ``r``: False for a page that
-    could not be read (unmapped meanwhile; its part of ``out`` holds garbage). Reading goes on after such a
-    hole at the next readable VMA (from /proc/PID/maps, read only then), so that a VMA unmapped between the
-    harvest and the copy costs only its own pages, not those of a neighbour merged into the same range.
-    """
-    r = np.ascontiguousarray(r, dtype=np.uint64)
-    lens = (r[:, 1] - r[:, 0]).astype(np.int64) if len(r) else np.zeros(0, dtype=np.int64)
-    offs = np.concatenate(([0], np.cumsum(lens))).astype(np.int64)
-    total = int(offs[-1])
-    if total > len(out):
-        raise ValueError(f"{total} bytes to read into a buffer of {len(out)}")
-    bad: list[tuple[int, int]] = []  # byte offsets [a, b) of out that could not be read
-    readable = None
-    i, start = 0, int(r[0, 0]) if len(r) else 0
-    while i < len(r):
-        sub = r[i:]
-        if start != int(r[i, 0]):
-            sub = sub.copy()
-            sub[0, 0] = start
-        base = int(offs[i]) + start - int(r[i, 0])  # where ``start`` goes in out
-        got = uffd.read_ranges(pid, sub, out[base:total])
-        if got < 0:
-            if got == -errno.ESRCH:
-                raise NoSuchProcess(f"no such process: {pid}", pid=pid, errno=errno.ESRCH)
-            if got not in (-errno.EFAULT, -errno.ENOMEM, -errno.EIO):
-                raise from_errno(got, pid, "process_vm_readv")
-            got = 0
-        pos = base + got // PAGE * PAGE  # the first page not read
-        if pos >= total:
-            break
-        j = int(np.searchsorted(offs, pos, side="right")) - 1
-        addr = int(r[j, 0]) + pos - int(offs[j])
-        if readable is None:
-            readable = _readable(pid)
-        k = int(np.searchsorted(readable[0], addr, side="right"))
-        if k > 0 and addr < readable[1][k - 1]:
-            resume = addr + PAGE  # unreadable inside a readable VMA (a guard page): skip this page alone
-        else:
-            resume = int(readable[0][k]) if k < len(readable[0]) else int(r[-1, 1])
-        stop = min(resume, int(r[j, 1]))
-        bad.append((pos, pos + stop - addr))
-        if stop < int(r[j, 1]):
-            i, start = j, stop
-        else:
-            i = j + 1
-            start = int(r[i, 0]) if i < len(r) else 0
-    if not bad:
-        return None
-    mask = np.ones(total // PAGE, dtype=bool)
-    for a, b in bad:
-        mask[a // PAGE : b // PAGE] = False
-    return mask
+    """Read ranges ``r`` of ``pid`` back to back into ``out`` with a Reader of its own (see Reader.read_into)."""
+    with Reader(pid) as reader:
+        return reader.read_into(r, out)
 
 
 def copy_pages(pid: int, r: np.ndarray, buf: CopyBuffer) -> Copied:

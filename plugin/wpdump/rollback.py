@@ -18,8 +18,10 @@ import numpy as np
 
 from . import freeze, keeper, ranges
 from .chain import Iteration, boot_id, load_chain, read_pages_into
-from .errors import NoSuchProcess, WpdumpError, from_errno
+from .errors import NoSuchProcess, UnreadableMemory, WpdumpError, from_errno
 from .inject import seized
+from .pagecopy import Reader
+from .pagecopy import runs as page_runs
 from .process import check_alive, thread_state, threads
 from .tracker import Tracker
 from .vmas import KERNEL_VMAS, Vma, read_maps
@@ -103,23 +105,26 @@ def _runs(addrs: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 class _Memory:
-    """Reads and writes of the frozen target's memory through /proc/PID/mem (works on any protection)."""
+    """Reads and writes of the frozen target's memory through /proc/PID/mem (works on any protection; reads
+    never pin, so pages shared copy-on-write stay shared)."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
+        self.reader = Reader(pid, pin=False)
         try:
             self.fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
         except (FileNotFoundError, ProcessLookupError):
+            self.reader.close()
             raise NoSuchProcess(f"no such process: {pid}", pid=pid, errno=errno.ESRCH) from None
         except PermissionError as e:
+            self.reader.close()
             raise from_errno(e.errno, pid, "open /proc/PID/mem") from None
 
-    def read(self, addrs: np.ndarray) -> np.ndarray:
+    def read(self, addrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The pages at sorted ``addrs`` and a mask of those that could be read (guard pages cannot)."""
         out = np.zeros((len(addrs), PAGE), dtype=np.uint8)
-        for a, b, start in _runs(addrs):
-            data = os.pread(self.fd, (b - a) * PAGE, start)
-            out.reshape(-1)[a * PAGE : a * PAGE + len(data)] = np.frombuffer(data, dtype=np.uint8)
-        return out
+        ok = self.reader.read_into(page_runs(addrs), out.reshape(-1))
+        return out, np.ones(len(addrs), dtype=bool) if ok is None else ok
 
     def write(self, addrs: np.ndarray, rows: np.ndarray) -> None:
         for a, b, start in _runs(addrs):
@@ -133,6 +138,7 @@ class _Memory:
 
     def close(self) -> None:
         os.close(self.fd)
+        self.reader.close()
 
 
 def _file_content(pid: int, v: Vma, addrs: np.ndarray) -> np.ndarray:
@@ -181,8 +187,11 @@ def _rollback(pid: int, chain: list[Iteration], vmas: list[Vma], candidates: np.
                 absent = read_pages_into(chain, a, want) < 0
                 if absent.any() and not v.shared and not v.anonymous:
                     want[absent] = _file_content(pid, v, a[absent])
-                cur = mem.read(a)
-                diff = (cur.view(np.uint64) != want.view(np.uint64)).any(axis=1)
+                cur, readable = mem.read(a)
+                if (~readable & ~absent).any():  # the image holds data where the process has none to read
+                    bad = page_runs(a[~readable & ~absent])
+                    raise UnreadableMemory(int(bad[0, 0]), int(bad[0, 1]), str(v), pid=pid, errno=errno.EIO)
+                diff = (cur.view(np.uint64) != want.view(np.uint64)).any(axis=1) & readable
                 res.pages_examined += len(a)
                 zap = diff & absent & ~np.bool_(v.shared)
                 write = diff & ~zap
@@ -194,8 +203,6 @@ def _rollback(pid: int, chain: list[Iteration], vmas: list[Vma], candidates: np.
                     if not v.anonymous:
                         drop_rows.append((a[zap], want[zap]))
         if drop_addrs:
-            from .pagecopy import runs as page_runs
-
             r = page_runs(np.sort(np.concatenate(drop_addrs)))
             failed = _drop(pid, r)
             res.pages_dropped = (ranges.total(r) - ranges.total(failed)) // PAGE

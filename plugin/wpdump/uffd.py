@@ -161,15 +161,39 @@ def scan_all(pagemap_fd: int, start: int, end: int, buf: RegionBuffer, **kw: int
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-def read_ranges(pid: int, ranges: np.ndarray, out: memoryview | bytearray | np.ndarray) -> int:
-    """Copy the target's [start, end) ``ranges`` (n×2 uint64) back to back into ``out``.
+def read_ranges(
+    pid: int, ranges: np.ndarray, out: memoryview | bytearray | np.ndarray, dst: np.ndarray | None = None
+) -> int:
+    """Copy the target's [start, end) ``ranges`` (n×2 uint64) into ``out`` with process_vm_readv: back to back,
+    or range i at byte ``dst[i]`` of ``out``.
 
-    Returns the bytes copied (short when a range vanished) or -errno.
+    Returns the bytes copied (short at the first range that cannot be read) or -errno. It pins the pages:
+    never for pages shared copy-on-write (docs/kernel.md rule 18; pagecopy.Reader decides).
     """
     ranges = np.ascontiguousarray(ranges, dtype=np.uint64)
     src = ffi.cast("const uint64_t *", ranges.ctypes.data)
-    dst = ffi.from_buffer(out, require_writable=True)
-    return int(lib.wpd_read_ranges(pid, src, len(ranges), dst, len(dst)))
+    out_p = ffi.from_buffer(out, require_writable=True)
+    return int(lib.wpd_read_ranges(pid, src, len(ranges), out_p, len(out_p), _dst(dst, len(ranges))))
+
+
+def pread_ranges(
+    fd: int, ranges: np.ndarray, out: memoryview | bytearray | np.ndarray, dst: np.ndarray | None = None
+) -> int:
+    """pread the byte ranges [start, end) (n×2 uint64) of ``fd`` into ``out``, back to back or range i at byte
+    ``dst[i]``: one pread per range. Returns the bytes read (short at the first range that fails or ends early),
+    or -errno (0 at end of file) when nothing could be read."""
+    ranges = np.ascontiguousarray(ranges, dtype=np.uint64)
+    src = ffi.cast("const uint64_t *", ranges.ctypes.data)
+    out_p = ffi.from_buffer(out, require_writable=True)
+    return int(lib.wpd_pread_ranges(fd, src, len(ranges), out_p, len(out_p), _dst(dst, len(ranges))))
+
+
+def _dst(dst: np.ndarray | None, n: int):
+    if dst is None:
+        return ffi.NULL
+    if dst.dtype != np.uint64 or not dst.flags.c_contiguous or len(dst) < n:
+        raise ValueError("dst: a contiguous uint64 array with one offset per range")
+    return ffi.cast("const uint64_t *", dst.ctypes.data)
 
 
 def zero_pages(rows: np.ndarray) -> tuple[np.ndarray, int]:

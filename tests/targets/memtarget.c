@@ -37,6 +37,10 @@ static int prot_of(const char *s)
 		return PROT_NONE;
 	if (!strcmp(s, "r"))
 		return PROT_READ;
+	if (!strcmp(s, "w"))
+		return PROT_WRITE;
+	if (!strcmp(s, "x"))
+		return PROT_EXEC;
 	return PROT_READ | PROT_WRITE;
 }
 
@@ -136,6 +140,19 @@ int main(int argc, char **argv)
 				reply("err %d", errno);
 			else
 				reply("ok %lx", (unsigned long)p);
+		} else if (!strcmp(cmd, "secret")) { /* secret PAGES: memfd_secret memory, written */
+			sscanf(line, "%*s %lu", &a);
+			int fd = (int)syscall(447 /* memfd_secret */, 0);
+			void *p = fd < 0 || ftruncate(fd, (off_t)(a * PG)) ? MAP_FAILED
+				  : mmap(NULL, a * PG, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+			if (fd >= 0)
+				close(fd);
+			if (p == MAP_FAILED) {
+				reply("err %d", errno);
+			} else {
+				memset(p, 0x5e, a * PG);
+				reply("ok %lx", (unsigned long)p);
+			}
 		} else if (!strcmp(cmd, "mapfile")) { /* mapfile PATH PAGES private|shared */
 			sscanf(line, "%*s %255s %lu %255s", s1, &a, s2);
 			int fd = open(s1, O_RDWR);
@@ -178,7 +195,8 @@ int main(int argc, char **argv)
 		} else if (!strcmp(cmd, "madvise")) { /* madvise ADDR PAGES dontneed|free|pageout|cold */
 			sscanf(line, "%*s %lx %lu %255s", &a, &b, s1);
 			int adv = !strcmp(s1, "free") ? MADV_FREE : !strcmp(s1, "pageout") ? MADV_PAGEOUT
-				: !strcmp(s1, "populate_write") ? 23 /* MADV_POPULATE_WRITE */ : MADV_DONTNEED;
+				: !strcmp(s1, "populate_write") ? 23 /* MADV_POPULATE_WRITE */
+				: !strcmp(s1, "guard") ? 102 /* MADV_GUARD_INSTALL */ : MADV_DONTNEED;
 			if (madvise((void *)a, b * PG, adv))
 				reply("err %d", errno);
 			else
@@ -275,17 +293,6 @@ int main(int argc, char **argv)
 				reply("err %d", errno);
 			else
 				reply("ok %d", uring_fd);
-		} else if (!strcmp(cmd, "secret")) { /* secret PAGES: memfd_secret memory, filled */
-			sscanf(line, "%*s %lu", &a);
-			int fd = (int)syscall(447 /* memfd_secret */, 0);
-			void *p = fd < 0 || ftruncate(fd, a * PG) ? MAP_FAILED
-				  : mmap(NULL, a * PG, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-			if (p == MAP_FAILED) {
-				reply("err %d", errno);
-			} else {
-				memset(p, 0x5e, a * PG);
-				reply("ok %lx", (unsigned long)p);
-			}
 		} else if (!strcmp(cmd, "bgread")) { /* bgread PATH ADDR PAGES: pread in a thread */
 			sscanf(line, "%*s %255s %lx %lu", read_path, &a, &b);
 			read_buf = (void *)a;
