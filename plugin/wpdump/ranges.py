@@ -84,3 +84,15 @@ def union(*parts: np.ndarray) -> np.ndarray:
     """Sorted, merged union of range arrays."""
     parts = tuple(p for p in parts if len(p))
     return merge(np.concatenate(parts).astype(np.uint64)) if parts else EMPTY.copy()
+
+
+def overlaps(q: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """A bool per range of ``q``: does it meet any range of ``r``? (binary search: O((n + m) log m))."""
+    if not len(q) or not len(r):
+        return np.zeros(len(q), dtype=bool)
+    r = merge(np.asarray(r, dtype=np.uint64))
+    q = np.asarray(q, dtype=np.uint64)
+    i = np.searchsorted(r[:, 1], q[:, 0], side="right")  # the first range of r ending after q's start
+    hit = i < len(r)
+    hit[hit] = r[i[hit], 0] < q[hit, 1]
+    return hit
