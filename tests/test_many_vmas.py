@@ -57,6 +57,19 @@ def striped(t) -> int:
     return a
 
 
+FILE_PAGES = 2000
+
+
+def striped_file(t, tmp_path) -> int:
+    """A private mapping of a FILE_PAGES file in as many VMAs, some pages COWed (written)."""
+    path = tmp_path / "data"
+    path.write_bytes(bytes(range(1, 256)) * (FILE_PAGES * PAGE // 255) + bytes(FILE_PAGES * PAGE % 255))
+    f = t.addr("mapfile", path, FILE_PAGES, "private")
+    poke(t, f, list(range(0, FILE_PAGES, 6)))
+    t.cmd("stripe", hex(f), FILE_PAGES)
+    return f
+
+
 def change_layout(t, a: int, hole: int) -> dict[str, object]:
     """Layout changes of known outcome; returns the expected events as (kind, old span, new span) pages."""
     pg = lambda lo, hi: (a + lo * PAGE, a + hi * PAGE)  # noqa: E731
@@ -94,9 +107,10 @@ def free_hole(t) -> int:
     return h
 
 
-def test_thirty_thousand_vmas_pages_and_events(target):
+def test_thirty_thousand_vmas_pages_and_events(target, tmp_path):
     t = target
     a = striped(t)
+    f = striped_file(t, tmp_path)
     hole = free_hole(t)
     with hang_guard():
         with Tracker(t.pid) as tr:
@@ -107,9 +121,13 @@ def test_thirty_thousand_vmas_pages_and_events(target):
             # writes only: exactly the written pages, no event in the striped range
             written = list(range(0, N, 10))
             poke(t, a, written)
+            poke(t, f, list(range(0, FILE_PAGES, 8)))
             wait_idle(t.pid)
             h = tr.harvest()
             assert copied_pages(h, a, a + N * PAGE) == {a + i * PAGE for i in written}
+            assert copied_pages(h, f, f + FILE_PAGES * PAGE) == {f + i * PAGE for i in range(0, FILE_PAGES, 8)}
+            # a COWed page zapped goes back to the file's content: reverted, not copied
+            t.cmd("madvise", hex(f + 12 * PAGE), 1, "dontneed")
             assert not [e for e in h.events if e.new and a <= e.new.start < a + N * PAGE]
             # layout changes and writes: the events, the written pages, the moved and new VMAs whole
             want = change_layout(t, a, hole)
@@ -123,6 +141,9 @@ def test_thirty_thousand_vmas_pages_and_events(target):
             pages = copied_pages(h, a, a + N * PAGE)
             assert {a + i * PAGE for i in later} <= pages
             assert a + 8 * PAGE not in pages
+            assert [v for v in h.vmas if v.vma.start == f + 12 * PAGE][0].reverted.tolist() == [[f + 12 * PAGE,
+                                                                                                f + 13 * PAGE]]
+            assert not copied_pages(h, f, f + FILE_PAGES * PAGE)
             by_start = {v.vma.start: v for v in h.vmas}
             assert by_start[hole].whole and by_start[a + 5000 * PAGE].whole
             assert h.problems == []
@@ -131,17 +152,21 @@ def test_thirty_thousand_vmas_pages_and_events(target):
 def test_thirty_thousand_vmas_chain_equals_memory(target, tmp_path):
     t = target
     a = striped(t)
+    f = striped_file(t, tmp_path)
     hole = free_hole(t)
-    d = str(tmp_path)
+    (tmp_path / "img").mkdir()
+    d = str(tmp_path / "img")
     with hang_guard():
         r1 = iteration.pre_dump(t.pid, f"{d}/1")
         poke(t, a, list(range(0, N, 10)))
+        poke(t, f, list(range(0, FILE_PAGES, 8)))
         wait_idle(t.pid)
         r2 = iteration.pre_dump(t.pid, f"{d}/2", "../1")
         assert r2.incremental and r2.pages_parent > 0
         change_layout(t, a, hole)
         poke(t, a, writable(range(2, N, 40)))
         t.cmd("madvise", hex(a + 20 * PAGE), 1, "dontneed")
+        t.cmd("madvise", hex(f + 12 * PAGE), 1, "dontneed")  # a COWed file page: the file's content again
         wait_idle(t.pid)
         r3 = iteration.pre_dump(t.pid, f"{d}/3", "../2")
         poke(t, a, writable(range(4, N, 50)))

@@ -359,9 +359,7 @@ class Tracker:
         ok[failed] = False
         keep = np.flatnonzero(ok).tolist()
         pages = classify_many([scan[i] for i in keep], regions, counts[ok], Policy.TRACK)
-        for i, res in zip(keep, pages, strict=True):
-            if file_private[i]:
-                self._find_reverted(pagemap, res)
+        self._find_reverted(pagemap, [res for i, res in zip(keep, pages, strict=True) if file_private[i]])
         out.extend(pages)
         changed = False
         for _ in range(_RETRIES):
@@ -468,23 +466,34 @@ class Tracker:
         # every page with content.
         return self._present(pagemap, v, Policy.TRACK)
 
-    def _find_reverted(self, pagemap: int, res: VmaPages) -> None:
+    def _find_reverted(self, pagemap: int, results: list[VmaPages]) -> None:
         """A zapped COW page of a private file mapping shows the file again but is not reported
         written (the kernel keeps its WP marker): find it as a COW page that is one no more."""
-        v = res.vma
-        cow = uffd.scan_all(
-            pagemap, v.start, v.end, self._buf, flags=0, category_mask=PAGE_IS_FILE,
+        if not results:
+            return
+        spans = np.array([(r.vma.start, r.vma.end) for r in results], dtype=np.uint64)
+        masks = np.full(len(results), uffd.CLASSIFY_MASK, dtype=np.uint64)
+        cow, counts = uffd.scan_ranges(
+            pagemap, spans, masks, self._buf, flags=0, category_mask=PAGE_IS_FILE,
             category_inverted=PAGE_IS_FILE, category_anyof_mask=PAGE_IS_PRESENT,
         )  # not SWAPPED: uffd-wp markers on never-COWed pages read as SWAPPED without FILE
-        if isinstance(cow, int):
-            raise self._error(cow, "PAGEMAP_SCAN")
-        now = ranges.merge(np.column_stack((cow["start"], cow["end"])).astype(np.uint64))
-        before = self._cow.get((v.start, v.end))
-        self._cow[(v.start, v.end)] = now
-        if before is not None and len(before):
-            lost = ranges.subtract(ranges.subtract(before, now), res.copy)
-            if len(lost):
-                res.reverted = ranges.merge(np.concatenate((res.reverted, lost)))
+        for i in np.flatnonzero(counts < 0).tolist():
+            raise self._error(int(counts[i]), "PAGEMAP_SCAN")
+        rows = np.column_stack((cow["start"], cow["end"])).astype(np.uint64)
+        if len(rows) and not (rows[1:, 0] >= rows[:-1, 1]).all():  # not in address order after all
+            ends = np.cumsum(counts).tolist()
+            parts = [ranges.merge(rows[e - c : e]) for c, e in zip(counts.tolist(), ends, strict=True)]
+        else:
+            merged, b = _split_by_vma(rows, np.repeat(np.arange(len(results)), counts), len(results))
+            parts = [merged[b[i] : b[i + 1]] for i in range(len(results))]
+        for res, now in zip(results, parts, strict=True):
+            v = res.vma
+            before = self._cow.get((v.start, v.end))
+            self._cow[(v.start, v.end)] = now
+            if before is not None and len(before):
+                lost = ranges.subtract(ranges.subtract(before, now), res.copy)
+                if len(lost):
+                    res.reverted = ranges.merge(np.concatenate((res.reverted, lost)))
 
     def _whole(self, pagemap: int, v: Vma, pol: Policy) -> VmaPages:
         """Report all content of a VMA that is not (or cannot be) tracked."""
