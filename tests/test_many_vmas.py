@@ -414,3 +414,17 @@ def test_scan_ranges_with_a_small_buffer_equals_one_scan_per_vma(target):
             assert len(regions) == counts[counts > 0].sum()
         finally:
             os.close(fd)
+
+
+def test_range_lookups_equal_the_linear_ones():
+    """ranges.overlaps and ranges.clip_sorted (binary search) against a plain scan of every range."""
+    rng = random.Random(3)
+    for _ in range(2000):
+        starts = sorted(rng.sample(range(0, 90, 3), rng.randint(0, 9)))
+        r = ranges.merge(np.array([(a, a + rng.randint(1, 9)) for a in starts], dtype=np.uint64).reshape(-1, 2))
+        q = np.array([(a, a + rng.randint(1, 12)) for a in rng.sample(range(100), rng.randint(0, 6))],
+                     dtype=np.uint64).reshape(-1, 2)
+        want = [any(int(s) < b and a < int(e) for s, e in r) for a, b in q.tolist()]
+        assert ranges.overlaps(q, r).tolist() == want
+        for lo, hi in q.tolist():
+            assert ranges.clip_sorted(r, lo, hi).tolist() == ranges.clip(r, lo, hi).tolist()

@@ -36,6 +36,16 @@ def clip(r: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return out[out[:, 0] < out[:, 1]]
 
 
+def clip_sorted(r: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """:func:`clip` for ``r`` sorted and disjoint, in O(log n + k): the ranges meeting [lo, hi) found by binary
+    search (clipping a long list to each of many VMAs is then not quadratic)."""
+    if not len(r):
+        return r
+    i = int(np.searchsorted(r[:, 1], np.uint64(lo), side="right"))  # the first range ending after lo
+    j = int(np.searchsorted(r[:, 0], np.uint64(hi), side="left"))  # the first range starting at or after hi
+    return clip(r[i:j], lo, hi) if i < j else EMPTY
+
+
 def total(r: np.ndarray) -> int:
     """Bytes covered by ``r``."""
     return int((r[:, 1] - r[:, 0]).sum()) if len(r) else 0
