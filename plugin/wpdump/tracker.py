@@ -32,7 +32,7 @@ from .uffd import (
     PAGE_IS_SWAPPED,
     RegionBuffer,
 )
-from .vmas import Policy, Vma, VmaEvent, diff_layouts, policy_for, read_maps, read_vmflags
+from .vmas import Policy, Vma, VmaEvent, diff_layouts, from_tuples, policy_for, read_maps, read_vmflags
 
 log = logging.getLogger("wpdump.tracker")
 
@@ -238,11 +238,12 @@ class Tracker:
             self.start_ticks = st["start_ticks"]
             self._buf = RegionBuffer(st["region_capacity"])
             policies = {p.value: p for p in Policy}
-            self._policy = {Vma._make(k): (policies[p], why) for k, p, why in st["policy"]}
+            keys = from_tuples([k for k, _, _ in st["policy"]])
+            self._policy = {k: (policies[p], why) for k, (_, p, why) in zip(keys, st["policy"], strict=True)}
             self._busy = {
                 (s, e): RangeBusy(s, e, path, pid=pid, errno=errno.EBUSY) for s, e, path in st["busy"]
             }
-            self._layout, self._cow = [Vma._make(t) for t in st["layout"]], st["cow"]
+            self._layout, self._cow = from_tuples(st["layout"]), st["cow"]
             self.initial = None  # type: ignore[assignment]
             if check_alive(pid).start_ticks != self.start_ticks:
                 raise TargetExited(f"target {pid} exited (the pid now names another process)", pid=pid,

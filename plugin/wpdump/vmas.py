@@ -63,12 +63,20 @@ class Vma(NamedTuple):
         return f"{self.start:#x}-{self.end:#x} {self.perms}{name}"
 
 
+_tuple_new = tuple.__new__  # builds a Vma without namedtuple's Python-level __new__ (a third of read_maps)
+
+
+def from_tuples(rows: list[tuple]) -> list[Vma]:
+    """Vmas from plain tuples of their seven fields (as Tracker.export_state keeps them)."""
+    return [_tuple_new(Vma, r) for r in rows]
+
+
 def parse_maps_line(line: str) -> Vma:
     """Parse one /proc/PID/maps line."""
     parts = line.split(maxsplit=5)
-    lo, hi = parts[0].split("-")
+    lo, _, hi = parts[0].partition("-")
     path = parts[5].rstrip("\n") if len(parts) > 5 else ""
-    return Vma(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16), parts[3], int(parts[4]), path)
+    return _tuple_new(Vma, (int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16), parts[3], int(parts[4]), path))
 
 
 def read_maps(pid: int) -> list[Vma]:
