@@ -28,7 +28,7 @@ from .errors import TargetExeced, WpdumpError
 from .pagecopy import aligned_buffer, in_ranges, page_addrs, read_into
 from .pagecopy import runs as image_runs
 from .process import check_alive, thread_state, threads
-from .tracker import Harvest, Tracker
+from .tracker import Harvest, Tracker, gc_paused
 from .vmas import Policy
 
 log = logging.getLogger("wpdump.iteration")
@@ -480,6 +480,7 @@ def _all_stopped(pid: int) -> bool:
     return all(thread_state(pid, t) in ("T", "t") for t in threads(pid))
 
 
+@gc_paused()
 def run(
     pid: int, images_dir: str, prev_images_dir: str | None = None, *, final: bool = False,
     leave_stopped: bool = False, keep_tracking: bool | None = None, progress: Progress | None = None,

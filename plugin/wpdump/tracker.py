@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import gc
 import logging
 import os
 import pickle
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -85,6 +88,20 @@ class Harvest:
     @property
     def copy_bytes(self) -> int:
         return sum(v.copy_bytes for v in self.vmas)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Run a block with Python's cyclic garbage collector off. A round builds containers per VMA (tens of
+    thousands) and each collection re-traverses every live object: a third of the CPU time of a 30,000-VMA
+    iteration. Reference counting still frees what the block drops; the collector runs again after it."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _coalesce(r: np.ndarray) -> np.ndarray:
@@ -217,7 +234,8 @@ class Tracker:
                 raise KernelUnsupported(missing[0], pid=pid)
             self._uffd = open_userfaultfd(pid, self._pidfd)
             uffd.api(self._uffd, pid)
-            self.initial = self._harvest(initial=True)
+            with gc_paused():
+                self.initial = self._harvest(initial=True)
         except BaseException:
             self.close()
             raise
@@ -273,7 +291,8 @@ class Tracker:
             raise TrackerError(f"tracker of pid {self.pid} is closed", pid=self.pid)
         self.round += 1
         try:
-            return self._harvest(initial=False)
+            with gc_paused():
+                return self._harvest(initial=False)
         except NoSuchProcess as e:  # /proc files of the target vanished mid-round: it exited
             if isinstance(e, TargetExited):
                 raise
