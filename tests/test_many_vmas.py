@@ -327,7 +327,7 @@ def _mutate(rng: random.Random, old: list[Vma], pages: int) -> tuple[list[Vma], 
     for v in new:
         if not disjoint or disjoint[-1].end <= v.start:
             disjoint.append(v)
-    fresh = {f for f in fresh if any(v.start <= f[0] and f[1] <= v.end for v in disjoint)}
+    # fresh spans stay as they were: a VMA registered this round may have been unmapped or split since
     # registration merged a fresh VMA into its tracked neighbour: the harvest saw the piece only
     merged: list[Vma] = []
     for w in disjoint:
@@ -341,7 +341,7 @@ def _mutate(rng: random.Random, old: list[Vma], pages: int) -> tuple[list[Vma], 
 def test_diff_layouts_keeps_the_events_of_the_quadratic_original():
     rng = random.Random(9)
     kinds: set[EventKind] = set()
-    for _ in range(4000):
+    for _ in range(6000):
         pages = rng.randint(4, 40)
         old = _layout(rng, pages)
         new, fresh = _mutate(rng, old, pages)
