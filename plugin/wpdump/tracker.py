@@ -508,8 +508,9 @@ class Tracker:
             parts = [merged[b[i] : b[i + 1]] for i in range(len(results))]
         for res, now in zip(results, parts, strict=True):
             v = res.vma
-            before = self._cow.get((v.start, v.end))
-            self._cow[(v.start, v.end)] = now
+            before = self._cow.pop((v.start, v.end), None)
+            if len(now):  # an empty set compares like none: keep the state small with many VMAs
+                self._cow[(v.start, v.end)] = now
             if before is not None and len(before):
                 lost = ranges.subtract(ranges.subtract(before, now), res.copy)
                 if len(lost):
