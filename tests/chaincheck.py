@@ -80,7 +80,7 @@ def compare_with_memory(top: str, pid: int) -> int:
     mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
     try:
         for lo, hi, perms, off, inode, path in maps(pid):
-            if path in KERNEL_VMAS:
+            if path in KERNEL_VMAS or path == "/secretmem (deleted)":  # memfd_secret: nothing can read it
                 continue
             private_file = perms[3] == "p" and (inode != 0 or path.startswith("/"))
             fobj = None

@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from chaincheck import PE_PARENT, PE_PRESENT, load_pagemap
-from conftest import compile_target, require_kernel
-from wpdump import iteration, keeper
+from conftest import Target, compile_target, copied_pages, page_set, require_kernel, zero_pages
+from wpdump import iteration, keeper, ranges, uffd
+from wpdump.tracker import Tracker
 
 BIN = pathlib.Path(sys.executable).parent
 CRIU, CRIU4_CRIT, CRIT = BIN / "criu", BIN / "criu4-crit", BIN / "crit"
@@ -30,9 +32,10 @@ def selfcheck_exe(build_dir):
 class Workload:
     """selfcheck: writes its memory continuously, verifies it against its own checksums on SIGUSR1."""
 
-    def __init__(self, exe, tmp: pathlib.Path, mib: int = 16) -> None:
+    def __init__(self, exe, tmp: pathlib.Path, mib: int = 16, reserve_mib: int = 0, memfd_pages: int = 0) -> None:
         self.result = tmp / "result"
-        self.proc = subprocess.Popen([str(exe), str(mib), str(self.result)], stdin=subprocess.DEVNULL,
+        args = [str(exe), str(mib), str(self.result), "4", str(reserve_mib), str(memfd_pages)]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         self.pid = self.proc.pid
         self.wait_line("ready")
@@ -54,6 +57,22 @@ class Workload:
         n = len(self.lines())
         os.kill(self.pid, signal.SIGUSR1)
         return self.wait_line("ok", after=n)
+
+
+@pytest.fixture
+def workload(selfcheck_exe, tmp_path):
+    """Start selfcheck workloads; one still running at the end (a failed dump left it) is killed."""
+    made: list[Workload] = []
+
+    def start(**kw) -> Workload:
+        made.append(Workload(selfcheck_exe, tmp_path, **kw))
+        return made[-1]
+
+    yield start
+    for w in made:
+        if w.proc.poll() is None:
+            w.proc.kill()
+            w.proc.wait()
 
 
 def criu(*args: object, check: bool = True) -> subprocess.CompletedProcess:
@@ -86,19 +105,27 @@ def decode_all(d: pathlib.Path, crits: list[pathlib.Path]) -> int:
     return n
 
 
-def restore_and_check(final: pathlib.Path, w: Workload) -> None:
-    """criu restore, then the restored process must pass its self-check and keep running."""
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
+
+
+def restore_and_check(final: pathlib.Path, w: Workload) -> int:
+    """criu restore, then the restored process must pass its self-check and keep running; returns its
+    RSS (KiB) right after the restore."""
     w.proc.wait()  # criu dump killed it: reap it, or the restore cannot take the pid back
     gone(w.pid)
     criu("restore", "-D", final, "-d", "-o", "restore.log", "-v4")
     try:
         assert os.path.exists(f"/proc/{w.pid}")
+        rss = rss_kib(w.pid)
         first = w.self_check()
         time.sleep(0.2)
         second = w.self_check()
         assert int(second.split()[1]) > int(first.split()[1]), (first, second)  # it runs on
     finally:
         os.kill(w.pid, signal.SIGKILL)
+    return rss
 
 
 def test_criu_restores_from_the_hooked_final_dump_and_the_wpdump_chain(selfcheck_exe, tmp_path):
@@ -148,7 +175,145 @@ def test_hook_fails_safe_when_tracking_was_lost(selfcheck_exe, tmp_path):
     restore_and_check(final, w)
 
 
-def test_hook_ignores_other_actions_and_missing_env():
-    for env in ({"CRTOOLS_SCRIPT_ACTION": "pre-dump"}, {"CRTOOLS_SCRIPT_ACTION": "post-dump"}):
+def test_hook_ignores_other_actions_and_missing_env(tmp_path):
+    for env in ({"CRTOOLS_SCRIPT_ACTION": "pre-dump"}, {"CRTOOLS_SCRIPT_ACTION": "post-dump"},
+                {"CRTOOLS_SCRIPT_ACTION": "network-lock"}):
         p = subprocess.run([str(HOOK)], env={**os.environ, **env}, capture_output=True, text=True)
         assert p.returncode == 0
+    # pre-dump of a pid wpdump does not track: nothing to do, nothing said
+    env = {"CRTOOLS_SCRIPT_ACTION": "pre-dump", "CRTOOLS_IMAGE_DIR": str(tmp_path),
+           "CRTOOLS_INIT_PID": str(os.getpid())}
+    p = subprocess.run([str(HOOK)], env={**os.environ, **env}, capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout == p.stderr == "", p
+
+
+def pages_bytes(d: pathlib.Path) -> int:
+    return sum(f.stat().st_size for f in d.glob("pages-*.img"))
+
+
+def test_hooked_dump_of_an_untouched_reservation_is_as_small_as_an_untracked_one(workload, tmp_path):
+    """docs/kernel.md rule 17: CRIU read every write-protect marker of a tracked process as a swapped page
+    and dumped a never-touched reservation whole as zeros; restored, the process held all of it."""
+    require_kernel()
+    reserve_mib = 64
+    w = workload(mib=1, reserve_mib=reserve_mib)
+    untracked = tmp_path / "untracked"
+    untracked.mkdir()
+    criu("dump", "-t", w.pid, "-D", untracked, "-o", "dump.log", "-v4", "--leave-running")
+    plain = pages(untracked, w.pid, PE_PRESENT)
+    assert pages_bytes(untracked) == plain * PAGE and plain < reserve_mib * 256 // 4, plain
+    img = tmp_path / "img"
+    img.mkdir()
+    iteration.pre_dump(w.pid, str(img / "1"))
+    time.sleep(0.2)
+    final = img / "final"
+    final.mkdir()
+    criu("dump", "-t", w.pid, "-D", final, "-o", "dump.log", "-v4", "--action-script", HOOK)
+    hooked = pages(final, w.pid, PE_PRESENT) + pages(final, w.pid, PE_PARENT)  # all CRIU collected
+    assert hooked <= 2 * plain, (hooked, plain)
+    assert pages_bytes(final) <= plain * PAGE, (pages_bytes(final), plain)
+    log = (final / "dump.log").read_text()
+    assert "removed write-protect markers" in log and "now in the parent" in log, log[-3000:]
+    rss = restore_and_check(final, w)  # the self-check also reads the reservation: all zero
+    assert rss < reserve_mib * 1024 // 4, rss
+
+
+def test_hooked_dump_of_a_private_memfd_mapping_longer_than_its_file(workload, tmp_path):
+    """A marker past the end of a privately mapped memfd made CRIU's dump fail ("Can't splice all pages
+    to pipe"): it tried to read the page as a swapped one."""
+    require_kernel()
+    w = workload(mib=1, memfd_pages=8)
+    img = tmp_path / "img"
+    img.mkdir()
+    iteration.pre_dump(w.pid, str(img / "1"))
+    time.sleep(0.2)
+    final = img / "final"
+    final.mkdir()
+    criu("dump", "-t", w.pid, "-D", final, "-o", "dump.log", "-v4", "--action-script", HOOK)
+    log = (final / "dump.log").read_text()
+    assert "removed write-protect markers" in log and "now in the parent" in log, log[-3000:]
+    restore_and_check(final, w)  # the self-check compares the memfd mapping with what was written
+
+
+PM_SWAP, PM_UFFD_WP = 1 << 62, 1 << 57
+
+
+def pagemap(pid: int, addr: int, n: int) -> np.ndarray:
+    with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as f:
+        return np.frombuffer(os.pread(f.fileno(), n * 8, addr // PAGE * 8), dtype=np.uint64)
+
+
+def markers(pid: int, addr: int, n: int) -> list[int]:
+    """Indices of the pages in [addr, addr + n pages) that hold a uffd-wp pte marker (swap type 31)."""
+    e = pagemap(pid, addr, n)
+    return np.flatnonzero(((e & np.uint64(PM_SWAP)) != 0) & ((e & np.uint64(31)) == 31)).tolist()
+
+
+def test_unmark_empty_removes_only_markers_and_loses_no_write(memtarget_exe, tmp_path):
+    """Tracker.unmark_empty: markers go from empty pages only, the dirty set is kept, a page written after
+    it is reported, an empty page is reported zero (anonymous) or file content (private file mapping)."""
+    require_kernel()
+    t = Target(memtarget_exe)
+    try:
+        anon = t.map(64)
+        t.cmd("fill", f"{anon:x}", 8, 1)
+        f = tmp_path / "file"
+        f.write_bytes(bytes(range(256)) * (64 * PAGE // 256))
+        fm = t.addr("mapfile", f, 64, "private")
+        t.cmd("poke", f"{fm:x}", "0")  # COWed
+        t.cmd("read", f"{fm:x}", 4)  # the file's own pages (fault-around maps some more), present
+        t.wait_idle()
+        with Tracker(t.pid) as tr:
+            t.cmd("poke", f"{anon:x}", "2")  # written before: the dirty set must keep it
+            t.wait_idle()
+            assert markers(t.pid, anon, 64) == list(range(8, 64))
+            fmark = markers(t.pid, fm, 64)  # the file pages without a PTE
+            assert len(fmark) >= 32 and 0 not in fmark, fmark
+            n = tr.unmark_empty()
+            assert n >= (56 + len(fmark)) * PAGE, n
+            assert markers(t.pid, anon, 64) == [] and markers(t.pid, fm, 64) == []
+            e = pagemap(t.pid, anon, 8)  # present pages keep their protection
+            assert (((e & np.uint64(PM_UFFD_WP)) != 0) == (np.arange(8) != 2)).all(), e
+            t.cmd("poke", f"{anon:x}", "10,20")
+            t.cmd("poke", f"{fm:x}", fmark[-1])
+            t.wait_idle()
+            h = tr.harvest()
+            lo, hi = anon, anon + 64 * PAGE
+            assert copied_pages(h, lo, hi) == {anon + i * PAGE for i in (2, 10, 20)}
+            assert zero_pages(h, lo, hi) == {anon + i * PAGE for i in range(8, 64) if i not in (10, 20)}
+            [vp] = [v for v in h.vmas if v.vma.start == fm]
+            assert page_set(vp.copy) == {fm + fmark[-1] * PAGE}
+            assert page_set(vp.reverted) == {fm + i * PAGE for i in fmark[:-1]}
+            assert tr.unmark_empty() >= (54 + len(fmark) - 1) * PAGE  # the harvest put markers back (rule 17)
+    finally:
+        t.kill()
+
+
+def test_unmark_empty_racing_writers_lose_no_update(target):
+    """Writers race with zapping, harvests and unmark_empty: an image kept from the harvests alone (copy:
+    read after the harvest, zero: zero) equals the memory at the end (model: test_no_lost_update).
+    The writers write the lower half; the upper half stays empty, its markers go every round."""
+    pages, chunk, rounds = 1024, 128, 100
+    a = target.map(pages)
+    with Tracker(target.pid) as tr:
+        model = np.zeros((pages, PAGE), dtype=np.uint8)  # the attach-time image: all zero
+        target.cmd("threads", 4, hex(a), pages // 2)
+        unmarked = 0
+        for i in range(rounds + 1):
+            if i == rounds:
+                target.cmd("stopthreads")
+            else:  # empty pages again: the harvest below puts markers on them, unmark_empty takes them off
+                target.cmd("madvise", hex(a + (i % (pages // chunk)) * chunk * PAGE), chunk, "dontneed")
+            h = tr.harvest()
+            for s, e in ranges.clip(h.zero_ranges(), a, a + pages * PAGE).tolist():
+                model[(s - a) // PAGE:(e - a) // PAGE] = 0
+            for s, e in ranges.clip(h.copy_ranges(), a, a + pages * PAGE).tolist():
+                rows = model[(s - a) // PAGE:(e - a) // PAGE]
+                assert uffd.read_ranges(target.pid, ranges.from_pairs([(s, e)]), rows) == e - s
+            if i < rounds:
+                unmarked += tr.unmark_empty()
+        final = np.empty((pages, PAGE), dtype=np.uint8)
+        assert uffd.read_ranges(target.pid, ranges.from_pairs([(a, a + pages * PAGE)]), final) == final.size
+    assert unmarked >= rounds * pages // 2 * PAGE, unmarked
+    bad = np.flatnonzero((model != final).any(axis=1))
+    assert not len(bad), f"{len(bad)} pages differ, first at {a + int(bad[0]) * PAGE:#x}"

@@ -156,7 +156,8 @@ def test_target_with_own_userfaultfd(target):
     lo, hi = a + 8 * PAGE, a + 16 * PAGE
     target.cmd("fill", hex(a), 32, 26)  # every page present: the target's MISSING mode never fires
     target.cmd("uffd", hex(lo), 8)
-    with attach(target) as tr:
+    wait_idle(target.pid)
+    with Tracker(target.pid, allow_userfaultfd_target=True) as tr:
         busy = tr.busy_ranges
         assert [(type(b), b.start, b.end, b.pid) for b in busy] == [(RangeBusy, lo, hi, target.pid)]
         m = Model(tr)

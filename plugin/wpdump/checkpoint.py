@@ -16,8 +16,10 @@ def checkpoint(
     pid: int, images_dir: str, policy: Convergence | None = None, *, interval: float = 0.0,
     leave_stopped: bool = False, keep_tracking: bool = False,
     on_iteration: Callable[[IterationResult, str | None], None] | None = None, progress: Progress | None = None,
+    **iteration_kw: bool,
 ) -> list[IterationResult]:
-    """Run pre-dumps then the final dump; returns every iteration's result (the last is the dump)."""
+    """Run pre-dumps then the final dump; returns every iteration's result (the last is the dump).
+    ``iteration_kw`` go to every iteration (allow_userfaultfd_target, allow_unreadable)."""
     policy = policy or PHaulPolicy()
     dest = imgdir.check_destination(images_dir)
     os.makedirs(dest, mode=0o700, exist_ok=True)
@@ -28,14 +30,14 @@ def checkpoint(
         if history and interval > 0:
             time.sleep(interval)
         res = iteration.pre_dump(pid, os.path.join(dest, str(n)), f"../{n - 1}" if history else None,
-                                 progress=progress)
+                                 progress=progress, **iteration_kw)
         history.append(res)
         reason = policy.stop_reason(history)
         if on_iteration is not None:
             on_iteration(res, reason)
     n = len(history) + 1
     res = iteration.dump(pid, os.path.join(dest, str(n)), f"../{n - 1}", leave_stopped=leave_stopped,
-                         keep_tracking=keep_tracking, progress=progress)
+                         keep_tracking=keep_tracking, progress=progress, **iteration_kw)
     history.append(res)
     if on_iteration is not None:
         on_iteration(res, None)

@@ -49,7 +49,7 @@ def _print_round(h: Harvest, args: argparse.Namespace) -> None:
 
 
 def cmd_track(args: argparse.Namespace) -> int:
-    with Tracker(args.target) as tr:
+    with Tracker(args.target, allow_userfaultfd_target=args.allow_userfaultfd_target) as tr:
         _print_round(tr.initial, args)
         n = 0
         while args.rounds == 0 or n < args.rounds:
@@ -114,7 +114,7 @@ def cmd_pre_dump(args: argparse.Namespace, final: bool = False) -> int:
         r = iteration.run(
             args.tree, args.images_dir, args.prev_images_dir, final=final,
             leave_stopped=getattr(args, "leave_stopped", False),
-            keep_tracking=getattr(args, "keep_tracking", None) or None, progress=bar,
+            keep_tracking=getattr(args, "keep_tracking", None) or None, progress=bar, **_safety_kw(args),
         )
     finally:
         bar.clear()
@@ -122,6 +122,19 @@ def cmd_pre_dump(args: argparse.Namespace, final: bool = False) -> int:
         print(HEADER)
     _report(r, args)
     return 0
+
+
+def _safety_kw(args: argparse.Namespace) -> dict:
+    return {"allow_userfaultfd_target": args.allow_userfaultfd_target, "allow_unreadable": args.allow_unreadable}
+
+
+def safety_args(q: argparse.ArgumentParser) -> None:
+    """Options that let an iteration go on where it refuses by default."""
+    q.add_argument("--allow-userfaultfd-target", action="store_true",
+                   help="track a process that uses userfaultfd itself (its UFFDIO_REGISTER then fails with EBUSY "
+                   "while tracked; what it registered is dumped whole every round)")
+    q.add_argument("--allow-unreadable", action="store_true",
+                   help="dump a process with memfd_secret memory, recording that memory as lost (warning)")
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
@@ -151,7 +164,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
     hist = checkpoint(
         args.tree, args.images_dir, policy, interval=args.interval, leave_stopped=args.leave_stopped,
-        keep_tracking=args.keep_tracking, on_iteration=on_iteration, progress=bar,
+        keep_tracking=args.keep_tracking, on_iteration=on_iteration, progress=bar, **_safety_kw(args),
     )
     if not args.json:
         print(f"final dump: {hist[-1].images_dir} (frozen {hist[-1].frozen_s * 1e3:.1f} ms)")
@@ -220,6 +233,7 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("-D", "--images-dir", required=True, metavar="DIR", help="directory for the images")
         q.add_argument("--prev-images-dir", metavar="PATH",
                        help="previous iteration, relative to DIR as in CRIU (e.g. ../1); becomes the parent link")
+        safety_args(q)
 
     pd = sub.add_parser("pre-dump", parents=[common], help="write one iteration; the target keeps running")
     iteration_args(pd)
@@ -244,6 +258,7 @@ def parser() -> argparse.ArgumentParser:
     cp.add_argument("--interval", type=float, default=0.0, metavar="SEC", help="pause between pre-dumps (0)")
     cp.add_argument("--leave-stopped", action="store_true", help="leave the target stopped after the final dump")
     cp.add_argument("--keep-tracking", action="store_true", help="go on tracking after the final dump")
+    safety_args(cp)
     cp.set_defaults(func=cmd_checkpoint)
 
     rm = sub.add_parser("restore-memory", parents=[common],
@@ -277,6 +292,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--interval", type=float, default=1.0, metavar="SEC", help="seconds between rounds (1.0)")
     t.add_argument("--json", action="store_true", help="one JSON object per round")
     t.add_argument("-v", "--verbose", action="store_true", help="print the VMA events of each round")
+    t.add_argument("--allow-userfaultfd-target", action="store_true",
+                   help="track a process that uses userfaultfd itself (its UFFDIO_REGISTER fails with EBUSY meanwhile)")
     t.set_defaults(func=cmd_track)
 
     d = sub.add_parser("demo", help="checkpoint the bundled workload while it writes, then verify the chain")

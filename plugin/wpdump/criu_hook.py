@@ -1,7 +1,11 @@
-"""``wpdump criu-hook``: CRIU's post-dump action script. While the tree is still frozen, it harvests
-the tracker's final dirty set and rewrites CRIU's final ``pagemap-PID.img``/``pages-N.img`` so that
-pages unchanged since wpdump's last pre-dump become ``PE_PARENT`` entries pointing into the wpdump
-chain (``parent`` link added): the final directory then holds, for memory, only what changed since.
+"""``wpdump criu-hook``: CRIU's action script for ``criu dump`` of a process wpdump tracks.
+
+At ``pre-dump`` (before CRIU freezes the tree) it removes the tracker's write-protect markers from empty
+pages: CRIU would read each as a swapped page and dump it (docs/kernel.md rule 17). At ``post-dump``
+(the tree still frozen) it harvests the tracker's final dirty set and rewrites CRIU's final
+``pagemap-PID.img``/``pages-N.img`` so that pages unchanged since wpdump's last pre-dump become
+``PE_PARENT`` entries pointing into the wpdump chain (``parent`` link added): the final directory then
+holds, for memory, only what changed since.
 
 It fails safe: whenever it cannot vouch for the result (no tracker, tracking lost, chain broken,
 CRIU's pages disagree with the chain) it leaves CRIU's full images untouched, says why, exits 0.
@@ -178,10 +182,11 @@ def _check_sample(src: int, entries: np.ndarray, chain: list, parent: np.ndarray
 
 
 def run_hook(env: dict[str, str] | None = None, out=sys.stderr) -> int:
-    """The action-script entry point: acts on ``post-dump`` only; always returns 0 (CRIU's dump must
-    complete: at worst it stays a full dump)."""
+    """The action-script entry point: acts on ``pre-dump`` and ``post-dump``; always returns 0 (CRIU's
+    dump must complete: at worst it stays a full dump)."""
     env = dict(os.environ if env is None else env)
-    if env.get("CRTOOLS_SCRIPT_ACTION") != "post-dump":
+    action = env.get("CRTOOLS_SCRIPT_ACTION")
+    if action not in ("pre-dump", "post-dump"):
         return 0
     try:
         images_dir = os.path.realpath(env["CRTOOLS_IMAGE_DIR"])
@@ -189,6 +194,8 @@ def run_hook(env: dict[str, str] | None = None, out=sys.stderr) -> int:
     except (KeyError, ValueError):
         print("wpdump criu-hook: no CRTOOLS_IMAGE_DIR / CRTOOLS_INIT_PID: not run by criu dump?", file=out)
         return 0
+    if action == "pre-dump":
+        return _pre_dump(root, out)
     try:
         res = _hook_pid(images_dir, root)
     except (WpdumpError, OSError) as e:
@@ -200,6 +207,43 @@ def run_hook(env: dict[str, str] | None = None, out=sys.stderr) -> int:
         f"MiB) in {res.seconds * 1e3:.1f} ms", file=out, flush=True,
     )
     return 0
+
+
+def _pre_dump(pid: int, out) -> int:
+    """Before CRIU freezes and reads the tree: no write-protect marker may remain on an empty page."""
+    t0 = time.perf_counter()
+    try:
+        n = unmark(pid)
+    except (WpdumpError, OSError) as e:
+        # Past the checkout the keeper sees it end without a checkin and ends tracking: closing the
+        # userfaultfd drops every marker (docs/kernel.md rule 10); post-dump then keeps CRIU's full images.
+        print(f"wpdump criu-hook: pid {pid}: markers not removed (CRIU reads them as swapped pages): {e}",
+              file=out, flush=True)
+        return 0
+    if n is not None:
+        print(f"wpdump criu-hook: pid {pid}: removed write-protect markers from {n / 2**20:.1f} MiB of empty pages "
+              f"in {(time.perf_counter() - t0) * 1e3:.1f} ms", file=out, flush=True)
+    return 0
+
+
+def unmark(pid: int) -> int | None:
+    """Remove the tracker's markers from the empty pages of ``pid`` (bytes), tracking going on; None if
+    ``pid`` is not tracked. On an error the tracker is not checked back in: tracking ends."""
+    k = keeper.Keeper.connect(pid)
+    if k is None:
+        return None
+    tr = None
+    try:
+        iteration, fd, state = k.checkout()
+        tr = Tracker.adopt(pid, fd, state)  # owns fd from here, on error too
+        images_dir = k.status().get("images_dir") or ""
+        n = tr.unmark_empty()
+        k.checkin(state, iteration, images_dir)  # the dirty set is unconsumed: the state is unchanged
+        return n
+    finally:
+        if tr is not None:
+            tr.close()
+        k.close()
 
 
 def _hook_pid(images_dir: str, pid: int) -> HookResult:

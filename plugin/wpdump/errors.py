@@ -53,6 +53,24 @@ class RangeBusy(WpdumpError):
         self.end = end
 
 
+class AlreadyTracked(WpdumpError):
+    """Another userfaultfd (a second tracker) write-protects VMAs of the target: two trackers would split
+    its dirty bits between them, each missing the writes the other harvested."""
+
+
+class TargetUsesUserfaultfd(WpdumpError):
+    """The target holds a userfaultfd of its own: while tracked, its UFFDIO_REGISTER fails with EBUSY."""
+
+
+class UnreadableMemory(WpdumpError):
+    """Memory of the target that nothing can read (memfd_secret): [start, end) would be lost."""
+
+    def __init__(self, message: str, start: int, end: int, **kw: object) -> None:
+        super().__init__(message, **kw)
+        self.start = start
+        self.end = end
+
+
 class TrackerError(WpdumpError):
     """A kernel operation failed in a way none of the specific errors describes."""
 

@@ -6,28 +6,21 @@ so their pages are reported every round.
 
 from __future__ import annotations
 
-import os
 import re
+
+from .procfds import IO_URING, fd_targets, fdinfo
 
 _BUF = re.compile(r"^\s*\d+:\s*0x([0-9a-f]+)\s*[/,]?\s*(\d+)", re.M)
 
 
-def registered_buffers(pid: int) -> list[tuple[int, int]]:
-    """[start, end) of every buffer registered with any io_uring instance of ``pid``."""
+def registered_buffers(pid: int, fds: dict[int, str] | None = None) -> list[tuple[int, int]]:
+    """[start, end) of every buffer registered with any io_uring instance of ``pid`` (``fds``: fd_targets)."""
     out: list[tuple[int, int]] = []
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return out
-    for fd in fds:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:[io_uring]":
-                continue
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                text = f.read()
-        except OSError:
+    fds = fd_targets(pid) if fds is None else fds
+    for fd, what in fds.items():
+        if what != IO_URING:
             continue
-        section = text.split("UserBufs:", 1)
+        section = fdinfo(pid, fd).split("UserBufs:", 1)
         if len(section) < 2:
             continue
         body = re.split(r"\n\S", section[1], maxsplit=1)[0]

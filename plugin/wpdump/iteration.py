@@ -24,12 +24,12 @@ import numpy as np
 
 from . import freeze, images, imgdir, keeper, ranges, uffd
 from .chain import META_FILE, META_FORMAT, Iteration, boot_id, check_parent, load_parent, uptime_us
-from .errors import TargetExeced, WpdumpError
+from .errors import TargetExeced, UnreadableMemory, WpdumpError
 from .pagecopy import aligned_buffer, in_ranges, page_addrs, read_into
 from .pagecopy import runs as image_runs
 from .process import check_alive, thread_state, threads
 from .tracker import Harvest, Tracker, gc_paused
-from .vmas import Policy
+from .vmas import Policy, Vma, read_maps
 
 log = logging.getLogger("wpdump.iteration")
 
@@ -82,8 +82,12 @@ class _Tracking:
     """The tracker for this iteration: taken from the pid's keeper when it has tracked since the parent,
     else attached afresh (a full iteration). Handed back to a keeper when the iteration is complete."""
 
-    def __init__(self, pid: int, start_ticks: int, parent: Iteration | None, warnings: list[str]) -> None:
+    def __init__(
+        self, pid: int, start_ticks: int, parent: Iteration | None, warnings: list[str],
+        allow_userfaultfd_target: bool = False,
+    ) -> None:
         self.pid, self.start_ticks, self.warnings = pid, start_ticks, warnings
+        self.allow_userfaultfd_target = allow_userfaultfd_target
         self.tracker: Tracker | None = None
         self.fresh = False
         self.keeper = keeper.Keeper.connect(pid)
@@ -136,7 +140,7 @@ class _Tracking:
                 self.tracker.close()
                 self.tracker = None
                 self._drop_keeper(untrack=True)
-        self.tracker = Tracker(self.pid)
+        self.tracker = Tracker(self.pid, allow_userfaultfd_target=self.allow_userfaultfd_target)
         self.fresh = True
         return self.tracker.initial
 
@@ -463,17 +467,31 @@ def _write_images(
 
 
 def _meta_json(meta: dict) -> bytes:
-    """meta.json, indented, with its "vmas" list (the last key) on one line: json's C encoder does not
-    indent, the Python one takes 0.1-0.3 s for 30,000 VMAs."""
-    head = json.dumps({**meta, "vmas": []}, indent=1)
+    """meta.json, indented, with its "vmas" list (put last) on one line: json's C encoder does not indent,
+    the Python one takes 0.1-0.3 s for 30,000 VMAs."""
+    head = json.dumps({**{k: v for k, v in meta.items() if k != "vmas"}, "vmas": []}, indent=1)
     tail = '"vmas": []\n}'
-    assert list(meta)[-1] == "vmas" and head.endswith(tail)
+    assert head.endswith(tail)
     return (head[: -len(tail)] + '"vmas": ' + json.dumps(meta["vmas"]) + "\n}").encode()
 
 
 def _resolve_prev(dest: str, prev: str) -> str:
     """CRIU resolves --prev-images-dir relative to the images directory."""
     return prev if os.path.isabs(prev) else os.path.normpath(os.path.join(dest, prev))
+
+
+def _check_readable(pid: int, vmas: list[Vma], allow_unreadable: bool, warnings: list[str]) -> None:
+    """memfd_secret memory cannot be read by anyone: refuse to dump it, or (allowed) record it as lost."""
+    for v in vmas:
+        if not v.secret:
+            continue
+        text = f"pid {pid}: {v} is memfd_secret memory, which nothing can read"
+        if not allow_unreadable:
+            raise UnreadableMemory(
+                f"{text}: refusing to write a dump without it (--allow-unreadable records it as lost)",
+                v.start, v.end, pid=pid, errno=errno.EIO,
+            )
+        warnings.append(f"{text}: left out of the images, its content is lost")
 
 
 def _all_stopped(pid: int) -> bool:
@@ -484,6 +502,7 @@ def _all_stopped(pid: int) -> bool:
 def run(
     pid: int, images_dir: str, prev_images_dir: str | None = None, *, final: bool = False,
     leave_stopped: bool = False, keep_tracking: bool | None = None, progress: Progress | None = None,
+    allow_userfaultfd_target: bool = False, allow_unreadable: bool = False,
 ) -> IterationResult:
     """Write one iteration of ``pid`` into ``images_dir`` (a pre-dump, or with ``final`` the frozen dump)."""
     t_start = time.perf_counter()
@@ -496,8 +515,9 @@ def run(
     if keep_tracking is None:
         keep_tracking = not final
     res = IterationResult(dest, "dump" if final else "pre-dump", uuid.uuid4().hex, prev_images_dir, False)
+    _check_readable(pid, read_maps(pid), allow_unreadable, [])  # before attaching: refuse early
     with keeper.pid_lock(pid), imgdir.Staging(dest) as st:
-        tracking = _Tracking(pid, st_target.start_ticks, parent, res.warnings)
+        tracking = _Tracking(pid, st_target.start_ticks, parent, res.warnings, allow_userfaultfd_target)
         thawed = True
         t_frozen = 0.0
         resume = False
@@ -519,6 +539,8 @@ def run(
             t0 = time.perf_counter()
             h = tracking.harvest()
             res.harvest_s = time.perf_counter() - t0
+            _check_readable(pid, h.unreadable, allow_unreadable, res.warnings)
+            res.warnings.extend(h.warnings)
             res.incremental = tracking.incremental and parent is not None
             dump_uptime = uptime_us()
             stats = _write_images(
@@ -538,6 +560,7 @@ def run(
                 # the dumped VMAs at harvest time: restore-memory checks the layout against them
                 "vmas": [[v.vma.start, v.vma.end, v.vma.perms, v.vma.offset, v.vma.path, _POLICY_NAMES[v.policy]]
                          for v in h.vmas],
+                "lost": [[v.start, v.end, v.path] for v in h.unreadable],
             }
             st.write_file(META_FILE, _meta_json(meta))
             st.commit()

@@ -276,12 +276,14 @@ class Keeper:
     def untrack(self) -> None:
         """End tracking: the keeper closes the userfaultfd (the target runs unprotected) and exits."""
         self._request({"op": "untrack"})
-        # wait for the keeper to go, so that a new keeper of this pid can bind the socket
-        path = socket_path(self.pid)
-        for _ in range(500):
-            if not os.path.exists(path):
-                break
-            time.sleep(0.002)
+        # Wait for the keeper process to end: its exit closes this connection, after the userfaultfd (so that a
+        # new tracker of this pid finds no registration left, and a new keeper can bind the socket).
+        self.sock.settimeout(10)
+        try:
+            while self.sock.recv(4096):
+                pass
+        except OSError:
+            pass
 
 
 def spawn(pid: int, start_ticks: int, uffd_fd: int, state: bytes, iteration: str, images_dir: str) -> Keeper:

@@ -14,19 +14,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import iouring, ranges, uffd
+from . import iouring, pinned, procfds, ranges, uffd
 from .errors import (
+    AlreadyTracked,
     KernelUnsupported,
     NoSuchProcess,
     RangeBusy,
     TargetExeced,
     TargetExited,
+    TargetUsesUserfaultfd,
     TrackerError,
     WpdumpError,
     from_errno,
 )
 from .inject import open_userfaultfd, pidfd_open
-from .process import check_alive, read_stat
+from .process import check_alive, read_stat, threads
 from .uffd import (
     PAGE_IS_FILE,
     PAGE_IS_GUARD,
@@ -74,6 +76,8 @@ class Harvest:
     events: list[VmaEvent]
     problems: list[WpdumpError]
     seconds: float
+    warnings: list[str] = field(default_factory=list)  # what this round could not vouch for
+    unreadable: list[Vma] = field(default_factory=list)  # VMAs nothing can read (memfd_secret)
 
     def copy_ranges(self) -> np.ndarray:
         """All ranges to copy, in address order."""
@@ -215,7 +219,10 @@ class Tracker:
     atomically. ``close()`` (or the tracker dying) leaves the target unprotected and running.
     """
 
-    def __init__(self, pid: int, *, region_capacity: int = 1 << 16, watch_io_uring: bool = True) -> None:
+    def __init__(
+        self, pid: int, *, region_capacity: int = 1 << 16, watch_io_uring: bool = True,
+        allow_userfaultfd_target: bool = False,
+    ) -> None:
         self.pid = pid
         self.round = 0
         self.watch_io_uring = watch_io_uring
@@ -224,9 +231,11 @@ class Tracker:
         self._busy: dict[tuple[int, int], RangeBusy] = {}
         self._layout: list[Vma] = []
         self._cow: dict[tuple[int, int], np.ndarray] = {}  # private file VMAs: their COWed pages
+        self._inflight = ranges.EMPTY  # buffers of reads in flight at the last round (pinned.py)
         self._uffd = -1
         self._pidfd = -1
         self.start_ticks = check_alive(pid).start_ticks
+        self._check_other_userfaultfds(allow_userfaultfd_target)
         self._pidfd = pidfd_open(pid)
         try:
             missing = uffd.missing_features()
@@ -261,7 +270,8 @@ class Tracker:
             self._busy = {
                 (s, e): RangeBusy(s, e, path, pid=pid, errno=errno.EBUSY) for s, e, path in st["busy"]
             }
-            self._layout, self._cow = from_tuples(st["layout"]), st["cow"]
+            self._layout, self._cow, self._inflight = from_tuples(st["layout"]), st["cow"], st["inflight"]
+            self._busy_allowed = st["busy_allowed"]
             self.initial = None  # type: ignore[assignment]
             if check_alive(pid).start_ticks != self.start_ticks:
                 raise TargetExited(f"target {pid} exited (the pid now names another process)", pid=pid,
@@ -280,7 +290,8 @@ class Tracker:
             # plain tuples and strings: pickling 30,000 Vma or Policy objects takes a tenth of a second
             "policy": [(tuple(k), p.value, why) for k, (p, why) in self._policy.items()],
             "busy": [(b.start, b.end, "") for b in self._busy.values()],
-            "layout": [tuple(v) for v in self._layout], "cow": self._cow,
+            "layout": [tuple(v) for v in self._layout], "cow": self._cow, "inflight": self._inflight,
+            "busy_allowed": self._busy_allowed,
         })
 
     # ---- public API ----
@@ -333,18 +344,21 @@ class Tracker:
             raise TargetExited(f"target {self.pid} exited", pid=self.pid, errno=errno.ESRCH) from None
         except PermissionError as e:
             raise from_errno(e.errno, self.pid, "open pagemap") from None
+        # reads in flight are looked for before and after the scan re-protects: a pin taken before the
+        # re-protect shows as a thread blocked in its read at one of the two looks (pinned.py)
+        before = self._in_flight() if self.watch_io_uring else None
         try:
             out, fresh, problems, layout = self._scan_all(pagemap)
         finally:
             os.close(pagemap)
         self._check_target(layout)
-        if self.watch_io_uring:
-            self._add_pinned(out)
+        warnings = self._add_pinned(out, before)
         events = [] if initial else diff_layouts(self._layout, layout, fresh)
         self._layout = layout
         self._prune(layout)
         out.sort(key=lambda v: v.vma.start)
-        return Harvest(self.round, out, events, problems, time.perf_counter() - t0)
+        unreadable = [v for v in layout if v.secret]
+        return Harvest(self.round, out, events, problems, time.perf_counter() - t0, warnings, unreadable)
 
     def _scan_all(self, pagemap: int) -> tuple[list[VmaPages], set, list[WpdumpError], list[Vma]]:
         maps = read_maps(self.pid)
@@ -561,15 +575,59 @@ class Tracker:
         finally:
             os.close(fd)
 
-    def _add_pinned(self, out: list[VmaPages]) -> None:
-        """docs/kernel.md rule 7: io_uring fixed buffers are written without being reported: copy them always."""
-        bufs = ranges.from_pairs(iouring.registered_buffers(self.pid))
+    def _in_flight(self) -> tuple[dict[int, str], pinned.InFlight]:
+        fds = procfds.fd_targets(self.pid)
+        return fds, pinned.in_flight(self.pid, threads(self.pid), fds)
+
+    def _add_pinned(self, out: list[VmaPages], before: tuple[dict[int, str], pinned.InFlight] | None) -> list[str]:
+        """Pages the kernel may write unreported: io_uring fixed buffers (docs/kernel.md rule 7), copied every
+        round, and buffers of reads in flight at this round or the last one (pinned.py). Returns warnings."""
+        if before is None:
+            return []
+        fds, now = self._in_flight()
+        warnings = list(dict.fromkeys(before[1].warnings + now.warnings))
+        inflight = ranges.union(before[1].ranges, now.ranges)
+        bufs = ranges.union(ranges.from_pairs(iouring.registered_buffers(self.pid, fds)), inflight, self._inflight)
+        self._inflight = inflight
+        own = procfds.userfaultfds(self.pid, fds)
+        if own and not self._busy_allowed:
+            warnings.append(
+                f"pid {self.pid} opened a userfaultfd (fd {own[0]}) while tracked: its UFFDIO_REGISTER on tracked "
+                "memory fails with EBUSY until tracking ends"
+            )
         if not len(bufs):
+            return warnings
+        spans = np.array([(p.vma.start, p.vma.end) for p in out], dtype=np.uint64).reshape(-1, 2)
+        for i in np.flatnonzero(ranges.overlaps(spans, bufs)).tolist():  # not every VMA against every buffer
+            p = out[i]
+            p.copy = ranges.merge(np.concatenate((p.copy, ranges.clip_sorted(bufs, p.vma.start, p.vma.end))))
+        return warnings
+
+    def _check_other_userfaultfds(self, allow_userfaultfd_target: bool) -> None:
+        """Refuse a target whose VMAs another userfaultfd write-protects (a second tracker would steal the
+        dirty bits: its scans pass PM_SCAN_CHECK_WPASYNC) or, unless allowed, that uses userfaultfd itself."""
+        own = procfds.userfaultfds(self.pid)
+        self._busy_allowed = allow_userfaultfd_target
+        if own and not allow_userfaultfd_target:
+            raise TargetUsesUserfaultfd(
+                f"pid {self.pid} uses userfaultfd itself (fd {own[0]}): while tracked, its UFFDIO_REGISTER on its "
+                "memory fails with EBUSY (one userfaultfd per VMA); pass --allow-userfaultfd-target to track it "
+                "anyway (what it registers is then dumped whole every round)", pid=self.pid, errno=errno.EBUSY,
+            )
+        flags = read_vmflags(self.pid)
+        maps = {v.start: v for v in read_maps(self.pid)}
+        wp = [maps[a] for a, f in sorted(flags.items()) if "uw" in f and a in maps]
+        if not wp:
             return
-        for p in out:
-            part = ranges.clip(bufs, p.vma.start, p.vma.end)
-            if len(part):
-                p.copy = ranges.merge(np.concatenate((p.copy, part)))
+        if not own:
+            raise AlreadyTracked(
+                f"pid {self.pid} is already tracked by another userfaultfd (another wpdump tracker, e.g. a keeper "
+                f"under another WPDUMP_RUN_DIR, or another write-protect user): {len(wp)} VMAs are write-protected, "
+                f"first {wp[0]}; two trackers would each miss the writes the other harvested",
+                pid=self.pid, errno=errno.EBUSY,
+            )
+        for v in wp:  # the target's own write-protect ranges: never scan them with WP_MATCHING
+            self._busy[(v.start, v.end)] = RangeBusy(v.start, v.end, v.path, pid=self.pid, errno=errno.EBUSY)
 
     # ---- helpers ----
 
@@ -645,3 +703,97 @@ class Tracker:
         if r in (-errno.ESRCH, -errno.ENOENT):
             self._check_target()
         return from_errno(r, self.pid, what)
+
+    # ---- before someone else reads the target's page tables (CRIU) ----
+
+    def unmark_empty(self) -> int:
+        """Remove the write-protect markers from the empty pages of tracked VMAs: to CRIU a marker reads as
+        a swapped page (docs/kernel.md rule 17). Returns the bytes unmarked.
+
+        No write is lost and the dirty set is not consumed: an unprotected page reads WRITTEN (rules 1, 17),
+        so the next harvest reports it (an empty page as zero or file content, a page written meanwhile
+        with its data). Only pages this tracker registered are touched: another userfaultfd of the same mm
+        (the target's own, a busy range) would lose its markers too (docs/kernel.md rule 23).
+        """
+        if self._uffd < 0:
+            raise TrackerError(f"tracker of pid {self.pid} is closed", pid=self.pid)
+        self._check_target()
+        try:
+            pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError):
+            raise TargetExited(f"target {self.pid} exited", pid=self.pid, errno=errno.ESRCH) from None
+        except PermissionError as e:
+            raise from_errno(e.errno, self.pid, "open pagemap") from None
+        # ours: VMAs registered at the last harvest (registration does not follow new mappings, rule 3)
+        ours = ranges.subtract(
+            ranges.from_pairs([(v.start, v.end) for v in self._layout
+                               if self._policy.get(self._key(v), (Policy.SKIP,))[0] is Policy.TRACK]),
+            ranges.from_pairs(list(self._busy)),
+        )
+        done = 0
+        try:
+            swapped = self._swap_entries()
+            for v in read_maps(self.pid):
+                for s, e in ranges.clip_sorted(ours, v.start, v.end).tolist():
+                    # not present, not written, "swapped": uffd-wp markers (and protected real swap entries)
+                    found = uffd.scan_all(
+                        pagemap, s, e, self._buf, flags=0,
+                        category_mask=PAGE_IS_PRESENT | uffd.PAGE_IS_WRITTEN | PAGE_IS_SWAPPED,
+                        category_inverted=PAGE_IS_PRESENT | uffd.PAGE_IS_WRITTEN, return_mask=PAGE_IS_SWAPPED,
+                    )
+                    if isinstance(found, int):
+                        raise self._error(found, "PAGEMAP_SCAN")
+                    todo = _coalesce(np.column_stack((found["start"], found["end"])).astype(np.uint64))
+                    if swapped:
+                        todo = _markers_only(pagemap, todo)
+                    for a, b in todo.tolist():
+                        r = -errno.EAGAIN
+                        for _ in range(_RETRIES):  # EAGAIN: the mm is changing (mremap, fork)
+                            r = uffd.writeprotect(self._uffd, a, b, protect=False)
+                            if r != -errno.EAGAIN:
+                                break
+                        if r == -errno.ENOENT:  # unmapped or replaced since the scan: no marker of ours
+                            continue
+                        if r < 0:
+                            raise self._error(r, "UFFDIO_WRITEPROTECT")
+                        done += b - a
+        finally:
+            os.close(pagemap)
+        return done
+
+    def _swap_entries(self) -> bool:
+        """Whether the target has pages in swap (VmSwap): only then can a "swapped" page be a real one."""
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmSwap:"):
+                        return int(line.split()[1]) > 0
+        except (FileNotFoundError, ProcessLookupError):
+            raise TargetExited(f"target {self.pid} exited", pid=self.pid, errno=errno.ESRCH) from None
+        return True
+
+
+_PM_SWAP = 1 << 62
+_PM_FRAME = (1 << 55) - 1
+_SWP_PTE_MARKER = 31  # swap type of a pte marker in /proc/PID/pagemap (docs/kernel.md rule 23)
+_PM_CHUNK = 1 << 18  # pagemap entries read at once (2 MiB)
+
+
+def _markers_only(pagemap: int, r: np.ndarray) -> np.ndarray:
+    """The pages of ``r`` that are no real swap entry in /proc/PID/pagemap (docs/kernel.md rule 23): a
+    marker shows swap type 31; without CAP_SYS_ADMIN the type reads 0 and every page counts as a marker
+    (unprotecting a real swapped page only makes the next harvest copy it)."""
+    out = []
+    for s, e in r.tolist():
+        for lo in range(s, e, _PM_CHUNK * uffd.PAGE_SIZE):
+            hi = min(e, lo + _PM_CHUNK * uffd.PAGE_SIZE)
+            n = (hi - lo) // uffd.PAGE_SIZE
+            raw = os.pread(pagemap, n * 8, lo // uffd.PAGE_SIZE * 8)
+            ent = np.frombuffer(raw, dtype=np.uint64)
+            frame = ent & np.uint64(_PM_FRAME)
+            real = ((ent & np.uint64(_PM_SWAP)) != 0) & (frame != 0) & ((frame & np.uint64(31)) != _SWP_PTE_MARKER)
+            keep = np.concatenate(([False], ~real, [False]))
+            edges = np.flatnonzero(keep[1:] != keep[:-1])
+            starts, ends = edges[0::2], edges[1::2]
+            out.extend(zip((lo + starts * uffd.PAGE_SIZE).tolist(), (lo + ends * uffd.PAGE_SIZE).tolist(), strict=True))
+    return ranges.from_pairs(out)

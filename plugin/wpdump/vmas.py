@@ -9,11 +9,12 @@ import itertools
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .errors import NoSuchProcess
+from .errors import NoSuchProcess, from_errno
 
 # VMAs the kernel provides itself: UFFDIO_REGISTER refuses them (docs/kernel.md rule 12) and
 # process_vm_readv cannot read [vvar*]/[vsyscall]; CRIU recreates them at restore too.
 KERNEL_VMAS = ("[vvar]", "[vvar_vclock]", "[vsyscall]")
+SECRETMEM = "/secretmem (deleted)"  # how maps names a memfd_secret mapping
 
 
 class Policy(enum.Enum):
@@ -48,6 +49,11 @@ class Vma(NamedTuple):
     def anonymous(self) -> bool:
         """Anonymous private memory (heap, stack, anon mmap): a page that is not present is zero."""
         return self.inode == 0 and not self.shared and not self.path.startswith("/")
+
+    @property
+    def secret(self) -> bool:
+        """memfd_secret memory: removed from the kernel's direct map, nobody but its process can read it."""
+        return self.shared and self.path == SECRETMEM
 
     @property
     def identity(self) -> tuple:
@@ -86,6 +92,8 @@ def read_maps(pid: int) -> list[Vma]:
             return [parse_maps_line(line) for line in f]
     except (FileNotFoundError, ProcessLookupError):
         raise NoSuchProcess(f"no such process: {pid}", pid=pid, errno=errno.ESRCH) from None
+    except PermissionError as e:
+        raise from_errno(e.errno, pid, "read the memory map of") from None
 
 
 def read_vmflags(pid: int) -> dict[int, frozenset[str]]:
@@ -95,6 +103,8 @@ def read_vmflags(pid: int) -> dict[int, frozenset[str]]:
             data = f.read()
     except (FileNotFoundError, ProcessLookupError):
         raise NoSuchProcess(f"no such process: {pid}", pid=pid, errno=errno.ESRCH) from None
+    except PermissionError as e:
+        raise from_errno(e.errno, pid, "read the memory map of") from None
     # VmFlags is the last line of each VMA's block and the next VMA's "start-end ..." line follows it;
     # a path cannot break this (maps escapes newlines in names). Split per VMA, not per line (~25 a VMA).
     blocks = data.split(b"\nVmFlags: ")
@@ -117,6 +127,8 @@ def policy_for(vma: Vma, vmflags: frozenset[str]) -> tuple[Policy, str]:
         return Policy.SKIP, "kernel-provided mapping"
     if vmflags & {"io", "pf"}:
         return Policy.SKIP, "device (VM_IO/VM_PFNMAP) mapping"
+    if vma.secret:
+        return Policy.SKIP, "memfd_secret memory: nothing can read it (an iteration refuses it)"
     if vma.path == "[vdso]":
         return Policy.WHOLE, "[vdso] cannot be registered (docs/kernel.md rule 12)"
     if vma.shared:

@@ -98,6 +98,24 @@ struct io_uring_params_min {
 
 static int uring_fd = -1;
 
+/* ---- a read in a thread of its own (bgread / joinread) ---- */
+static pthread_t reader;
+static char read_path[256];
+static void *read_buf;
+static size_t read_len;
+static long read_result;
+
+static void *read_thread(void *arg)
+{
+	int fd = open(read_path, O_RDONLY);
+	read_result = fd < 0 ? -errno : pread(fd, read_buf, read_len, 0);
+	if (read_result < 0 && fd >= 0)
+		read_result = -errno;
+	if (fd >= 0)
+		close(fd);
+	return NULL;
+}
+
 int main(int argc, char **argv)
 {
 	char line[4096], cmd[64];
@@ -266,6 +284,26 @@ int main(int argc, char **argv)
 				reply("err %d", errno);
 			else
 				reply("ok %d", uring_fd);
+		} else if (!strcmp(cmd, "secret")) { /* secret PAGES: memfd_secret memory, filled */
+			sscanf(line, "%*s %lu", &a);
+			int fd = (int)syscall(447 /* memfd_secret */, 0);
+			void *p = fd < 0 || ftruncate(fd, a * PG) ? MAP_FAILED
+				  : mmap(NULL, a * PG, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+			if (p == MAP_FAILED) {
+				reply("err %d", errno);
+			} else {
+				memset(p, 0x5e, a * PG);
+				reply("ok %lx", (unsigned long)p);
+			}
+		} else if (!strcmp(cmd, "bgread")) { /* bgread PATH ADDR PAGES: pread in a thread */
+			sscanf(line, "%*s %255s %lx %lu", read_path, &a, &b);
+			read_buf = (void *)a;
+			read_len = b * PG;
+			pthread_create(&reader, NULL, read_thread, NULL);
+			reply("ok");
+		} else if (!strcmp(cmd, "joinread")) {
+			pthread_join(reader, NULL);
+			reply("ok %ld", read_result);
 		} else {
 			reply("err unknown %s", cmd);
 		}

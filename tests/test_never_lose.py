@@ -1,0 +1,163 @@
+"""Where pages could be lost without a word: a second tracker, the target's own userfaultfd, memfd_secret
+memory, and direct I/O into buffers pinned before a harvest. Each ends in an error naming the problem or a
+chain equal to memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from chaincheck import compare_with_memory
+from conftest import PAGE, compile_target
+from test_iteration_errors import one_line_error, wpdump
+from wpdump import keeper, procfds
+from wpdump.errors import AlreadyTracked, TargetUsesUserfaultfd
+from wpdump.tracker import Tracker
+
+
+def stopped(pid: int) -> None:
+    for _ in range(2000):
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        time.sleep(0.001)
+    raise AssertionError(f"pid {pid} did not stop")
+
+
+def uffd_fds(pid: int) -> int:
+    return len(procfds.userfaultfds(pid))
+
+
+def test_second_tracker_is_refused(target, tmp_path, run_dir):
+    a = target.map(64)
+    target.cmd("fill", hex(a), 64, 1)
+    # in one process: a second Tracker of a tracked pid
+    with Tracker(target.pid):
+        with pytest.raises(AlreadyTracked) as exc:
+            Tracker(target.pid)
+        assert exc.value.pid == target.pid and "already tracked" in str(exc.value)
+    # across run directories: a keeper under another WPDUMP_RUN_DIR is another tracker
+    assert wpdump("pre-dump", "-t", target.pid, "-D", tmp_path / "1").returncode == 0
+    other = tmp_path / "other-run"
+    other.mkdir(mode=0o700)
+    env = {**os.environ, "WPDUMP_RUN_DIR": str(other)}
+    p = subprocess.run([sys.executable, "-m", "wpdump.cli", "pre-dump", "-t", str(target.pid), "-D",
+                        str(tmp_path / "x")], capture_output=True, text=True, env=env, timeout=120)
+    one_line_error(p, "already tracked", str(target.pid))
+    assert not (tmp_path / "x").exists() and not [n for n in os.listdir(other) if n.endswith(".sock")]
+    # the first tracker recognises its own registration and goes on incrementally
+    target.cmd("poke", hex(a), "3,30")
+    p = wpdump("pre-dump", "-t", target.pid, "-D", tmp_path / "2", "--prev-images-dir", "../1", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.splitlines()[-1])["incremental"]
+    target.cmd("poke", hex(a), "4,40")
+    target.wait_idle()
+    p = wpdump("dump", "-t", target.pid, "-D", tmp_path / "3", "--prev-images-dir", "../2", "--leave-stopped")
+    assert p.returncode == 0, p.stderr
+    try:
+        stopped(target.pid)
+        compare_with_memory(str(tmp_path / "3"), target.pid)
+    finally:
+        os.kill(target.pid, signal.SIGCONT)
+    assert keeper.tracked_pids() == []
+
+
+def test_target_using_userfaultfd_is_refused_unless_allowed(target, tmp_path):
+    a = target.map(32)
+    target.cmd("fill", hex(a), 32, 2)
+    target.cmd("uffd", hex(a + 8 * PAGE), 8)
+    before = uffd_fds(target.pid)
+    with pytest.raises(TargetUsesUserfaultfd) as exc:
+        Tracker(target.pid)
+    assert exc.value.pid == target.pid
+    line = one_line_error(wpdump("pre-dump", "-t", target.pid, "-D", tmp_path / "1"), "uses userfaultfd itself",
+                          "--allow-userfaultfd-target")
+    assert str(target.pid) in line and not (tmp_path / "1").exists()
+    # refused before anything was done to it: no tracer, no extra userfaultfd, and it registers more memory
+    with open(f"/proc/{target.pid}/status") as f:
+        assert "TracerPid:\t0\n" in f.read()
+    assert uffd_fds(target.pid) == before
+    b = target.map(8)
+    target.cmd("fill", hex(b), 8, 3)  # every page present: its MISSING-mode registration never fires
+    target.cmd("uffd", hex(b), 8)
+    # allowed: tracked, its registered ranges dumped whole, and the chain equals memory
+    p = wpdump("pre-dump", "-t", target.pid, "-D", tmp_path / "2", "--allow-userfaultfd-target")
+    assert p.returncode == 0, p.stderr
+    target.cmd("poke", hex(a), "1,9,20")
+    target.wait_idle()
+    p = wpdump("dump", "-t", target.pid, "-D", tmp_path / "3", "--prev-images-dir", "../2", "--leave-stopped",
+               "--allow-userfaultfd-target")
+    assert p.returncode == 0, p.stderr
+    try:
+        stopped(target.pid)
+        compare_with_memory(str(tmp_path / "3"), target.pid)
+    finally:
+        os.kill(target.pid, signal.SIGCONT)
+    assert "um" in target.smaps_flags(b)
+
+
+def test_secret_memory_fails_the_dump_unless_allowed(target, tmp_path):
+    s = target.addr("secret", 4)
+    a = target.map(16)
+    target.cmd("fill", hex(a), 16, 4)
+    for cmd in ("pre-dump", "dump"):
+        line = one_line_error(wpdump(cmd, "-t", target.pid, "-D", tmp_path / cmd), "memfd_secret", f"{s:#x}")
+        assert "--allow-unreadable" in line and not (tmp_path / cmd).exists()
+    assert keeper.tracked_pids() == []
+    p = wpdump("dump", "-t", target.pid, "-D", tmp_path / "lost", "--allow-unreadable", "--leave-stopped")
+    assert p.returncode == 0, p.stderr
+    assert "memfd_secret" in p.stderr and "lost" in p.stderr
+    with open(tmp_path / "lost" / "wpdump.json") as f:
+        assert [tuple(x[:2]) for x in json.load(f)["lost"]] == [(s, s + 4 * PAGE)]
+    try:
+        stopped(target.pid)
+        compare_with_memory(str(tmp_path / "lost"), target.pid)  # every readable page
+    finally:
+        os.kill(target.pid, signal.SIGCONT)
+
+
+@pytest.fixture
+def slowfuse(build_dir, tmp_path):
+    """A FUSE file of 64 pages opened with direct I/O whose reads are answered on demand."""
+    exe = compile_target("slowfuse", build_dir)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    srv = subprocess.Popen([str(exe), str(mnt), "64"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                           bufsize=1)
+    assert srv.stdout.readline().strip() == "ready"
+    yield srv, mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    srv.kill()
+    srv.wait()
+
+
+def test_direct_io_read_in_flight_is_copied_again(target, tmp_path, slowfuse):
+    """A read pins its buffer, a pre-dump re-protects it, the data lands afterwards through the kernel's
+    mapping (never reported written): the next iteration copies the buffer again."""
+    srv, mnt = slowfuse
+    buf = target.map(16)
+    target.cmd("fill", hex(buf), 16, 5)
+    assert wpdump("pre-dump", "-t", target.pid, "-D", tmp_path / "1").returncode == 0
+    target.cmd("bgread", mnt / "data", hex(buf), 16)
+    assert srv.stdout.readline().split()[0] == "read"  # the buffer is pinned and the read waits for us
+    target.wait_idle()
+    p = wpdump("pre-dump", "-t", target.pid, "-D", tmp_path / "2", "--prev-images-dir", "../1")
+    assert p.returncode == 0, p.stderr
+    srv.stdin.write("go\n")
+    srv.stdin.flush()
+    assert target.cmd("joinread") == [str(16 * PAGE)]
+    target.wait_idle()
+    want = bytes(((k * 7 + 0x5A) & 0xFF) for k in range(16 * PAGE))
+    assert target.read_mem(buf, 16 * PAGE) == want
+    p = wpdump("dump", "-t", target.pid, "-D", tmp_path / "3", "--prev-images-dir", "../2", "--leave-stopped")
+    assert p.returncode == 0, p.stderr
+    try:
+        stopped(target.pid)
+        compare_with_memory(str(tmp_path / "3"), target.pid)
+    finally:
+        os.kill(target.pid, signal.SIGCONT)
