@@ -232,6 +232,32 @@ int64_t wpd_pagemap_scan(int fd, uint64_t start, uint64_t end, uint64_t flags,
 	return (int64_t)n;
 }
 
+/* wpd_pagemap_scan over each of n ranges (ranges[2i], ranges[2i+1]) with its own return mask, one range
+ * at a time (docs/kernel.md rule 4), their regions back to back in vec: counts[i] = regions of range i
+ * or -errno. Stops after a range that filled vec (*walk_end < its end: resume it there). Returns the
+ * number of ranges done (the last one possibly unfinished). */
+int64_t wpd_pagemap_scan_ranges(int fd, const uint64_t *ranges, const uint64_t *return_masks, uint64_t n,
+				uint64_t flags, uint64_t category_mask, uint64_t category_inverted,
+				uint64_t category_anyof_mask, struct wpd_region *vec, uint64_t vec_len,
+				int64_t *counts, uint64_t *walk_end)
+{
+	uint64_t used = 0;
+
+	for (uint64_t i = 0; i < n; i++) {
+		uint64_t end = ranges[2 * i + 1];
+		int64_t r = wpd_pagemap_scan(fd, ranges[2 * i], end, flags, category_mask, category_inverted,
+					     category_anyof_mask, return_masks[i], 0, vec + used, vec_len - used,
+					     walk_end);
+		counts[i] = r;
+		if (r < 0)
+			continue;
+		used += (uint64_t)r;
+		if (*walk_end < end)
+			return (int64_t)(i + 1);
+	}
+	return (int64_t)n;
+}
+
 /* ---- reading memory ---- */
 
 /* Copy the target's [start, end) ranges (n pairs) into buf with process_vm_readv, up to IOV_MAX ranges a

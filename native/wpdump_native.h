@@ -41,6 +41,10 @@ int64_t wpd_pagemap_scan(int fd, uint64_t start, uint64_t end, uint64_t flags,
 			 uint64_t category_mask, uint64_t category_inverted,
 			 uint64_t category_anyof_mask, uint64_t return_mask, uint64_t max_pages,
 			 struct wpd_region *vec, uint64_t vec_len, uint64_t *walk_end);
+int64_t wpd_pagemap_scan_ranges(int fd, const uint64_t *ranges, const uint64_t *return_masks, uint64_t n,
+				uint64_t flags, uint64_t category_mask, uint64_t category_inverted,
+				uint64_t category_anyof_mask, struct wpd_region *vec, uint64_t vec_len,
+				int64_t *counts, uint64_t *walk_end);
 
 int64_t wpd_read_ranges(int pid, const uint64_t *ranges, uint64_t nranges, void *buf,
 			uint64_t buflen, const uint64_t *dst);

@@ -19,7 +19,7 @@ def test_bench_tiny(tmp_path):
     out = tmp_path / "out"
     p = subprocess.run(
         [sys.executable, str(BENCH), "--sizes", "16M", "--fractions", "1,100", "--reps", "1", "--fw-pages", "256",
-         "--dir", str(tmp_path), "--out", str(out), "--no-plot"],
+         "--vmas", "2000", "--dir", str(tmp_path), "--out", str(out), "--no-plot"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "WPDUMP_RUN_DIR": str(tmp_path / "run")},
     )
     assert p.returncode == 0, p.stderr
@@ -44,5 +44,8 @@ def test_bench_tiny(tmp_path):
     assert res["sizes"][0]["rss_peak_kib"] > 0
     assert res["sizes"][0]["profile"]["profiled_s"] > 0
     assert res["firstwrite"]["pages"] == 256
+    one, many = res["vmas"]["targets"]  # the many-VMAs row, against the same memory in one VMA
+    assert many["vmas"] >= 2000 > one["vmas"] and one["incremental"] and many["incremental"]
+    assert many["dump_frozen_s"] > 0 and "| VMAs | first pre-dump |" in p.stdout
     assert (out / "bench.md").read_text().startswith("wpdump benchmark")
     assert not [n for n in os.listdir(tmp_path) if n.startswith("wpdump-bench-")], "images left behind"

@@ -11,6 +11,8 @@
  *                         done -> "ok K" (pages written). The writer threads share the pages.
  *   rate PPS [PATTERN]    from now on dirty PPS pages per second continuously, in the background
  *                         (writer threads, in slices of 1 ms); "rate 0" stops -> "ok 0"
+ *   stripe V              make every odd page of the first V pages PROT_EXEC too: about V VMAs
+ *                         (tools/bench --vmas), every page still writable -> "ok V"
  *   spin 1|0              start/stop a thread that keeps reading random pages (the mm stays live on
  *                         a CPU, as in a busy process; it writes nothing) -> "ok 0"
  *   quit                  exit
@@ -273,6 +275,16 @@ int main(int argc, char **argv)
 				atomic_store(&rate_pps, v);
 				printf("ok 0\n");
 			}
+		} else if (sscanf(line, "stripe %ld", &v) == 1) {
+			/* every odd page of the first V pages also executable: about V VMAs, all still writable */
+			size_t k = v < 0 ? 0 : (size_t)v < npages ? (size_t)v : npages;
+			int bad = 0;
+			for (size_t i = 1; i < k && !bad; i += 2)
+				bad = mprotect(buf + i * PG, PG, PROT_READ | PROT_WRITE | PROT_EXEC);
+			if (bad)
+				printf("err mprotect\n");
+			else
+				printf("ok %zu\n", k);
 		} else if (sscanf(line, "spin %ld", &v) == 1) {
 			atomic_store(&spin_on, v != 0);
 			printf("ok 0\n");

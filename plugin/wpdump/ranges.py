@@ -36,6 +36,16 @@ def clip(r: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return out[out[:, 0] < out[:, 1]]
 
 
+def clip_sorted(r: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """:func:`clip` for ``r`` sorted and disjoint, in O(log n + k): the ranges meeting [lo, hi) found by binary
+    search (clipping a long list to each of many VMAs is then not quadratic)."""
+    if not len(r):
+        return r
+    i = int(np.searchsorted(r[:, 1], np.uint64(lo), side="right"))  # the first range ending after lo
+    j = int(np.searchsorted(r[:, 0], np.uint64(hi), side="left"))  # the first range starting at or after hi
+    return clip(r[i:j], lo, hi) if i < j else EMPTY
+
+
 def total(r: np.ndarray) -> int:
     """Bytes covered by ``r``."""
     return int((r[:, 1] - r[:, 0]).sum()) if len(r) else 0
@@ -84,3 +94,15 @@ def union(*parts: np.ndarray) -> np.ndarray:
     """Sorted, merged union of range arrays."""
     parts = tuple(p for p in parts if len(p))
     return merge(np.concatenate(parts).astype(np.uint64)) if parts else EMPTY.copy()
+
+
+def overlaps(q: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """A bool per range of ``q``: does it meet any range of ``r``? (binary search: O((n + m) log m))."""
+    if not len(q) or not len(r):
+        return np.zeros(len(q), dtype=bool)
+    r = merge(np.asarray(r, dtype=np.uint64))
+    q = np.asarray(q, dtype=np.uint64)
+    i = np.searchsorted(r[:, 1], q[:, 0], side="right")  # the first range of r ending after q's start
+    hit = i < len(r)
+    hit[hit] = r[i[hit], 0] < q[hit, 1]
+    return hit

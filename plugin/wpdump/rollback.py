@@ -180,7 +180,7 @@ def _rollback(pid: int, chain: list[Iteration], vmas: list[Vma], candidates: np.
     drop_rows: list[tuple[np.ndarray, np.ndarray]] = []
     try:
         for v in vmas:
-            addrs = _page_addrs(ranges.clip(candidates, v.start, v.end))
+            addrs = _page_addrs(ranges.clip_sorted(candidates, v.start, v.end))
             for i in range(0, len(addrs), BATCH_PAGES):
                 a = addrs[i : i + BATCH_PAGES]
                 want = np.zeros((len(a), PAGE), dtype=np.uint8)

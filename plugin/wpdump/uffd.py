@@ -161,6 +161,57 @@ def scan_all(pagemap_fd: int, start: int, end: int, buf: RegionBuffer, **kw: int
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+def scan_ranges(
+    pagemap_fd: int,
+    spans: np.ndarray,
+    return_masks: np.ndarray,
+    buf: RegionBuffer,
+    *,
+    flags: int = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+    category_mask: int = PAGE_IS_WRITTEN,
+    category_anyof_mask: int = 0,
+    category_inverted: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scan each [start, end) of ``spans`` (n×2) with its own call (docs/kernel.md rule 4) and return mask,
+    in one native loop: (all regions in range order, per range its number of regions or -errno).
+
+    A range that failed contributes no regions (the scan may have re-protected some: rule 4).
+    """
+    spans = np.ascontiguousarray(spans, dtype=np.uint64).reshape(-1, 2)
+    masks = np.ascontiguousarray(return_masks, dtype=np.uint64)
+    n = len(spans)
+    counts = np.zeros(n, dtype=np.int64)
+    parts: list[np.ndarray] = []
+    i = 0
+    while i < n:
+        k = int(lib.wpd_pagemap_scan_ranges(
+            pagemap_fd, ffi.cast("const uint64_t *", spans[i:].ctypes.data),
+            ffi.cast("const uint64_t *", masks[i:].ctypes.data), n - i, flags, category_mask,
+            category_inverted, category_anyof_mask, buf.cdata, buf.capacity,
+            ffi.cast("int64_t *", counts[i:].ctypes.data), buf.walk_end,
+        ))
+        done = counts[i : i + k]
+        used = int(done[done > 0].sum())
+        parts.append(buf.array[:used].copy())
+        last = i + k - 1
+        walk_end, end = int(buf.walk_end[0]), int(spans[last, 1])
+        if counts[last] >= 0 and walk_end < end:  # the buffer filled up: finish that range alone
+            rest = scan_all(
+                pagemap_fd, walk_end, end, buf, flags=flags, category_mask=category_mask,
+                category_anyof_mask=category_anyof_mask, category_inverted=category_inverted,
+                return_mask=int(masks[last]),
+            )
+            if isinstance(rest, int):
+                parts[-1] = parts[-1][: used - int(counts[last])]
+                counts[last] = rest
+            else:
+                parts.append(rest)
+                counts[last] += len(rest)
+        i += k
+    regions = np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.zeros(0, dtype=REGION_DTYPE)
+    return regions, counts
+
+
 def read_ranges(
     pid: int, ranges: np.ndarray, out: memoryview | bytearray | np.ndarray, dst: np.ndarray | None = None
 ) -> int:

@@ -215,23 +215,34 @@ def _kind(v: Vma) -> int:
     return _ZERO if shmem else _FILE
 
 
-def _populated(pm_fd: int, v: Vma, buf: uffd.RegionBuffer) -> np.ndarray | None:
-    """Pages of ``v`` with a page table or swap entry, except guard markers and the zero page; None if unknown.
+def _populated(pm_fd: int, vmas: list[Vma]) -> list[np.ndarray | None]:
+    """Per VMA, its pages with a page table or swap entry, except guard markers and the zero page; None if
+    unknown. One native loop of PAGEMAP_SCAN calls, one VMA each.
 
     In a private mapping every other page reads zero (anonymous) or the mapped file's content.
     """
-    if pm_fd < 0:
-        return None
-    got = uffd.scan_all(
-        pm_fd, v.start, v.end, buf, flags=0, category_mask=0,
+    if pm_fd < 0 or not vmas:
+        return [None] * len(vmas)
+    spans = np.array([(v.start, v.end) for v in vmas], dtype=np.uint64)
+    mask = uffd.PAGE_IS_PRESENT | uffd.PAGE_IS_SWAPPED | uffd.PAGE_IS_GUARD | uffd.PAGE_IS_PFNZERO
+    got, counts = uffd.scan_ranges(
+        pm_fd, spans, np.full(len(vmas), mask, dtype=np.uint64), uffd.RegionBuffer(), flags=0, category_mask=0,
         category_anyof_mask=uffd.PAGE_IS_PRESENT | uffd.PAGE_IS_SWAPPED,
-        return_mask=uffd.PAGE_IS_PRESENT | uffd.PAGE_IS_SWAPPED | uffd.PAGE_IS_GUARD | uffd.PAGE_IS_PFNZERO,
     )
-    if isinstance(got, int):
-        return None
     # guard markers cannot be read; the shared zero page reads zero (it maps no file content either)
-    got = got[(got["categories"] & np.uint64(uffd.PAGE_IS_GUARD | uffd.PAGE_IS_PFNZERO)) == 0]
-    return ranges.merge(np.column_stack((got["start"], got["end"])).astype(np.uint64)) if len(got) else ranges.EMPTY
+    keep = (got["categories"] & np.uint64(uffd.PAGE_IS_GUARD | uffd.PAGE_IS_PFNZERO)) == 0
+    rows = np.column_stack((got["start"], got["end"])).astype(np.uint64)
+    ends = np.cumsum(np.maximum(counts, 0)).tolist()
+    out: list[np.ndarray | None] = []
+    for c, e in zip(counts.tolist(), ends, strict=True):
+        if c < 0:
+            out.append(None)
+        elif c == 0:
+            out.append(ranges.EMPTY)
+        else:
+            r = rows[e - c : e][keep[e - c : e]]
+            out.append(ranges.merge(r) if len(r) else ranges.EMPTY)
+    return out
 
 
 def _close_gaps(r: np.ndarray, gap: int) -> np.ndarray:
@@ -500,19 +511,21 @@ def _open_proc(pid: int, name: str) -> int:
 def _compare_stopped(cmp: _Comparer, pm_fd: int) -> int:
     """Compare every page of the stopped target's VMAs that can differ; returns the pages skipped."""
     listed = cmp.listed
-    buf = uffd.RegionBuffer()
     parts: list[tuple[int, int, int]] = []
     skipped = 0
     mapped = []
+    # shared memory may hold content no page table of this process maps: read it all
+    scan = [vi for vi, (v, kind) in enumerate(zip(cmp.vmas, cmp.kinds, strict=True))
+            if kind != _SKIP and (not v.shared or kind == _FILE)]
+    pops = dict(zip(scan, _populated(pm_fd, [cmp.vmas[vi] for vi in scan]), strict=True))
     for vi, (v, kind) in enumerate(zip(cmp.vmas, cmp.kinds, strict=True)):
         if kind == _SKIP:
             continue
         mapped.append((v.start, v.end))
-        # shared memory may hold content no page table of this process maps: read it all
-        pop = _populated(pm_fd, v, buf) if (not v.shared or kind == _FILE) else None
+        pop = pops.get(vi)
         todo = ranges.from_pairs([(v.start, v.end)])
         if pop is not None:
-            todo = _close_gaps(ranges.union(pop, ranges.clip(listed, v.start, v.end)), GAP_BYTES)
+            todo = _close_gaps(ranges.union(pop, ranges.clip_sorted(listed, v.start, v.end)), GAP_BYTES)
         skipped += (v.size - ranges.total(todo)) // PAGE
         parts.extend((int(s), int(e), vi) for s, e in todo)
     outside = ranges.subtract(listed, ranges.from_pairs(mapped))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
+import bisect
 import enum
 import errno
+import itertools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import NoSuchProcess, from_errno
 
@@ -23,9 +25,9 @@ class Policy(enum.Enum):
     SKIP = "skip"  # never reported
 
 
-@dataclass(frozen=True)
-class Vma:
-    """One line of /proc/PID/maps."""
+class Vma(NamedTuple):
+    """One line of /proc/PID/maps (a named tuple: a process can have 65,530 VMAs; built, hashed, compared and
+    pickled every round, a tuple costs a fraction of a frozen dataclass)."""
 
     start: int
     end: int
@@ -67,12 +69,20 @@ class Vma:
         return f"{self.start:#x}-{self.end:#x} {self.perms}{name}"
 
 
+_tuple_new = tuple.__new__  # builds a Vma without namedtuple's Python-level __new__ (a third of read_maps)
+
+
+def from_tuples(rows: list[tuple]) -> list[Vma]:
+    """Vmas from plain tuples of their seven fields (as Tracker.export_state keeps them)."""
+    return [_tuple_new(Vma, r) for r in rows]
+
+
 def parse_maps_line(line: str) -> Vma:
     """Parse one /proc/PID/maps line."""
     parts = line.split(maxsplit=5)
-    lo, hi = parts[0].split("-")
+    lo, _, hi = parts[0].partition("-")
     path = parts[5].rstrip("\n") if len(parts) > 5 else ""
-    return Vma(int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16), parts[3], int(parts[4]), path)
+    return _tuple_new(Vma, (int(lo, 16), int(hi, 16), parts[1], int(parts[2], 16), parts[3], int(parts[4]), path))
 
 
 def read_maps(pid: int) -> list[Vma]:
@@ -88,20 +98,26 @@ def read_maps(pid: int) -> list[Vma]:
 
 def read_vmflags(pid: int) -> dict[int, frozenset[str]]:
     """VmFlags of every VMA from /proc/PID/smaps, keyed by start address (costly: use on new VMAs)."""
-    flags: dict[int, frozenset[str]] = {}
-    start = None
     try:
-        with open(f"/proc/{pid}/smaps") as f:
-            for line in f:
-                if line.startswith("VmFlags:"):
-                    if start is not None:
-                        flags[start] = frozenset(line.split()[1:])
-                elif "-" in line.split(maxsplit=1)[0] and not line.split(maxsplit=1)[0].endswith(":"):
-                    start = int(line.split("-", 1)[0], 16)
+        with open(f"/proc/{pid}/smaps", "rb") as f:
+            data = f.read()
     except (FileNotFoundError, ProcessLookupError):
         raise NoSuchProcess(f"no such process: {pid}", pid=pid, errno=errno.ESRCH) from None
     except PermissionError as e:
         raise from_errno(e.errno, pid, "read the memory map of") from None
+    # VmFlags is the last line of each VMA's block and the next VMA's "start-end ..." line follows it;
+    # a path cannot break this (maps escapes newlines in names). Split per VMA, not per line (~25 a VMA).
+    blocks = data.split(b"\nVmFlags: ")
+    flags: dict[int, frozenset[str]] = {}
+    sets: dict[bytes, frozenset[str]] = {}  # most VMAs share a few flag lines
+    head = blocks[0]
+    for block in blocks[1:]:
+        line, _, rest = block.partition(b"\n")
+        fs = sets.get(line)
+        if fs is None:
+            fs = sets[line] = frozenset(line.decode().split())
+        flags[int(head[: head.index(b"-")], 16)] = fs
+        head = rest
     return flags
 
 
@@ -148,46 +164,74 @@ class VmaEvent:
         return f"{self.kind.value}: {self.old or ''}{' -> ' if self.old and self.new else ''}{self.new or ''}"
 
 
-def _overlapping(vmas: list[Vma], v: Vma) -> list[Vma]:
-    return [o for o in vmas if o.start < v.end and v.start < o.end]
+class _Index:
+    """VMAs sorted by start for overlap queries in O(log n + k) (a /proc/PID/maps layout is sorted and disjoint)."""
+
+    def __init__(self, vmas: list[Vma]) -> None:
+        self.vmas = sorted(vmas, key=lambda o: o.start)  # stable: the order of equal starts is kept
+        self.starts = [o.start for o in self.vmas]
+        self.max_ends = list(itertools.accumulate((o.end for o in self.vmas), max))
+
+    def overlapping(self, start: int, end: int) -> list[Vma]:
+        """The VMAs meeting [start, end), in address order."""
+        lo = bisect.bisect_right(self.max_ends, start)  # every VMA before lo ends at or before start
+        hi = bisect.bisect_left(self.starts, end, lo)
+        return [o for o in self.vmas[lo:hi] if start < o.end]
 
 
 def _split_at_fresh(new: list[Vma], fresh: set[tuple[int, int]]) -> list[Vma]:
     """Registering a fresh VMA can merge it into a tracked neighbour: cut the merged VMA back into
     the pieces the harvest saw, so that the fresh piece is still recognised as created."""
+    bounds = sorted({x for s, e in fresh for x in (s, e)})
     out: list[Vma] = []
     for v in new:
-        cuts = sorted({v.start, v.end} | {x for s, e in fresh for x in (s, e) if v.start < x < v.end})
-        if len(cuts) == 2:
+        lo = bisect.bisect_right(bounds, v.start)
+        hi = bisect.bisect_left(bounds, v.end, lo)
+        if lo == hi:
             out.append(v)
             continue
+        cuts = [v.start, *bounds[lo:hi], v.end]
         out.extend(
-            dataclasses.replace(v, start=lo, end=hi, offset=v.offset + (lo - v.start))
-            for lo, hi in zip(cuts, cuts[1:], strict=False)
+            v._replace(start=a, end=b, offset=v.offset + (a - v.start))
+            for a, b in zip(cuts, cuts[1:], strict=False)
         )
     return out
 
 
 def diff_layouts(old: list[Vma], new: list[Vma], fresh: set[tuple[int, int]]) -> list[VmaEvent]:
-    """Events turning layout ``old`` into ``new``; ``fresh`` holds (start, end) of new VMAs that were
-    found unregistered, i.e. newly created mappings rather than in-place changes of tracked ones."""
-    new = _split_at_fresh(new, fresh)
-    old_keys = {(o.start, o.end, o.perms, o.offset, o.identity) for o in old}
+    """Events turning layout ``old`` into ``new`` (both /proc/PID/maps layouts: sorted, disjoint); ``fresh``
+    holds (start, end) of new VMAs that were found unregistered, i.e. newly created mappings rather than
+    in-place changes of tracked ones.
+
+    O(n + k log k) for n VMAs of which k changed: a VMA found again unchanged meets no changed one (the
+    layouts are disjoint), so only the changed ones are indexed and compared."""
+    if fresh:
+        new = _split_at_fresh(new, fresh)
+    old_keys = set(old)  # a Vma is its whole maps line: equal means unchanged
+    same = {v for v in new if v in old_keys and (not fresh or (v.start, v.end) not in fresh)}
+    old = [o for o in old if o not in same]
+    new = [v for v in new if v not in same]
+    if not old and not new:
+        return []
+    old_idx, new_idx = _Index(old), _Index(new)
+    pos = {id(o): i for i, o in enumerate(old)}
+    matched = bytearray(len(old))  # old VMAs seen again (changed in place, or replaced)
+
+    def match(vs: list[Vma]) -> None:
+        for o in vs:
+            matched[pos[id(o)]] = 1
+
     events: list[VmaEvent] = []
-    matched_old: set[Vma] = set()
     created: list[Vma] = []
     for v in new:
-        if (v.start, v.end, v.perms, v.offset, v.identity) in old_keys and (v.start, v.end) not in fresh:
-            matched_old.update(o for o in old if (o.start, o.end) == (v.start, v.end))
-            continue
-        over = _overlapping(old, v)
+        over = old_idx.overlapping(v.start, v.end)
         if (v.start, v.end) in fresh:
             created.append(v)
             if over:
                 events.append(VmaEvent(EventKind.REPLACED, over[0], v))
-                matched_old.update(over)
+                match(over)
             continue
-        matched_old.update(over)
+        match(over)
         if not over:
             events.append(VmaEvent(EventKind.APPEARED, None, v))
         elif len(over) == 1 and (over[0].start, over[0].end) == (v.start, v.end):
@@ -200,26 +244,33 @@ def diff_layouts(old: list[Vma], new: list[Vma], fresh: set[tuple[int, int]]) ->
             events.extend(VmaEvent(EventKind.PROTECTION_CHANGED, o, v) for o in over if o.perms != v.perms)
         else:
             o = over[0]
-            siblings = _overlapping(new, o)
+            siblings = new_idx.overlapping(o.start, o.end)
             kind = EventKind.SPLIT if len(siblings) > 1 else EventKind.SHRUNK
             events.append(VmaEvent(kind, o, v))
             if v.perms != o.perms:
                 events.append(VmaEvent(EventKind.PROTECTION_CHANGED, o, v))
-    gone = [o for o in old if o not in matched_old]
+    gone = [i for i in range(len(old)) if not matched[i]]
+    by_shape: dict[tuple, list[int]] = {}  # gone VMAs by what a move keeps, in layout order
+    for i in reversed(gone):
+        o = old[i]
+        by_shape.setdefault((o.size, o.identity, o.offset), []).append(i)
+    # the VMA ending where a created one starts, unchanged or not (disjoint: at most one)
+    by_end = {o.end: o for o in old_keys} if created else {}
     for v in created:
-        if _overlapping(old, v):
+        if old_idx.overlapping(v.start, v.end):
             continue
-        src = next(
-            (o for o in gone if o.size == v.size and o.identity == v.identity and o.offset == v.offset), None
-        )
-        if src is not None:
-            gone.remove(src)
-            events.append(VmaEvent(EventKind.MOVED, src, v))
+        srcs = by_shape.get((v.size, v.identity, v.offset))
+        if srcs:
+            i = srcs.pop()
+            matched[i] = 1
+            events.append(VmaEvent(EventKind.MOVED, old[i], v))
             continue
-        prev = next((o for o in old if o.end == v.start and o.identity == v.identity), None)
+        prev = by_end.get(v.start)
+        if prev is not None and prev.identity != v.identity:
+            prev = None
         if prev is not None and prev.perms == v.perms and (v.inode == 0 or prev.pgoff_at(prev.end) == v.offset >> 12):
             events.append(VmaEvent(EventKind.GROWN, prev, v))  # e.g. brk: a new VMA beside the heap
         else:
             events.append(VmaEvent(EventKind.APPEARED, None, v))
-    events.extend(VmaEvent(EventKind.VANISHED, o, None) for o in gone)
+    events.extend(VmaEvent(EventKind.VANISHED, old[i], None) for i in gone if not matched[i])
     return events

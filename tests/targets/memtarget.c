@@ -232,6 +232,15 @@ int main(int argc, char **argv)
 		} else if (!strcmp(cmd, "mprotect")) {
 			sscanf(line, "%*s %lx %lu %255s", &a, &b, s1);
 			reply(mprotect((void *)a, b * PG, prot_of(s1)) ? "err" : "ok");
+		} else if (!strcmp(cmd, "stripe")) { /* stripe ADDR PAGES: every odd page read-only (a VMA each) */
+			sscanf(line, "%*s %lx %lu", &a, &b);
+			int bad = 0;
+			for (unsigned long i = 1; i < b && !bad; i += 2)
+				bad = mprotect((void *)(a + i * PG), PG, PROT_READ);
+			if (bad)
+				reply("err %d", errno);
+			else
+				reply("ok");
 		} else if (!strcmp(cmd, "fork")) { /* fork ADDR PAGES: the child writes them, then waits */
 			sscanf(line, "%*s %lx %lu", &a, &b);
 			pid_t ch = fork();
