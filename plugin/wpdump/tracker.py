@@ -733,30 +733,31 @@ class Tracker:
         done = 0
         try:
             swapped = self._swap_entries()
-            for v in read_maps(self.pid):
-                for s, e in ranges.clip_sorted(ours, v.start, v.end).tolist():
-                    # not present, not written, "swapped": uffd-wp markers (and protected real swap entries)
-                    found = uffd.scan_all(
-                        pagemap, s, e, self._buf, flags=0,
-                        category_mask=PAGE_IS_PRESENT | uffd.PAGE_IS_WRITTEN | PAGE_IS_SWAPPED,
-                        category_inverted=PAGE_IS_PRESENT | uffd.PAGE_IS_WRITTEN, return_mask=PAGE_IS_SWAPPED,
-                    )
-                    if isinstance(found, int):
-                        raise self._error(found, "PAGEMAP_SCAN")
-                    todo = _coalesce(np.column_stack((found["start"], found["end"])).astype(np.uint64))
-                    if swapped:
-                        todo = _markers_only(pagemap, todo)
-                    for a, b in todo.tolist():
-                        r = -errno.EAGAIN
-                        for _ in range(_RETRIES):  # EAGAIN: the mm is changing (mremap, fork)
-                            r = uffd.writeprotect(self._uffd, a, b, protect=False)
-                            if r != -errno.EAGAIN:
-                                break
-                        if r == -errno.ENOENT:  # unmapped or replaced since the scan: no marker of ours
-                            continue
-                        if r < 0:
-                            raise self._error(r, "UFFDIO_WRITEPROTECT")
-                        done += b - a
+            mapped = ranges.merge(ranges.from_pairs([(v.start, v.end) for v in read_maps(self.pid)]))
+            # a scan without WP_MATCHING may cross VMAs (rule 4 is about re-protecting): one call per span
+            for s, e in ranges.intersect(ours, mapped).tolist():
+                # not present, not written, "swapped": uffd-wp markers (and protected real swap entries)
+                found = uffd.scan_all(
+                    pagemap, s, e, self._buf, flags=0,
+                    category_mask=PAGE_IS_PRESENT | uffd.PAGE_IS_WRITTEN | PAGE_IS_SWAPPED,
+                    category_inverted=PAGE_IS_PRESENT | uffd.PAGE_IS_WRITTEN, return_mask=PAGE_IS_SWAPPED,
+                )
+                if isinstance(found, int):
+                    raise self._error(found, "PAGEMAP_SCAN")
+                todo = _coalesce(np.column_stack((found["start"], found["end"])).astype(np.uint64))
+                if swapped:
+                    todo = _markers_only(pagemap, todo)
+                for a, b in todo.tolist():
+                    r = -errno.EAGAIN
+                    for _ in range(_RETRIES):  # EAGAIN: the mm is changing (mremap, fork)
+                        r = uffd.writeprotect(self._uffd, a, b, protect=False)
+                        if r != -errno.EAGAIN:
+                            break
+                    if r == -errno.ENOENT:  # unmapped or replaced since the scan: no marker of ours
+                        continue
+                    if r < 0:
+                        raise self._error(r, "UFFDIO_WRITEPROTECT")
+                    done += b - a
         finally:
             os.close(pagemap)
         return done
