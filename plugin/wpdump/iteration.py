@@ -27,7 +27,7 @@ from .chain import META_FILE, META_FORMAT, Iteration, boot_id, check_parent, loa
 from .errors import TargetExeced, WpdumpError
 from .pagecopy import aligned_buffer, in_ranges, page_addrs, read_into
 from .pagecopy import runs as image_runs
-from .process import check_alive, thread_state, threads
+from .process import check_alive
 from .tracker import Harvest, Tracker
 from .vmas import Policy
 
@@ -466,10 +466,6 @@ def _resolve_prev(dest: str, prev: str) -> str:
     return prev if os.path.isabs(prev) else os.path.normpath(os.path.join(dest, prev))
 
 
-def _all_stopped(pid: int) -> bool:
-    return all(thread_state(pid, t) in ("T", "t") for t in threads(pid))
-
-
 def run(
     pid: int, images_dir: str, prev_images_dir: str | None = None, *, final: bool = False,
     leave_stopped: bool = False, keep_tracking: bool | None = None, progress: Progress | None = None,
@@ -489,22 +485,29 @@ def run(
         tracking = _Tracking(pid, st_target.start_ticks, parent, res.warnings)
         thawed = True
         t_frozen = 0.0
-        resume = False
+        freezer: freeze.Freezer | None = None
 
-        def thaw() -> None:
+        def thaw(done: bool = True) -> None:
             nonlocal thawed
             if not thawed:
-                res.frozen_s = time.perf_counter() - t_frozen
-                if resume:
-                    freeze.cont(pid)
                 thawed = True
+                res.frozen_s = time.perf_counter() - t_frozen
+                if freezer is None:
+                    return
+                if done:
+                    freezer.thaw(leave_stopped=leave_stopped)
+                    return
+                try:  # a failed dump resumes the target, even with leave_stopped
+                    freezer.thaw()
+                except WpdumpError as e:
+                    log.warning("%s", e)
 
         try:
             if final:
-                resume = not leave_stopped and not _all_stopped(pid)
                 t_frozen = time.perf_counter()
                 thawed = False
-                res.freezing_s = freeze.stop(pid)
+                freezer = freeze.Freezer(pid)
+                res.freezing_s = freezer.seconds
             t0 = time.perf_counter()
             h = tracking.harvest()
             res.harvest_s = time.perf_counter() - t0
@@ -531,7 +534,7 @@ def run(
             st.write_file(META_FILE, json.dumps(meta, indent=1).encode())
             st.commit()
         except BaseException:
-            thaw()
+            thaw(done=False)
             tracking.abandon()
             raise
         try:
