@@ -55,9 +55,11 @@ def inject_userfaultfd(sz: Seizure) -> int:
     """(In the agent.) Create a userfaultfd in the target, take it with pidfd_getfd, close the target's copy."""
     pid = sz.pid
     th = sz.injector()
-    th.begin(find_syscall_insn(pid), len(_syscall_insn()))
-    pidfd = pidfd_open(pid)
+    th.begin()
+    pidfd = -1
     try:
+        th.insn, th.insn_len = find_syscall_insn(pid), len(_syscall_insn())
+        pidfd = pidfd_open(pid)
         base = os.O_CLOEXEC | os.O_NONBLOCK
         remote = th.syscall(lib.wpd_nr_userfaultfd(), base)
         if remote == -errno.EPERM:
@@ -79,16 +81,18 @@ def inject_userfaultfd(sz: Seizure) -> int:
             raise from_errno(r, pid, "close() in the target")
         return local
     finally:
-        os.close(pidfd)
+        if pidfd >= 0:
+            os.close(pidfd)
         th.end()
 
 
 def inject_madvise(sz: Seizure, ranges: list[tuple[int, int]], advice: int) -> list[tuple[int, int]]:
     """(In the agent.) madvise(advice) in the target on each range; returns the ranges where it failed."""
     th = sz.injector()
-    th.begin(find_syscall_insn(sz.pid), len(_syscall_insn()))
+    th.begin()
     failed = []
     try:
+        th.insn, th.insn_len = find_syscall_insn(sz.pid), len(_syscall_insn())
         for s, e in ranges:
             if th.syscall(lib.wpd_nr_madvise(), int(s), int(e - s), advice) < 0:
                 failed.append((int(s), int(e)))

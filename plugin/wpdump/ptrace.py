@@ -33,6 +33,9 @@ VFORK_GRACE = 0.2
 # (TIF_RESTORE_SIGMASK). PTRACE_SETSIGMASK clears that flag: the caller's mask would be lost, so a thread
 # interrupted in one of them is not made to block signals (suppressed signals are queued again instead).
 _MASK_SWAPPING = {130, 270, 271, 281, 333, 441}  # rt_sigsuspend pselect6 ppoll epoll_pwait io_pgetevents epoll_pwait2
+# x86_64 syscalls that return -EINTR (not a restart code) when the thread is merely stopped or interrupted:
+# epoll_wait, epoll_pwait, epoll_pwait2, rt_sigtimedwait (man 7 signal). Restarted when no signal caused it.
+_EINTR_ON_STOP = {232, 281, 441, 128}
 _VFORK, _CLONE, _CLONE3, _CLONE_VFORK = 58, 56, 435, 0x4000
 
 
@@ -140,23 +143,41 @@ class Thread:
                 continue
             if status >> 16 == PTRACE_EVENT_STOP:
                 self.stopped = True
+                self._undo_eintr()
                 return
             self._check(lib.wpd_ptrace_cont(self.tid, os.WSTOPSIG(status)), "resume")
+
+    def _undo_eintr(self) -> None:
+        """A thread our interrupt knocked out of epoll_wait/sigtimedwait with EINTR is pointed back at the call
+        (it runs again, its timeout from the start), unless a signal it takes is pending (that one caused it)."""
+        regs = self.work
+        if lib.wpd_regs_get(self.tid, regs) < 0:
+            return
+        if lib.wpd_regs_syscall_nr(regs) not in _EINTR_ON_STOP or lib.wpd_regs_syscall_result(regs) != -errno.EINTR:
+            return
+        pending = int(_status_field(self.pid, self.tid, "SigPnd") or "0", 16)
+        pending |= int(_status_field(self.pid, self.tid, "ShdPnd") or "0", 16)
+        if pending & ~int(_status_field(self.pid, self.tid, "SigBlk") or "0", 16):
+            return
+        lib.wpd_regs_restart_syscall(regs)
+        self._check(lib.wpd_regs_set(self.tid, regs), "set registers")
 
     def _suppress(self, sig: int) -> None:
         info = ffi.new("char[128]")
         lib.wpd_ptrace_getsiginfo(self.tid, info)
         self.resend.append((sig, bytes(ffi.buffer(info))))
 
-    def begin(self, insn: int, insn_len: int) -> None:
-        """Save the thread's registers, block its signals and (under seccomp) suspend its filters."""
+    def begin(self) -> None:
+        """Save the thread's registers, block its signals and (under seccomp) suspend its filters; then
+        :meth:`syscall` runs syscalls at the `syscall` instruction at ``self.insn``."""
         r = lib.wpd_regs_get(self.tid, self.saved)
         if r == -errno.ENOEXEC:
             raise TrackerError(f"pid {self.pid}: 32-bit processes are not supported", pid=self.pid, errno=-r)
         self._check(r, "get registers")
         res = lib.wpd_regs_syscall_result(self.saved)
-        swapping = lib.wpd_regs_syscall_nr(self.saved) in _MASK_SWAPPING and -4095 <= res < 0
-        self.injecting, self.insn, self.insn_len = True, insn, insn_len
+        nr = lib.wpd_regs_syscall_nr(self.saved)
+        swapping = nr in _MASK_SWAPPING and (-4095 <= res < 0 or res == nr)  # (== nr: restarted by _undo_eintr)
+        self.injecting = True
         if not swapping:
             mask = ffi.new("uint64_t *")
             self._check(lib.wpd_ptrace_getsigmask(self.tid, mask), "get the signal mask")
