@@ -2,7 +2,7 @@
  * writes memory, while blocked in read(0): 'c' replies "count A B disorder D" (D: signals whose value was not
  * the one after the previous of the same number: RT signals of one number arrive in the order sent).
  * `sigflood send PID K N`: sigqueue N signals SIGRTMIN+K with values 0..N-1 (retrying while the queue is
- * full), then prints "sent N". */
+ * full), then prints "sent N". The target lowers its RLIMIT_SIGPENDING to 4096. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <sched.h>
@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #define PAGES 16
@@ -43,6 +44,9 @@ int main(int argc, char **argv)
 		printf("sent %ld\n", n);
 		return 0;
 	}
+	/* the queue limit counts all pending signals of the user: keep ours short (dequeueing is O(queue)) */
+	struct rlimit rl = {4096, 4096};
+	setrlimit(RLIMIT_SIGPENDING, &rl);
 	struct sigaction sa = {.sa_sigaction = on_sig, .sa_flags = SA_SIGINFO | SA_RESTART};
 	sigaction(SIGRTMIN, &sa, NULL);
 	sigaction(SIGRTMIN + 1, &sa, NULL);
