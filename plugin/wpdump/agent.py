@@ -135,7 +135,8 @@ class Agent:
             send_msg(self.sock, {"op": op, **kw})
             header, _, fds = recv_msg(self.sock)
         except (EOFError, OSError) as e:
-            raise TrackerError(f"pid {self.pid}: the ptrace agent died ({e or 'connection closed'})", pid=self.pid,
+            why = str(e) or "it closed the connection"
+            raise TrackerError(f"pid {self.pid}: the ptrace agent died ({why})", pid=self.pid,
                                errno=errno.EPIPE) from None
         if "error" in header:
             for fd in fds:
