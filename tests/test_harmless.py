@@ -122,6 +122,24 @@ def test_seccomp_target_is_tracked_unharmed(build_dir, tmp_path, mode):
         p.wait()
 
 
+@pytest.mark.parametrize("mode", ["killproc", "trap"])
+def test_seccomp_refused_by_name_without_cap_sys_admin(build_dir, tmp_path, mode):
+    """Without CAP_SYS_ADMIN seccomp cannot be suspended: wpdump refuses, naming seccomp, and injects nothing."""
+    require_kernel()
+    p = start(compile_target("seccomp", build_dir), mode)
+    try:
+        wait_in(p.pid, {0})
+        before = fds(p.pid)
+        r = subprocess.run(["setpriv", "--bounding-set", "-sys_admin", sys.executable, "-m", "wpdump.cli", "pre-dump",
+                            "-t", str(p.pid), "-D", str(tmp_path / "1")], capture_output=True, text=True, timeout=120)
+        one_line_error(r, "seccomp", "CAP_SYS_ADMIN")
+        assert fds(p.pid) == before and tracer(p.pid) == 0
+        assert ask(p, "s") == "sigsys 0 fd323 OK"
+    finally:
+        p.kill()
+        p.wait()
+
+
 # ---------------------------------------------------------------------------------- 10.2 signals during attach
 
 
