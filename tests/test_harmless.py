@@ -234,6 +234,25 @@ def test_killed_dump_leaves_the_target_running(target, tmp_path):
         iteration.untrack(target.pid)
 
 
+def test_killed_verify_leaves_the_target_running(target, tmp_path):
+    """SIGKILL of `wpdump verify -t` while it holds the target frozen: the target runs on."""
+    a = target.map(256 * 256)
+    target.cmd("fill", hex(a), 256 * 256, 7)
+    target.wait_idle()
+    r = wpdump("pre-dump", "-t", target.pid, "-D", tmp_path / "1")
+    assert r.returncode == 0, r.stderr
+    p = subprocess.Popen([sys.executable, "-m", "wpdump.cli", "verify", "-t", str(target.pid), "-D",
+                          str(tmp_path / "1")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while state(target.pid) not in ("t", "T") and p.poll() is None:
+        time.sleep(0.0005)
+    p.kill()
+    p.wait()
+    wait_untraced(target.pid)
+    assert state(target.pid) not in ("t", "T")
+    target.cmd("poke", hex(a), "0,1")
+    iteration.untrack(target.pid)
+
+
 def test_dump_is_not_seen_by_the_parent(target, tmp_path):
     """The freeze is no group stop: the target's parent (this test) gets no CLD_STOPPED or CLD_CONTINUED."""
     a = target.map(16)
