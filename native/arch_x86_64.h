@@ -35,5 +35,13 @@ static inline void wpd_arch_prepare_syscall(wpd_regs_t *r, uint64_t ip, long nr,
 
 static inline int64_t wpd_arch_syscall_result(const wpd_regs_t *r) { return (int64_t)r->rax; }
 static inline uint64_t wpd_arch_ip(const wpd_regs_t *r) { return r->rip; }
+static inline int64_t wpd_arch_syscall_nr(const wpd_regs_t *r) { return (int64_t)r->orig_rax; }
+
+/* Point the thread back at the `syscall` it returned from, to execute it again (rax = what to run). */
+static inline void wpd_arch_restart_syscall(wpd_regs_t *r)
+{
+	r->rax = r->orig_rax;
+	r->rip -= sizeof(wpd_syscall_insn_bytes);
+}
 
 #endif

@@ -57,9 +57,9 @@ static inline long neg_errno(long r)
 
 /* ---- ptrace ---- */
 
-int wpd_ptrace_seize(int tid)
+int wpd_ptrace_seize(int tid, long options)
 {
-	return NEG_ERRNO(ptrace(PTRACE_SEIZE, tid, 0, 0));
+	return NEG_ERRNO(ptrace(PTRACE_SEIZE, tid, 0, (void *)options));
 }
 
 int wpd_ptrace_interrupt(int tid)
@@ -67,9 +67,14 @@ int wpd_ptrace_interrupt(int tid)
 	return NEG_ERRNO(ptrace(PTRACE_INTERRUPT, tid, 0, 0));
 }
 
-int wpd_ptrace_singlestep(int tid, int sig)
+int wpd_ptrace_syscall(int tid, int sig)
 {
-	return NEG_ERRNO(ptrace(PTRACE_SINGLESTEP, tid, 0, (void *)(long)sig));
+	return NEG_ERRNO(ptrace(PTRACE_SYSCALL, tid, 0, (void *)(long)sig));
+}
+
+int wpd_ptrace_cont(int tid, int sig)
+{
+	return NEG_ERRNO(ptrace(PTRACE_CONT, tid, 0, (void *)(long)sig));
 }
 
 int wpd_ptrace_detach(int tid, int sig)
@@ -77,13 +82,43 @@ int wpd_ptrace_detach(int tid, int sig)
 	return NEG_ERRNO(ptrace(PTRACE_DETACH, tid, 0, (void *)(long)sig));
 }
 
-int wpd_waitpid(int tid, int *status)
+int wpd_ptrace_setoptions(int tid, long options)
+{
+	return NEG_ERRNO(ptrace(PTRACE_SETOPTIONS, tid, 0, (void *)options));
+}
+
+int wpd_ptrace_getsiginfo(int tid, void *siginfo128)
+{
+	return NEG_ERRNO(ptrace(PTRACE_GETSIGINFO, tid, 0, siginfo128));
+}
+
+int wpd_rt_tgsigqueueinfo(int tgid, int tid, int sig, void *siginfo128)
+{
+	return NEG_ERRNO(syscall(SYS_rt_tgsigqueueinfo, tgid, tid, sig, siginfo128));
+}
+
+int wpd_ptrace_getsigmask(int tid, uint64_t *mask)
+{
+	return NEG_ERRNO(ptrace(PTRACE_GETSIGMASK, tid, (void *)sizeof(*mask), mask));
+}
+
+int wpd_ptrace_setsigmask(int tid, uint64_t mask)
+{
+	return NEG_ERRNO(ptrace(PTRACE_SETSIGMASK, tid, (void *)sizeof(mask), &mask));
+}
+
+int wpd_waitpid(int tid, int *status, int options)
 {
 	pid_t r;
 	do {
-		r = waitpid(tid, status, __WALL);
+		r = waitpid(tid, status, __WALL | options);
 	} while (r < 0 && errno == EINTR);
 	return NEG_ERRNO(r);
+}
+
+int wpd_tgkill(int tgid, int tid, int sig)
+{
+	return NEG_ERRNO(syscall(SYS_tgkill, tgid, tid, sig));
 }
 
 size_t wpd_regs_size(void)
@@ -91,10 +126,13 @@ size_t wpd_regs_size(void)
 	return sizeof(wpd_regs_t);
 }
 
+/* -ENOEXEC: the thread's register set is not the native one (a 32-bit process). */
 int wpd_regs_get(int tid, void *regs)
 {
 	struct iovec iov = {.iov_base = regs, .iov_len = sizeof(wpd_regs_t)};
-	return NEG_ERRNO(ptrace(PTRACE_GETREGSET, tid, (void *)NT_PRSTATUS, &iov));
+	if (ptrace(PTRACE_GETREGSET, tid, (void *)NT_PRSTATUS, &iov) < 0)
+		return -errno;
+	return iov.iov_len == sizeof(wpd_regs_t) ? 0 : -ENOEXEC;
 }
 
 int wpd_regs_set(int tid, const void *regs)
@@ -118,6 +156,16 @@ int64_t wpd_regs_syscall_result(const void *regs)
 uint64_t wpd_regs_ip(const void *regs)
 {
 	return wpd_arch_ip((const wpd_regs_t *)regs);
+}
+
+int64_t wpd_regs_syscall_nr(const void *regs)
+{
+	return wpd_arch_syscall_nr((const wpd_regs_t *)regs);
+}
+
+void wpd_regs_restart_syscall(void *regs)
+{
+	wpd_arch_restart_syscall((wpd_regs_t *)regs);
 }
 
 int wpd_syscall_insn(unsigned char *buf, int buflen)

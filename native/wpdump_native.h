@@ -10,11 +10,18 @@ struct wpd_region {
 	uint64_t categories;
 };
 
-int wpd_ptrace_seize(int tid);
+int wpd_ptrace_seize(int tid, long options);
 int wpd_ptrace_interrupt(int tid);
-int wpd_ptrace_singlestep(int tid, int sig);
+int wpd_ptrace_syscall(int tid, int sig);
+int wpd_ptrace_cont(int tid, int sig);
 int wpd_ptrace_detach(int tid, int sig);
-int wpd_waitpid(int tid, int *status);
+int wpd_ptrace_setoptions(int tid, long options);
+int wpd_ptrace_getsiginfo(int tid, void *siginfo128);
+int wpd_rt_tgsigqueueinfo(int tgid, int tid, int sig, void *siginfo128);
+int wpd_ptrace_getsigmask(int tid, uint64_t *mask);
+int wpd_ptrace_setsigmask(int tid, uint64_t mask);
+int wpd_waitpid(int tid, int *status, int options);
+int wpd_tgkill(int tgid, int tid, int sig);
 size_t wpd_regs_size(void);
 int wpd_regs_get(int tid, void *regs);
 int wpd_regs_set(int tid, const void *regs);
@@ -22,6 +29,8 @@ void wpd_regs_prepare_syscall(void *regs, uint64_t insn_addr, long nr, uint64_t 
 			      uint64_t a2, uint64_t a3, uint64_t a4, uint64_t a5);
 int64_t wpd_regs_syscall_result(const void *regs);
 uint64_t wpd_regs_ip(const void *regs);
+int64_t wpd_regs_syscall_nr(const void *regs);
+void wpd_regs_restart_syscall(void *regs);
 int wpd_syscall_insn(unsigned char *buf, int buflen);
 long wpd_nr_userfaultfd(void);
 long wpd_nr_close(void);

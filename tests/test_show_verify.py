@@ -17,7 +17,7 @@ import numpy as np
 import pycriu.images
 import pytest
 from chaincheck import PE_PARENT, PE_PRESENT, compare_with_memory, load_pagemap, reconstruct
-from wpdump import decode, images, iteration, show, verify
+from wpdump import decode, freeze, images, iteration, show, verify
 
 PAGE = 4096
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -381,8 +381,9 @@ def test_verify_errors_are_one_line(made, tmp_path):
 def test_verify_ignores_the_rseq_fields_the_kernel_writes(made):
     """Resumed on another CPU, a thread finds its rseq cpu_id rewritten by the kernel: not a difference."""
     c = made
-    areas, why = verify.rseq_areas(c.pid)
-    assert why is None and state(c.pid) == "T"  # asking leaves the target stopped
+    with freeze.Freezer(c.pid) as fr:
+        areas = fr.rseq_areas()
+    assert state(c.pid) == "T"  # asking leaves the target stopped
     if len(os.sched_getaffinity(0)) < 2 or not areas:
         if os.environ.get("CI"):  # CI machines have 2 cores and Debian 12's glibc registers rseq
             pytest.fail("needs two CPUs and a glibc that registers rseq")

@@ -27,7 +27,7 @@ from .chain import META_FILE, META_FORMAT, Iteration, boot_id, check_parent, loa
 from .errors import TargetExeced, UnreadableMemory, WpdumpError
 from .pagecopy import Reader, aligned_buffer, in_ranges, page_addrs
 from .pagecopy import runs as image_runs
-from .process import check_alive, thread_state, threads
+from .process import check_alive
 from .tracker import Harvest, Tracker, gc_paused
 from .vmas import Policy, Vma, read_maps
 
@@ -499,10 +499,6 @@ def _check_readable(pid: int, vmas: list[Vma], allow_unreadable: bool, warnings:
         warnings.append(f"{text}: left out of the images, its content is lost")
 
 
-def _all_stopped(pid: int) -> bool:
-    return all(thread_state(pid, t) in ("T", "t") for t in threads(pid))
-
-
 @gc_paused()
 def run(
     pid: int, images_dir: str, prev_images_dir: str | None = None, *, final: bool = False,
@@ -525,22 +521,29 @@ def run(
         tracking = _Tracking(pid, st_target.start_ticks, parent, res.warnings, allow_userfaultfd_target)
         thawed = True
         t_frozen = 0.0
-        resume = False
+        freezer: freeze.Freezer | None = None
 
-        def thaw() -> None:
+        def thaw(done: bool = True) -> None:
             nonlocal thawed
             if not thawed:
-                res.frozen_s = time.perf_counter() - t_frozen
-                if resume:
-                    freeze.cont(pid)
                 thawed = True
+                res.frozen_s = time.perf_counter() - t_frozen
+                if freezer is None:
+                    return
+                if done:
+                    freezer.thaw(leave_stopped=leave_stopped)
+                    return
+                try:  # a failed dump resumes the target, even with leave_stopped
+                    freezer.thaw()
+                except WpdumpError as e:
+                    log.warning("%s", e)
 
         try:
             if final:
-                resume = not leave_stopped and not _all_stopped(pid)
                 t_frozen = time.perf_counter()
                 thawed = False
-                res.freezing_s = freeze.stop(pid)
+                freezer = freeze.Freezer(pid)
+                res.freezing_s = freezer.seconds
             t0 = time.perf_counter()
             h = tracking.harvest()
             res.harvest_s = time.perf_counter() - t0
@@ -570,7 +573,7 @@ def run(
             st.write_file(META_FILE, _meta_json(meta))
             st.commit()
         except BaseException:
-            thaw()
+            thaw(done=False)
             tracking.abandon()
             raise
         try:

@@ -33,6 +33,19 @@ def read_stat(pid: int) -> ProcStat:
     return ProcStat(pid=pid, comm=raw[lp + 1 : rp], state=rest[0], start_ticks=int(rest[19]))
 
 
+PF_KTHREAD = 0x00200000
+
+
+def is_kernel_thread(pid: int) -> bool:
+    """True for a kernel thread (PF_KTHREAD in the flags of /proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode(errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return int(raw[raw.rindex(")") + 2 :].split()[6]) & PF_KTHREAD != 0
+
+
 def is_gone(pid: int) -> bool:
     """True when the process no longer runs: absent, a zombie or dead."""
     try:

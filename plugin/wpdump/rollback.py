@@ -19,10 +19,9 @@ import numpy as np
 from . import freeze, keeper, ranges
 from .chain import Iteration, boot_id, load_chain, read_pages_into
 from .errors import NoSuchProcess, UnreadableMemory, WpdumpError, from_errno
-from .inject import seized
 from .pagecopy import Reader
 from .pagecopy import runs as page_runs
-from .process import check_alive, thread_state, threads
+from .process import check_alive
 from .tracker import Tracker
 from .vmas import KERNEL_VMAS, Vma, read_maps
 
@@ -157,22 +156,13 @@ def _file_content(pid: int, v: Vma, addrs: np.ndarray) -> np.ndarray:
     return out
 
 
-def _drop(pid: int, r: np.ndarray) -> np.ndarray:
-    """madvise(MADV_DONTNEED) inside the target on ranges ``r``; returns the ranges where it failed."""
-    failed = []
-    with seized(pid) as th:
-        from .inject import find_syscall_insn
-        from .uffd import lib
-
-        th.insn_addr = find_syscall_insn(pid)
-        for s, e in r:
-            res = th.syscall(lib.wpd_nr_madvise(), int(s), int(e - s), MADV_DONTNEED)
-            if res < 0:  # e.g. an mlocked VMA (EINVAL): write the content instead
-                failed.append((int(s), int(e)))
-    return ranges.from_pairs(failed)
+def _drop(freezer: freeze.Freezer, r: np.ndarray) -> np.ndarray:
+    """madvise(MADV_DONTNEED) inside the frozen target on ranges ``r``; returns the ranges where it failed
+    (e.g. an mlocked VMA: EINVAL)."""
+    return ranges.from_pairs(freezer.madvise([(int(s), int(e)) for s, e in r], MADV_DONTNEED))
 
 
-def _rollback(pid: int, chain: list[Iteration], vmas: list[Vma], candidates: np.ndarray,
+def _rollback(pid: int, freezer: freeze.Freezer, chain: list[Iteration], vmas: list[Vma], candidates: np.ndarray,
               res: RollbackResult) -> None:
     """Make every page in ``candidates`` equal to the chain's top."""
     mem = _Memory(pid)
@@ -204,7 +194,7 @@ def _rollback(pid: int, chain: list[Iteration], vmas: list[Vma], candidates: np.
                         drop_rows.append((a[zap], want[zap]))
         if drop_addrs:
             r = page_runs(np.sort(np.concatenate(drop_addrs)))
-            failed = _drop(pid, r)
+            failed = _drop(freezer, r)
             res.pages_dropped = (ranges.total(r) - ranges.total(failed)) // PAGE
             if len(failed):  # write the wanted content (zero, or the file's) where madvise refused
                 fa = _page_addrs(failed)
@@ -230,10 +220,8 @@ def restore_memory(pid: int, images_dir: str) -> RollbackResult:
                              errno=errno.ESRCH)
     res = RollbackResult(pid, os.path.abspath(images_dir), False)
     with keeper.pid_lock(pid):
-        was_stopped = all(thread_state(pid, t) in ("T", "t") for t in threads(pid))
         t_frozen = time.perf_counter()
-        if not was_stopped:
-            freeze.stop(pid)
+        freezer = freeze.Freezer(pid)  # an already stopped target stays stopped
         k: keeper.Keeper | None = None
         tr: Tracker | None = None
         try:
@@ -256,7 +244,7 @@ def restore_memory(pid: int, images_dir: str) -> RollbackResult:
                     k.close()
                     k = None
                 candidates = ranges.from_pairs([(v.start, v.end) for v in vmas])
-            _rollback(pid, chain, vmas, candidates, res)
+            _rollback(pid, freezer, chain, vmas, candidates, res)
             if tr is not None and k is not None:
                 tr.harvest()  # our own writes and drops: the memory equals the checkpoint again
                 k.checkin(tr.export_state(), top.iteration_id, top.path)
@@ -269,8 +257,7 @@ def restore_memory(pid: int, images_dir: str) -> RollbackResult:
                 tr.close()
             if k is not None:
                 k.close()
-            if not was_stopped:
-                freeze.cont(pid)
+            freezer.thaw()
             res.frozen_s = time.perf_counter() - t_frozen
     res.total_s = time.perf_counter() - t0
     return res

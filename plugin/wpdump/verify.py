@@ -17,11 +17,8 @@ byte. Those fields (found with PTRACE_GET_RSEQ_CONFIGURATION) are left out of th
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
-import signal
-import struct
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -310,57 +307,7 @@ def _batches(parts: list[tuple[int, int, int]], limit: int) -> list[list[tuple[i
     return out
 
 
-PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
-PTRACE_EVENT_STOP = 128
-_RSEQ_CONF = struct.Struct("<QIIII")  # struct ptrace_rseq_configuration
 RSEQ_KERNEL_FIELDS = ((0, 16), (20, 28))  # cpu_id_start, cpu_id, rseq_cs (cleared); node_id, mm_cid
-_libc = ctypes.CDLL(None, use_errno=True)
-_ptrace = _libc.ptrace
-_ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-_ptrace.restype = ctypes.c_long
-
-
-def rseq_areas(pid: int) -> tuple[list[tuple[int, int]], str | None]:
-    """(address, size) of the rseq area of every thread of the stopped ``pid``, and why not all were read.
-
-    Each thread is seized, trapped, asked (PTRACE_GET_RSEQ_CONFIGURATION) and detached: a group-stopped thread
-    returns to its group stop (waited for).
-    """
-    from .uffd import ffi, lib
-
-    areas: list[tuple[int, int]] = []
-    for tid in threads(pid):
-        r = lib.wpd_ptrace_seize(tid)
-        if r < 0:
-            if r == -errno.ESRCH:
-                continue
-            return areas, f"rseq areas not read (ptrace: {os.strerror(-r)}): kernel-written rseq fields are compared"
-        sig = 0
-        try:
-            if lib.wpd_ptrace_interrupt(tid) < 0:
-                continue
-            st = ffi.new("int *")
-            if lib.wpd_waitpid(tid, st) < 0 or not os.WIFSTOPPED(st[0]):
-                continue
-            if st[0] >> 16 == 0 and os.WSTOPSIG(st[0]) != signal.SIGTRAP:
-                sig = os.WSTOPSIG(st[0])  # a signal being delivered: hand it back at detach
-            buf = ctypes.create_string_buffer(_RSEQ_CONF.size)
-            if _ptrace(PTRACE_GET_RSEQ_CONFIGURATION, tid, _RSEQ_CONF.size, buf) >= _RSEQ_CONF.size:
-                ptr, size, _sig, _flags, _pad = _RSEQ_CONF.unpack(buf.raw)
-                if ptr:
-                    areas.append((ptr, size))
-        finally:
-            lib.wpd_ptrace_detach(tid, sig)
-            _wait_group_stop(pid, tid)
-    return areas, None
-
-
-def _wait_group_stop(pid: int, tid: int, timeout: float = 2.0) -> None:
-    """A detached thread runs for a moment (state R) to re-enter the group stop: wait until it has, so that
-    the target is seen stopped again when we return."""
-    deadline = time.perf_counter() + timeout
-    while thread_state(pid, tid) not in ("T", "t", "X", "Z") and time.perf_counter() < deadline:
-        time.sleep(0.0002)
 
 
 def _rseq_masks(areas: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -569,18 +516,14 @@ def verify_process(
         stack.enter_context(keeper.pid_lock(pid))  # no iteration may stop or resume the target meanwhile
         was_stopped = _all_stopped(pid)
         t_frozen = time.perf_counter()
-        if not was_stopped:
-            stack.callback(_resume, pid)
-            freeze.stop(pid)
+        freezer = freeze.Freezer(pid)  # an already stopped target stays stopped
+        stack.callback(freezer.thaw)
         vmas = read_maps(pid)
         cmp = _Comparer(pid, chain, vmas, [_kind(v) for v in vmas], max_report)
         stack.callback(cmp.close)
         cmp.mem_fd, cmp.notes, cmp.batch_bytes = mem_fd, notes, batch_bytes
         if rseq:
-            areas, why = rseq_areas(pid)
-            cmp.masks = _rseq_masks(areas)
-            if why:
-                notes.append(why)
+            cmp.masks = _rseq_masks(freezer.rseq_areas())
         skipped = _compare_stopped(cmp, pm_fd)
         frozen = time.perf_counter() - t_frozen
         check_alive(pid)  # killed meanwhile, its memory reads as nothing: no verdict
@@ -594,10 +537,3 @@ def verify_process(
         seconds=time.perf_counter() - t0, frozen_s=0.0 if was_stopped else frozen, was_stopped=was_stopped,
         notes=notes, rseq_bytes_ignored=cmp.masked_bytes,
     )
-
-
-def _resume(pid: int) -> None:
-    try:
-        freeze.cont(pid)
-    except NoSuchProcess:
-        pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import shutil
@@ -23,13 +24,15 @@ def cache_dir() -> pathlib.Path:
 
 
 def compile_c(src: pathlib.Path, name: str | None = None, *, out_dir: pathlib.Path | None = None) -> pathlib.Path:
-    """Compile ``src`` with gcc -O2 -pthread into the cache dir; rebuilt only when ``src`` is newer."""
+    """Compile ``src`` with gcc -O2 -pthread into the cache dir, keyed by the source's content: a checkout
+    with other sources (another branch, another clone) never runs a stale executable."""
     src = pathlib.Path(src)
     if not src.is_file():
         raise BuildError(f"no such source file: {src}")
     out_dir = out_dir or cache_dir()
-    exe = out_dir / (name or src.stem)
-    if exe.exists() and exe.stat().st_mtime >= src.stat().st_mtime:
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+    exe = out_dir / f"{name or src.stem}-{digest}"
+    if exe.exists():
         return exe
     gcc = shutil.which("gcc")
     if gcc is None:
