@@ -20,7 +20,7 @@ from . import freeze, keeper, ranges
 from .chain import Iteration, boot_id, load_chain, read_pages_into
 from .errors import NoSuchProcess, WpdumpError, from_errno
 from .inject import seized
-from .process import check_alive, thread_state, threads
+from .process import check_alive, open_mapped_file, thread_state, threads
 from .tracker import Tracker
 from .vmas import KERNEL_VMAS, Vma, read_maps
 
@@ -139,7 +139,7 @@ def _file_content(pid: int, v: Vma, addrs: np.ndarray) -> np.ndarray:
     """The file's own content for pages of a private file mapping (what an absent page reads as)."""
     out = np.zeros((len(addrs), PAGE), dtype=np.uint8)
     try:
-        fd = os.open(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}", os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_mapped_file(pid, v.start, v.end, v.dev, v.inode, v.path)
     except OSError as e:
         raise from_errno(e.errno or errno.EIO, pid, f"open the file mapped at {v}") from None
     try:
@@ -252,7 +252,7 @@ def restore_memory(pid: int, images_dir: str) -> RollbackResult:
             _rollback(pid, chain, vmas, candidates, res)
             if tr is not None and k is not None:
                 tr.harvest()  # our own writes and drops: the memory equals the checkpoint again
-                k.checkin(tr.export_state(), top.iteration_id, top.path)
+                k.checkin(tr.export_state(), top.iteration_id, top.path, kind="restore")
         except BaseException:
             if k is not None:
                 k.close()  # a checkout without checkin: the keeper ends tracking
