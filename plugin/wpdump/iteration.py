@@ -85,6 +85,8 @@ class _Tracking:
         self.pid, self.start_ticks, self.warnings = pid, start_ticks, warnings
         self.tracker: Tracker | None = None
         self.fresh = False
+        self.harvested = False  # once a harvest began, the dirty information since the parent is this run's
+        self.checked_out: tuple[bytes, str, str] | None = None  # (state, iteration, images_dir) from the keeper
         self.keeper = keeper.Keeper.connect(pid)
         status = None
         if self.keeper is not None:
@@ -94,8 +96,10 @@ class _Tracking:
                 self._drop_keeper(untrack=False)
         if self.keeper is not None and status is not None:
             if parent is not None and parent.iteration_id and parent.iteration_id == status["iteration"]:
-                _, fd, state = self.keeper.checkout()
+                it_id, fd, state = self.keeper.checkout()
+                self.checked_out = (state, it_id, status["images_dir"])
                 self.tracker = Tracker.adopt(pid, fd, state)
+                log.info("pid %d: tracking taken over from its keeper (tracked since %s)", pid, status["images_dir"])
             else:
                 if parent is not None:
                     self._warn(
@@ -127,6 +131,7 @@ class _Tracking:
 
     def harvest(self) -> Harvest:
         """The pages written since the parent (incremental), or all content after a fresh attach."""
+        self.harvested = True
         if self.tracker is not None:
             try:
                 return self.tracker.harvest()
@@ -135,6 +140,7 @@ class _Tracking:
                 self.tracker.close()
                 self.tracker = None
                 self._drop_keeper(untrack=True)
+        log.info("pid %d: attaching (a full iteration)", self.pid)
         self.tracker = Tracker(self.pid)
         self.fresh = True
         return self.tracker.initial
@@ -146,6 +152,7 @@ class _Tracking:
         try:
             if not keep:
                 self._drop_keeper(untrack=True)
+                log.info("pid %d: tracking ends", self.pid)
                 return
             state = tr.export_state()
             if self.keeper is not None:
@@ -157,12 +164,24 @@ class _Tracking:
             tr.close()
 
     def abandon(self) -> None:
-        """After a failure: the keeper sees the checkout end without a checkin and ends tracking."""
+        """After a failure or an interrupt: before any harvest the keeper gets its tracker back unchanged (tracking
+        goes on); after one the dirty information since the parent is gone, so tracking ends (the keeper is told,
+        not left to notice, so that the state is settled when the command reports it)."""
         if self.tracker is not None:
             self.tracker.close()
-        if self.keeper is not None:
-            self.keeper.close()
-            self.keeper = None
+        if self.keeper is None:
+            return
+        if not self.harvested and self.checked_out is not None:
+            state, it_id, images_dir = self.checked_out
+            try:
+                self.keeper.checkin(state, it_id, images_dir)
+                log.info("pid %d: nothing harvested: the keeper tracks on since %s", self.pid, images_dir)
+                self._drop_keeper(untrack=False)
+                return
+            except keeper.KeeperError:
+                pass
+        log.info("pid %d: tracking ends with the failed iteration", self.pid)
+        self._drop_keeper(untrack=True)
 
 
 # ---- laying out and writing the images ----

@@ -73,7 +73,8 @@ def check_layout(pid: int, top: Iteration, now: list[Vma]) -> list[Vma]:
             near = [str(x) for x in now if x.start < end and start < x.end]
             what = f"now {', '.join(near)}" if near else "unmapped since"
             raise LayoutMismatch(
-                f"pid {pid}: the VMA {start:#x}-{end:#x} {perms} {path} of the checkpoint is {what}: "
+                f"pid {pid}: the VMA {start:#x}-{end:#x} {perms}{' ' + path if path else ''} of the checkpoint is "
+                f"{what}: "
                 "the layout changed, memory cannot be rolled back in place", pid=pid, errno=errno.EINVAL,
             )
         out.append(v)
