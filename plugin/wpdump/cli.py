@@ -105,10 +105,10 @@ def _row(n: int | str, r: IterationResult) -> str:
 
 def _report(r: IterationResult, args: argparse.Namespace, n: int | str = 1, reason: str | None = None,
             header: bool = False) -> None:
-    for w in r.warnings:
+    for w in r.warnings:  # logged where they arose (the log file has them); printed here, once
         print(f"wpdump: warning: {w}", file=sys.stderr)
-        log.debug("warning: %s", w)  # the commands print warnings; the log file records them too
-    log.info("iteration %s: %s", n, json.dumps(r.as_dict()))
+    log.info("iteration %s: %s", n, " ".join(_row(n, r).split()[1:]))
+    log.debug("iteration %s: %s", n, json.dumps({k: v for k, v in r.as_dict().items() if k != "warnings"}))
     if args.json:
         d = r.as_dict()
         if reason:
@@ -382,11 +382,11 @@ def parser() -> argparse.ArgumentParser:
                     "Per round: pages written since the previous round, pages that became zero, VMA events\n"
                     "(-v lists them). Until Ctrl-C unless --rounds.",
                     "wpdump track -t 1234 --rounds 10 --interval 0.5 -v", [common])
-    add_tree(t, "process to track")
+    add_tree(t, "process to track", required=False)
     t.add_argument("--target", type=int, dest="tree", help=argparse.SUPPRESS)  # the old spelling
     t.add_argument("--rounds", type=int, default=0, help="rounds after the attach (default 0: until Ctrl-C)")
     t.add_argument("--interval", type=float, default=1.0, metavar="SEC", help="seconds between rounds (1.0)")
-    t.set_defaults(func=cmd_track)
+    t.set_defaults(func=cmd_track, check=lambda a: "-t/--tree PID is required" if a.tree is None else None)
 
     d = add_command(sub, "demo", "checkpoint the bundled workload while it writes, then verify the chain",
                     "Starts a workload, runs checkpoint on it (--leave-stopped), compares the final dump with its\n"
@@ -431,7 +431,8 @@ def _setup_logging(args: argparse.Namespace, argv: list[str]) -> None:
     root.propagate = False
     for h in handlers:
         root.addHandler(h)
-    log.info("wpdump %s: %s", version() if handlers else "", " ".join(argv))
+    log.info("command: wpdump %s", " ".join(argv))
+    log.debug("wpdump %s, python %s, pid %d", version(), sys.version.split()[0], os.getpid())
 
 
 def _signal_name(signum: int) -> str:
@@ -505,7 +506,11 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):  # the same clean end as Ctrl-C
         signal.signal(sig, _on_signal)
     try:
-        args = parser().parse_args(argv)
+        ps = parser()
+        args = ps.parse_args(argv)
+        if getattr(args, "check", None) is not None and (why := args.check(args)):
+            print(f"wpdump {args.command}: {why}", file=sys.stderr)
+            return 2
         _setup_logging(args, argv)
         rc = args.func(args)
         log.debug("exit status %d", rc)
@@ -521,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         print(file=sys.stderr)
         print(line, file=sys.stderr)
         log.info("%s", line)
-        return 130
+        return 128 + signum  # 130 for Ctrl-C, as a shell reports it
     except BrokenPipeError:  # e.g. `wpdump track ... | head`
         sys.stderr.close()
         return 1

@@ -32,9 +32,6 @@ def _when(t: float | None) -> str:
 def cmd_show(args: argparse.Namespace) -> int:
     from .show import resolve_top, show
 
-    if (args.images_dir is None) == (args.dir is None):
-        print("wpdump show: name the chain's top with -D DIR", file=sys.stderr)
-        return 2
     top = resolve_top(args.images_dir or args.dir)
     info = show(top, regions=args.verbose > 0)
     if args.json:
@@ -119,9 +116,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_squash(args: argparse.Namespace) -> int:
     from .squash import squash
 
-    if args.out is None:
-        print("wpdump squash: the output directory is required: -O/--output-dir OUT", file=sys.stderr)
-        return 2
     r = squash(args.images_dir, args.out)
     if args.json:
         print(json.dumps(r.as_dict()))
@@ -166,7 +160,8 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
         "wpdump show -D ckpt\nwpdump show -D ckpt/2 -v", [common])
     sh.add_argument("-D", "--images-dir", metavar="DIR", help="images directory (the chain's top) or a checkpoint dir")
     sh.add_argument("dir", nargs="?", metavar="DIR", help=argparse.SUPPRESS)  # the old spelling: show DIR
-    sh.set_defaults(func=cmd_show)
+    sh.set_defaults(func=cmd_show, check=lambda a: "name the chain's top with -D DIR"
+                    if (a.images_dir is None) == (a.dir is None) else None)
 
     de = add_command(sub, "decode", "one image file as JSON, as crit decode prints it",
                      "pagemap, inventory and stats images as crit decode shows them (pages-N.img holds raw page\n"
@@ -193,7 +188,8 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     sq.add_argument("-D", "--images-dir", required=True, metavar="DIR", help="the chain's top")
     sq.add_argument("-O", "--output-dir", dest="out", metavar="OUT", help="new (or empty) directory to write")
     sq.add_argument("--out", dest="out", help=argparse.SUPPRESS)  # the old spelling (-o is the log file now)
-    sq.set_defaults(func=cmd_squash)
+    sq.set_defaults(func=cmd_squash, check=lambda a: None if a.out else
+                    "the output directory is required: -O/--output-dir OUT (-o is the log file)")
 
     dd = add_command(sub, "dedup", "punch superseded pages out of the parents (like criu dedup)", DEDUP_HELP.rstrip(),
                      "wpdump dedup -D ckpt/3 --dry-run\nwpdump dedup -D ckpt/3", [common])
