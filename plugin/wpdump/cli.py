@@ -142,7 +142,7 @@ class _Interrupt:
     pid: int | None = None
     images_dir: str | None = None
     keep_tracking: bool | None = None  # what the command promised for tracking (None: no promise)
-    written: tuple[str, ...] = ()  # iterations completed (checkpoint)
+    checkpoint = False  # DIR holds numbered iterations
 
 
 _interrupt = _Interrupt()
@@ -182,13 +182,12 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     policy = POLICIES[args.policy](**kw)
     bar = ProgressBar(not args.json)
     _interrupt.pid, _interrupt.images_dir, _interrupt.keep_tracking = args.tree, args.images_dir, args.keep_tracking
-    _interrupt.written = ()
+    _interrupt.checkpoint = True
     count = [0]
 
     def on_iteration(r: IterationResult, reason: str | None) -> None:
         bar.clear()
         count[0] += 1
-        _interrupt.written += (r.images_dir,)
         _report(r, args, count[0], reason, header=count[0] == 1)  # the header once something is written
         if reason and not args.json:
             print(f"     stop pre-dumping: {reason}", flush=True)
@@ -492,13 +491,26 @@ def _interrupted(signum: int) -> str:
             what += f" (ending tracking failed: {e})"
     state = _process_state(pid)
     if st.keep_tracking and "not tracked" in state:
-        state += " (tracking lost with the interrupted iteration: the next pre-dump is full)"
-    d = st.images_dir
-    if st.written:  # checkpoint: the completed pre-dumps stay
-        first, last = st.written[0], st.written[-1]
-        done = first if first == last else f"{first} .. {os.path.basename(last)}"
-        return f"{what}: {state}; {done} written (pre-dumps), no final dump"
-    return f"{what}: {state}; {d} not written"
+        state = state.replace("not tracked", "not tracked (lost with the interrupted iteration: the next pre-dump "
+                              "is full)")
+    d = os.path.abspath(st.images_dir or ".")
+    if st.checkpoint:  # the completed iterations stay
+        from .chain import META_FILE, checkpoint_iterations
+
+        its = checkpoint_iterations(d)
+        if not its:
+            return f"{what}: {state}; {d} not written"
+        done = its[0] if len(its) == 1 else f"{its[0]} .. {os.path.basename(its[-1])}"
+        try:
+            with open(os.path.join(its[-1], META_FILE)) as f:
+                final = json.load(f).get("kind") == "dump"
+        except (OSError, ValueError):
+            final = False
+        return f"{what}: {state}; {done} written" + ("" if final else " (pre-dumps), no final dump")
+    from .chain import META_FILE
+
+    done = os.path.exists(os.path.join(d, META_FILE))  # interrupted after its commit: complete
+    return f"{what}: {state}; {d} {'written' if done else 'not written'}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 import uuid
@@ -96,9 +97,7 @@ class _Tracking:
                 self._drop_keeper(untrack=False)
         if self.keeper is not None and status is not None:
             if parent is not None and parent.iteration_id and parent.iteration_id == status["iteration"]:
-                it_id, fd, state = self.keeper.checkout()
-                self.checked_out = (state, it_id, status["images_dir"])
-                self.tracker = Tracker.adopt(pid, fd, state)
+                self._take(status)
                 log.info("pid %d: tracking taken over from its keeper (tracked since %s)", pid, status["images_dir"])
             else:
                 if parent is not None:
@@ -109,6 +108,25 @@ class _Tracking:
                 self._drop_keeper(untrack=True)
         elif parent is not None:
             self._warn(f"pid {pid} is not tracked since the parent {parent.path} (no keeper): writing a full iteration")
+
+    def _take(self, status: dict) -> None:
+        """Check the tracker out of the keeper. Ctrl-C is held back until what was taken is recorded, and
+        an interrupt or failure after that hands it back (abandon), so tracking never ends by accident."""
+        assert self.keeper is not None
+        held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        main = threading.current_thread() is threading.main_thread()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, held) if main else None
+        try:
+            try:
+                it_id, fd, state = self.keeper.checkout()
+                self.checked_out = (state, it_id, status["images_dir"])
+            finally:
+                if old is not None:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            self.tracker = Tracker.adopt(self.pid, fd, state)
+        except BaseException:
+            self.abandon()
+            raise
 
     def _warn(self, text: str) -> None:
         log.warning("%s", text)
@@ -505,7 +523,7 @@ def run(
         keep_tracking = not final
     res = IterationResult(dest, "dump" if final else "pre-dump", uuid.uuid4().hex, prev_images_dir, False)
     with keeper.pid_lock(pid), imgdir.Staging(dest) as st:
-        tracking = _Tracking(pid, st_target.start_ticks, parent, res.warnings)
+        tracking: _Tracking | None = None
         thawed = True
         t_frozen = 0.0
         resume = False
@@ -519,6 +537,7 @@ def run(
                 thawed = True
 
         try:
+            tracking = _Tracking(pid, st_target.start_ticks, parent, res.warnings)
             if final:
                 resume = not leave_stopped and not _all_stopped(pid)
                 t_frozen = time.perf_counter()
@@ -551,7 +570,8 @@ def run(
             st.commit()
         except BaseException:
             thaw()
-            tracking.abandon()
+            if tracking is not None:
+                tracking.abandon()
             raise
         try:
             tracking.hand_back(res.iteration, dest, keep_tracking)
