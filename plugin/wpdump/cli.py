@@ -481,7 +481,9 @@ def _interrupted(signum: int) -> str:
     if st.pid is None:
         return what
     pid = st.pid
-    if st.keep_tracking is False:  # the command promised tracking would end
+    from .process import is_gone
+
+    if st.keep_tracking is False and not is_gone(pid):  # the command promised tracking would end
         try:
             from . import iteration
 
