@@ -285,7 +285,7 @@ def version() -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="wpdump", formatter_class=_Formatter,
-        description="Incremental checkpoints of live Linux processes (userfaultfd async write-protect + "
+        description="Incremental checkpoints of live Linux processes (userfaultfd async write-protect +\n"
                     "PAGEMAP_SCAN), written as CRIU image chains. Option names follow CRIU's.",
         epilog="example:\n  wpdump checkpoint -t 1234 -D /var/tmp/ckpt\n  wpdump show -D /var/tmp/ckpt\n"
                "  wpdump COMMAND --help    (each command's options and an example)",

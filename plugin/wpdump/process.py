@@ -71,7 +71,7 @@ def thread_state(pid: int, tid: int) -> str:
 
 def open_mapped_file(pid: int, start: int, end: int, dev: str, inode: int, path: str) -> int:
     """A read-only fd of the file mapped at [start, end) of ``pid``: /proc/PID/map_files, or, where that is
-    closed to the caller (it needs CAP_SYS_ADMIN in the target's user namespace, also for one's own process),
+    closed to the caller (docs/kernel.md rule 23: EPERM without CAP_CHECKPOINT_RESTORE, also for one's own process),
     the mapping's path when it still names the very file mapped (same device and inode as in maps)."""
     try:
         return os.open(f"/proc/{pid}/map_files/{start:x}-{end:x}", os.O_RDONLY | os.O_CLOEXEC)
