@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
 import subprocess
 import time
 
@@ -41,6 +42,12 @@ def compile_target(name: str, out_dir: pathlib.Path) -> pathlib.Path:
             check=True,
         )
     return exe
+
+
+def default_sigint() -> None:
+    """preexec_fn for a command the test interrupts: a shell script's background job (`cmd &`) inherits SIGINT
+    ignored, and a process that inherits it ignored (Python, wpdump) rightly keeps it so."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_idle(pid: int) -> None:

@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import Target, require_kernel
+from conftest import Target, default_sigint, require_kernel
 from test_rundir import NOBODY, PLUGIN, _python_for_others
 from wpdump import keeper
 from wpdump.process import thread_state, threads
@@ -213,10 +213,21 @@ def test_layout_refusal_reads_well(target, tmp_path):
 def _start_checkpoint(t: Target, d: pathlib.Path, *extra: str) -> subprocess.Popen:
     """A checkpoint that pauses an hour between pre-dumps: a signal after the first row lands in the pause."""
     p = subprocess.Popen([*WPDUMP, "checkpoint", "-t", str(t.pid), "-D", str(d), "--interval", "3600", *extra],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     assert p.stdout.readline().split()[:2] == ["iter", "kind"]
     assert p.stdout.readline().split()[:2] == ["1", "pre-dump"]
     return p
+
+
+def _interrupt(p: subprocess.Popen, sig: int) -> str:
+    """Send ``sig``; the command's stderr once it has exited (killed if it does not within a minute)."""
+    p.send_signal(sig)
+    try:
+        return p.communicate(timeout=60)[1]
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -225,8 +236,7 @@ def test_interrupted_checkpoint_ends_tracking_and_says_so(target, tmp_path, sig)
     target.cmd("fill", hex(a), 64, 3)
     p = _start_checkpoint(target, tmp_path / "cp")
     assert keeper.tracked_pids() == [target.pid]
-    p.send_signal(sig)
-    _, err = p.communicate(timeout=60)
+    err = _interrupt(p, sig)
     assert p.returncode == 128 + sig, (p.returncode, err)
     assert "Traceback" not in err
     [line] = err.strip().splitlines()
@@ -239,8 +249,7 @@ def test_interrupted_checkpoint_ends_tracking_and_says_so(target, tmp_path, sig)
 
 def test_interrupted_checkpoint_keeps_tracking_when_asked(target, tmp_path):
     p = _start_checkpoint(target, tmp_path / "cp", "--keep-tracking")
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
+    err = _interrupt(p, signal.SIGINT)
     assert p.returncode == 130 and "Traceback" not in err
     assert f"pid {target.pid} tracked since {tmp_path / 'cp' / '1'}, running" in err, err
     assert keeper.tracked_pids() == [target.pid]
@@ -256,13 +265,13 @@ def test_interrupted_dump_keep_tracking_says_tracking_was_lost(memtarget_exe, tm
             t.cmd("fill", hex(a), 256 * 256, 6 + i)
             d = tmp_path / f"d{i}"
             p = subprocess.Popen([*WPDUMP, "dump", "-t", str(t.pid), "-D", str(d), "--prev-images-dir", "../1",
-                                  "--keep-tracking"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                  "--keep-tracking"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 preexec_fn=default_sigint)
             deadline = time.time() + 60
             while not [n for n in os.listdir(tmp_path) if ".wpdump-" in n] and time.time() < deadline \
                     and p.poll() is None:
                 time.sleep(0.001)
-            p.send_signal(signal.SIGINT)
-            _, err = p.communicate(timeout=60)
+            err = _interrupt(p, signal.SIGINT)
             if p.returncode != 0:
                 break
             assert run("untrack", "-t", t.pid).returncode == 0
@@ -283,3 +292,20 @@ def test_interrupted_dump_keep_tracking_says_tracking_was_lost(memtarget_exe, tm
         assert ", running;" in line and running(t.pid) and not d.exists()
     finally:
         t.kill()
+
+
+def test_an_ignored_hangup_stays_ignored(target, tmp_path):
+    """Under nohup (SIGHUP ignored on purpose) a hangup does not end the command; Ctrl-C still does."""
+    def nohup() -> None:
+        default_sigint()
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    p = subprocess.Popen([*WPDUMP, "checkpoint", "-t", str(target.pid), "-D", str(tmp_path / "cp"), "--interval",
+                          "3600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=nohup)
+    assert p.stdout.readline().split()[:2] == ["iter", "kind"]
+    assert p.stdout.readline().split()[:2] == ["1", "pre-dump"]
+    p.send_signal(signal.SIGHUP)
+    with open(f"/proc/{p.pid}/status") as f:
+        assert any(ln.startswith("SigIgn:") and int(ln.split()[1], 16) & (1 << (signal.SIGHUP - 1)) for ln in f)
+    err = _interrupt(p, signal.SIGINT)
+    assert p.returncode == 130 and "interrupted (SIGINT)" in err, err

@@ -517,8 +517,9 @@ def _interrupted(signum: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # the same clean end as Ctrl-C
-        signal.signal(sig, _on_signal)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # the same clean end as Ctrl-C,
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # unless ignored on purpose (nohup, a script's `cmd &`)
+            signal.signal(sig, _on_signal)
     try:
         ps = parser()
         args = ps.parse_args(argv)

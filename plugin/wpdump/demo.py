@@ -68,7 +68,7 @@ def run(mib: int = 64, rounds: int = 5, interval: float = 0.5, percent: float = 
         top = hist[-1].images_dir
         res = verify_process(pid, top)
         written = sum(r.bytes_written for r in hist)
-        where = ("removed (--keep keeps it)" if remove else f"inspect it: wpdump show -D {dest}")
+        where = "removed at the end; --keep keeps it" if remove else f"inspect it: wpdump show -D {dest}"
         say(f"chain: {len(hist)} iterations in {dest}, {written / MIB:.1f} MiB written in all ({where})")
         if res.ok:
             say(f"verified: the final dump is identical to the frozen workload's memory ({res.summary()})",
