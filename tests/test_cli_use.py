@@ -139,8 +139,9 @@ def test_unreadable_is_not_missing(target, tmp_path):
     os.chmod(tmp_path, 0o700)  # root's: closed to others
     env = {"HOME": "/", "PATH": "/usr/bin:/bin", "WPDUMP_RUN_DIR": "/nonexistent",
            "PYTHONPATH": os.pathsep.join([__import__("sysconfig").get_paths()["purelib"], str(PLUGIN)])}
-    for cmd in (("show", "-D"), ("verify", "-D")):
-        p = subprocess.run([_python_for_others(), "-m", "wpdump.cli", *cmd, str(tmp_path / "1")], capture_output=True,
+    for cmd in (("show", "-D", tmp_path / "1"), ("verify", "-D", tmp_path / "1"),
+                ("pre-dump", "-t", os.getpid(), "-D", tmp_path / "2")):
+        p = subprocess.run([_python_for_others(), "-m", "wpdump.cli", *map(str, cmd)], capture_output=True,
                            text=True, timeout=120, env=env, user=NOBODY, group=NOBODY, extra_groups=[], cwd="/")
         line = one_line_error(p, "Permission denied")
         assert "does not exist" not in line
