@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
 import subprocess
 import time
 
@@ -43,6 +44,12 @@ def compile_target(name: str, out_dir: pathlib.Path) -> pathlib.Path:
     return exe
 
 
+def default_sigint() -> None:
+    """preexec_fn for a command the test interrupts: a shell script's background job (`cmd &`) inherits SIGINT
+    ignored, and a process that inherits it ignored (Python, wpdump) rightly keeps it so."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_idle(pid: int) -> None:
     """Wait until a memtarget blocks in read(0, ...) for its next command: after its reply it still
     runs (returning, calling fgets) and writes its stack; an image compared while it runs differs."""
@@ -61,7 +68,7 @@ class Target:
     def __init__(self, exe: pathlib.Path, *, user: int | None = None) -> None:
         self.proc = subprocess.Popen(
             [str(exe)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-            user=user,
+            user=user, group=user, extra_groups=None if user is None else [],  # all ids: ptrace checks the gids too
         )
         first = self.proc.stdout.readline().split()
         assert first[0] == "ready", first
@@ -140,9 +147,10 @@ def zero_pages(h, lo: int, hi: int) -> set[int]:
 
 @pytest.fixture(autouse=True)
 def run_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
-    """Each test gets its own keeper directory; keepers still running at the end are stopped."""
+    """Each test gets its own keeper directory (0700: wpdump refuses one others may write); keepers still
+    running at the end are stopped."""
     d = tmp_path_factory.mktemp("run")
-    d.chmod(0o1777)
+    d.chmod(0o700)
     monkeypatch.setenv("WPDUMP_RUN_DIR", str(d))
     yield d
     from wpdump import keeper

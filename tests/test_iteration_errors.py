@@ -12,7 +12,7 @@ import time
 
 import pytest
 from chaincheck import compare_with_memory
-from conftest import Target
+from conftest import Target, default_sigint
 from wpdump import chain, iteration, keeper
 
 PAGE = 4096
@@ -169,7 +169,7 @@ def test_interrupted_iteration_leaves_no_dir(memtarget_exe, tmp_path):
         t.cmd("fill", hex(a), 256 * 256, 5)  # 256 MiB: the copy takes a while
         for _ in range(10):  # until SIGINT lands mid-iteration (a fast disk may finish first)
             p = subprocess.Popen([sys.executable, "-m", "wpdump.cli", "pre-dump", "-t", str(t.pid), "-D",
-                                  str(tmp_path / "1")], stderr=subprocess.PIPE, text=True)
+                                  str(tmp_path / "1")], stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
             deadline = time.time() + 30
             while not leftovers(tmp_path) and time.time() < deadline and p.poll() is None:
                 time.sleep(0.001)

@@ -28,7 +28,7 @@ def made(target, tmp_path) -> Chain:
 def test_squash_equals_the_chain(made, tmp_path):
     c = made
     out = tmp_path / "squashed"
-    res = run("squash", "-D", c.top, "-o", out, "--json")
+    res = run("squash", "-D", c.top, "-O", out, "--json")
     assert res.returncode == 0, res.stderr
     r = json.loads(res.stdout)
     assert r["out"] == str(out) and r["levels"] == 3 and r["copied"] == ["inventory.img", "stats-dump"]
@@ -64,8 +64,8 @@ def test_squash_equals_the_chain(made, tmp_path):
     r2 = squash.squash(c.top, str(tmp_path / "small"), batch_bytes=3 * PAGE)
     assert (tmp_path / "small" / "pages-1.img").read_bytes() == (out / "pages-1.img").read_bytes()
     assert r2.pages == r["pages"]
-    assert_one_line_error(run("squash", "-D", c.top, "-o", out), "not empty")
-    assert_one_line_error(run("squash", "-D", tmp_path / "nowhere", "-o", tmp_path / "x"), "does not exist")
+    assert_one_line_error(run("squash", "-D", c.top, "-O", out), "not empty")
+    assert_one_line_error(run("squash", "-D", tmp_path / "nowhere", "-O", tmp_path / "x"), "does not exist")
     assert not os.path.exists(tmp_path / "x")
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass
 
@@ -88,18 +90,63 @@ class Iteration:
         return self.meta.get("iteration") if self.meta else None
 
 
+def stat_dir(path: str, below: str | None = None, pid: int | None = None) -> os.stat_result:
+    """stat an images directory; ChainError saying why it cannot be used (missing, unreadable, not a directory)."""
+    of = f" (parent of {below})" if below else ""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ChainError(f"images directory {path}{of} does not exist", pid=pid, errno=errno.ENOENT) from None
+    except OSError as e:
+        raise ChainError(f"images directory {path}{of}: {e.strerror}", pid=pid, errno=e.errno) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ChainError(f"images directory {path}{of} is not a directory", pid=pid, errno=errno.ENOTDIR)
+    return st
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError as e:
+        raise ChainError(f"images directory {path}: {e.strerror}", errno=e.errno) from None
+
+
+def _pagemap_pids(names: list[str]) -> list[int]:
+    return [int(m.group(1)) for n in names if (m := re.fullmatch(r"pagemap-(\d+)\.img", n))]
+
+
+def checkpoint_iterations(path: str) -> list[str]:
+    """The numbered iterations DIR/1, DIR/2, ... that ``wpdump checkpoint`` wrote into ``path``, in order
+    (empty when ``path`` is an iteration itself or holds none)."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return []
+    if _pagemap_pids(names):
+        return []
+    out = []
+    for n in sorted((n for n in names if n.isdigit()), key=int):
+        with contextlib.suppress(OSError):
+            if _pagemap_pids(os.listdir(os.path.join(path, n))):
+                out.append(os.path.join(path, n))
+    return out
+
+
 def _find_pid(path: str) -> int:
-    pids = [int(m.group(1)) for n in os.listdir(path) if (m := re.fullmatch(r"pagemap-(\d+)\.img", n))]
+    pids = _pagemap_pids(_listdir(path))
     if len(pids) != 1:
         what = "no pagemap-PID.img" if not pids else f"pagemaps of several pids {sorted(pids)}; name the pid"
+        its = checkpoint_iterations(path) if not pids else []
+        if its:
+            names = ", ".join(os.path.basename(i) for i in its)
+            what += f": it is a checkpoint directory holding the iterations {names}; name one, e.g. {its[-1]}"
         raise ChainError(f"{path}: {what}", errno=errno.ENOENT if not pids else errno.EINVAL)
     return pids[0]
 
 
 def load_iteration(path: str, pid: int | None = None) -> Iteration:
     """Read the pagemap (and inventory, metadata when present) of the iteration in ``path``."""
-    if not os.path.isdir(path):
-        raise ChainError(f"images directory {path} does not exist", errno=errno.ENOENT)
+    stat_dir(path, pid=pid)
     if pid is None:
         pid = _find_pid(path)
     name = images.pagemap_file_name(pid)
@@ -146,10 +193,7 @@ def load_chain(path: str, pid: int | None = None, max_depth: int = 4096) -> list
     seen: set[tuple[int, int]] = set()
     cur: str | None = path
     while cur is not None:
-        st = os.stat(cur) if os.path.isdir(cur) else None
-        if st is None:
-            below = f" (parent of {chain[-1].path})" if chain else ""
-            raise ChainError(f"images directory {cur}{below} does not exist", pid=pid, errno=errno.ENOENT)
+        st = stat_dir(cur, chain[-1].path if chain else None, pid)
         if (st.st_dev, st.st_ino) in seen or len(chain) >= max_depth:
             raise ChainError(f"{path}: the parent links form a loop", pid=pid, errno=errno.ELOOP)
         seen.add((st.st_dev, st.st_ino))
@@ -182,11 +226,7 @@ def load_parent(path: str, pid: int, max_depth: int = 4096) -> Iteration:
     cur, below = it.parent_path, it.path
     name = images.pagemap_file_name(pid)
     while cur is not None:
-        try:
-            st = os.stat(cur)
-        except OSError:
-            raise ChainError(f"images directory {cur} (parent of {below}) does not exist", pid=pid,
-                             errno=errno.ENOENT) from None
+        st = stat_dir(cur, below, pid)
         if (st.st_dev, st.st_ino) in seen or len(seen) >= max_depth:
             raise ChainError(f"{path}: the parent links form a loop", pid=pid, errno=errno.ELOOP)
         seen.add((st.st_dev, st.st_ino))

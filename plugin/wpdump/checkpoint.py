@@ -3,6 +3,7 @@ convergence policy says stop, then the final dump into the next numbered directo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -22,7 +23,22 @@ def checkpoint(
     ``iteration_kw`` go to every iteration (allow_userfaultfd_target, allow_unreadable)."""
     policy = policy or PHaulPolicy()
     dest = imgdir.check_destination(images_dir)
+    created = not os.path.exists(dest)
     os.makedirs(dest, mode=0o700, exist_ok=True)
+    try:
+        return _loop(pid, dest, policy, interval, leave_stopped, keep_tracking, on_iteration, progress, iteration_kw)
+    except BaseException:
+        if created:  # failed or interrupted before the first iteration was written: no empty DIR left
+            with contextlib.suppress(OSError):
+                os.rmdir(dest)
+        raise
+
+
+def _loop(
+    pid: int, dest: str, policy: Convergence, interval: float, leave_stopped: bool, keep_tracking: bool,
+    on_iteration: Callable[[IterationResult, str | None], None] | None, progress: Progress | None,
+    iteration_kw: dict[str, bool],
+) -> list[IterationResult]:
     history: list[IterationResult] = []
     reason = None
     while reason is None:

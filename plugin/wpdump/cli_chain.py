@@ -30,9 +30,10 @@ def _when(t: float | None) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from .show import show
+    from .show import resolve_top, show
 
-    info = show(args.dir, regions=args.verbose > 0)
+    top = resolve_top(args.images_dir or args.dir)
+    info = show(top, regions=args.verbose > 0)
     if args.json:
         print(json.dumps(info.as_dict()))
     else:
@@ -70,22 +71,25 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from .show import resolve_top
     from .verify import VerifyFailed, check_chain, verify_process
 
+    top = resolve_top(args.images_dir)
     if args.tree is None:
-        rep = check_chain(args.images_dir)
+        rep = check_chain(top)
+        many = len(rep.problems) > 1
         if args.json:
             print(json.dumps(rep.as_dict()))
         else:
-            for p in rep.problems:
+            for p in rep.problems if many else ():  # one problem is the error line itself
                 print(f"problem: {p}")
             if rep.ok:
                 print(f"{rep.top}: chain of {len(rep.levels)} iterations is sound ({rep.pages_listed} pages listed)")
         if not rep.ok:
-            more = f" (and {len(rep.problems) - 1} more)" if len(rep.problems) > 1 else ""
-            raise VerifyFailed(f"{rep.top}: {rep.problems[0]}{more}")
+            raise VerifyFailed(f"{rep.top}: {len(rep.problems)} problems in the chain (listed above)" if many
+                               else rep.problems[0])
         return 0
-    res = verify_process(args.tree, args.images_dir, max_report=args.max_report)
+    res = verify_process(args.tree, top, max_report=args.max_report)
     if args.json:
         print(json.dumps(res.as_dict()))
     else:
@@ -146,44 +150,49 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """Register the checkpoint commands on the ``wpdump`` parser."""
-    sh = sub.add_parser("show", parents=[common], help="the iterations of a chain, from DIR down its parents",
-                        description="Per iteration: kind, time, pages present / in the parent / listed, pages file "
-                                    "size, frozen time of a final dump. -v: contiguous address regions too.")
-    sh.add_argument("dir", metavar="DIR", help="images directory (the chain's top)")
-    sh.set_defaults(func=cmd_show)
+def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser, add_command) -> None:
+    """Register the commands on written checkpoints on the ``wpdump`` parser (``add_command`` from cli)."""
+    sh = add_command(
+        sub, "show", "the iterations of a chain, from DIR down its parents",
+        "Per iteration: kind, time, pages present / in the parent / listed, pages file size, frozen time of a\n"
+        "final dump. -v: contiguous address regions too. DIR may be the directory checkpoint wrote (its\n"
+        "highest-numbered iteration is the top).",
+        "wpdump show -D ckpt\nwpdump show -D ckpt/2 -v", [common])
+    sh.add_argument("-D", "--images-dir", metavar="DIR", help="images directory (the chain's top) or a checkpoint dir")
+    sh.add_argument("dir", nargs="?", metavar="DIR", help=argparse.SUPPRESS)  # the old spelling: show DIR
+    sh.set_defaults(func=cmd_show, check=lambda a: "name the chain's top with -D DIR"
+                    if (a.images_dir is None) == (a.dir is None) else None)
 
-    de = sub.add_parser("decode", parents=[common], help="one image file as JSON, as crit decode prints it",
-                        description="pagemap, inventory and stats images as crit decode shows them "
-                                    "(pages-N.img holds raw page data: nothing to decode).")
+    de = add_command(sub, "decode", "one image file as JSON, as crit decode prints it",
+                     "pagemap, inventory and stats images as crit decode shows them (pages-N.img holds raw page\n"
+                     "data: nothing to decode).", "wpdump decode ckpt/3/pagemap-1234.img --pretty", [common])
     de.add_argument("file", metavar="FILE", help="image file")
     de.add_argument("--pretty", action="store_true", help="indented, vaddr in hex, flags by name (as crit)")
     de.set_defaults(func=cmd_decode)
 
-    ve = sub.add_parser("verify", parents=[common], help="check a chain's structure, or compare it with a process",
-                        description="Without -t: a structural check of the chain (exit 1 naming every problem). "
-                                    "With -t: stop the process (unless it is stopped already: then it stays "
-                                    "stopped), compare every page with the chain's top, resume it.")
+    ve = add_command(
+        sub, "verify", "check a chain's structure, or compare it with a process",
+        "Without -t: a structural check of the chain (exit 1 naming every problem). With -t: stop the process\n"
+        "(unless it is stopped already: then it stays stopped), compare every page with the chain's top, resume\n"
+        "it. DIR may be the directory checkpoint wrote (its highest-numbered iteration is the top).",
+        "wpdump verify -D ckpt\nwpdump verify -t 1234 -D ckpt/3", [common])
     ve.add_argument("-t", "--tree", type=int, metavar="PID", help="process to compare with (default: structure only)")
-    ve.add_argument("-D", "--images-dir", required=True, metavar="DIR", help="the chain's top")
+    ve.add_argument("-D", "--images-dir", required=True, metavar="DIR", help="the chain's top, or a checkpoint dir")
     ve.add_argument("--max-report", type=int, default=10, metavar="N", help="mismatching pages to list (10)")
     ve.set_defaults(func=cmd_verify)
 
-    # -o is the output directory here, so squash cannot take the shared -o/--log-file option
-    sq_common = argparse.ArgumentParser(add_help=False)
-    sq_common.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeat for more)")
-    sq_common.add_argument("--log-file", metavar="FILE", help="write the log to FILE as well")
-    sq_common.add_argument("--json", action="store_true", help="machine-readable output")
-    sq = sub.add_parser("squash", parents=[sq_common], help="one self-contained images dir equal to the chain's top",
-                        description="Write OUT: every page of the chain's top in one pages file, PE_PRESENT only, "
-                                    "the top's inventory and stats copied, no parent link (atomic).")
+    sq = add_command(sub, "squash", "one self-contained images dir equal to the chain's top",
+                     "Writes OUT: every page of the chain's top in one pages file, PE_PRESENT only, the top's\n"
+                     "inventory and stats copied, no parent link (atomic). -o is the log file, as everywhere.",
+                     "wpdump squash -D ckpt/3 -O flat", [common])
     sq.add_argument("-D", "--images-dir", required=True, metavar="DIR", help="the chain's top")
-    sq.add_argument("-o", "--out", required=True, metavar="OUT", help="new (or empty) directory to write")
-    sq.set_defaults(func=cmd_squash)
+    sq.add_argument("-O", "--output-dir", dest="out", metavar="OUT", help="new (or empty) directory to write")
+    sq.add_argument("--out", dest="out", help=argparse.SUPPRESS)  # the old spelling (-o is the log file now)
+    sq.set_defaults(func=cmd_squash, check=lambda a: None if a.out else
+                    "the output directory is required: -O/--output-dir OUT (-o is the log file)")
 
-    dd = sub.add_parser("dedup", parents=[common], help="punch superseded pages out of the parents (like criu dedup)",
-                        description=DEDUP_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    dd = add_command(sub, "dedup", "punch superseded pages out of the parents (like criu dedup)", DEDUP_HELP.rstrip(),
+                     "wpdump dedup -D ckpt/3 --dry-run\nwpdump dedup -D ckpt/3", [common])
     dd.add_argument("-D", "--images-dir", required=True, metavar="DIR", help="the chain's top")
     dd.add_argument("--dry-run", action="store_true", help="only report what would be punched")
     dd.set_defaults(func=cmd_dedup)

@@ -36,12 +36,20 @@ def check_destination(dest: str) -> str:
     """Absolute path of ``dest``; it may not exist yet or be an empty directory (not a symlink)."""
     dest = os.path.abspath(dest)
     parent = os.path.dirname(dest)
-    if not os.path.isdir(parent):
-        raise ImageDirError(f"images directory {dest}: parent directory {parent} does not exist", errno=errno.ENOENT)
+    try:
+        if not stat.S_ISDIR(os.stat(parent).st_mode):
+            raise ImageDirError(f"images directory {dest}: {parent} is not a directory", errno=errno.ENOTDIR)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ImageDirError(f"images directory {dest}: parent directory {parent} does not exist",
+                            errno=errno.ENOENT) from None
+    except OSError as e:  # e.g. EACCES: say so, not "does not exist"
+        raise ImageDirError(f"images directory {dest}: {parent}: {e.strerror}", errno=e.errno) from None
     try:
         st = os.lstat(dest)
     except FileNotFoundError:
         return dest
+    except OSError as e:
+        raise ImageDirError(f"images directory {dest}: {e.strerror}", errno=e.errno) from None
     if stat.S_ISLNK(st.st_mode):
         raise ImageDirError(f"images directory {dest} is a symlink: refusing to follow it", errno=errno.ELOOP)
     if not stat.S_ISDIR(st.st_mode):

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 import uuid
@@ -91,6 +92,8 @@ class _Tracking:
         self.allow_userfaultfd_target = allow_userfaultfd_target
         self.tracker: Tracker | None = None
         self.fresh = False
+        self.harvested = False  # once a harvest began, the dirty information since the parent is this run's
+        self.checked_out: tuple[bytes, str, str] | None = None  # (state, iteration, images_dir) from the keeper
         self.keeper = keeper.Keeper.connect(pid)
         status = None
         if self.keeper is not None:
@@ -100,8 +103,8 @@ class _Tracking:
                 self._drop_keeper(untrack=False)
         if self.keeper is not None and status is not None:
             if parent is not None and parent.iteration_id and parent.iteration_id == status["iteration"]:
-                _, fd, state = self.keeper.checkout()
-                self.tracker = Tracker.adopt(pid, fd, state)
+                self._take(status)
+                log.info("pid %d: tracking taken over from its keeper (tracked since %s)", pid, status["images_dir"])
             else:
                 if parent is not None:
                     self._warn(
@@ -111,6 +114,25 @@ class _Tracking:
                 self._drop_keeper(untrack=True)
         elif parent is not None:
             self._warn(f"pid {pid} is not tracked since the parent {parent.path} (no keeper): writing a full iteration")
+
+    def _take(self, status: dict) -> None:
+        """Check the tracker out of the keeper. Ctrl-C is held back until what was taken is recorded, and
+        an interrupt or failure after that hands it back (abandon), so tracking never ends by accident."""
+        assert self.keeper is not None
+        held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        main = threading.current_thread() is threading.main_thread()
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, held) if main else None
+        try:
+            try:
+                it_id, fd, state = self.keeper.checkout()
+                self.checked_out = (state, it_id, status["images_dir"])
+            finally:
+                if old is not None:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            self.tracker = Tracker.adopt(self.pid, fd, state)
+        except BaseException:
+            self.abandon()
+            raise
 
     def _warn(self, text: str) -> None:
         log.warning("%s", text)
@@ -133,6 +155,7 @@ class _Tracking:
 
     def harvest(self) -> Harvest:
         """The pages written since the parent (incremental), or all content after a fresh attach."""
+        self.harvested = True
         if self.tracker is not None:
             try:
                 return self.tracker.harvest()
@@ -141,6 +164,7 @@ class _Tracking:
                 self.tracker.close()
                 self.tracker = None
                 self._drop_keeper(untrack=True)
+        log.info("pid %d: attaching (a full iteration)", self.pid)
         self.tracker = Tracker(self.pid, allow_userfaultfd_target=self.allow_userfaultfd_target)
         self.fresh = True
         return self.tracker.initial
@@ -152,6 +176,7 @@ class _Tracking:
         try:
             if not keep:
                 self._drop_keeper(untrack=True)
+                log.info("pid %d: tracking ends", self.pid)
                 return
             state = tr.export_state()
             if self.keeper is not None:
@@ -163,12 +188,24 @@ class _Tracking:
             tr.close()
 
     def abandon(self) -> None:
-        """After a failure: the keeper sees the checkout end without a checkin and ends tracking."""
+        """After a failure or an interrupt: before any harvest the keeper gets its tracker back unchanged (tracking
+        goes on); after one the dirty information since the parent is gone, so tracking ends (the keeper is told,
+        not left to notice, so that the state is settled when the command reports it)."""
         if self.tracker is not None:
             self.tracker.close()
-        if self.keeper is not None:
-            self.keeper.close()
-            self.keeper = None
+        if self.keeper is None:
+            return
+        if not self.harvested and self.checked_out is not None:
+            state, it_id, images_dir = self.checked_out
+            try:
+                self.keeper.checkin(state, it_id, images_dir)
+                log.info("pid %d: nothing harvested: the keeper tracks on since %s", self.pid, images_dir)
+                self._drop_keeper(untrack=False)
+                return
+            except keeper.KeeperError:
+                pass
+        log.info("pid %d: tracking ends with the failed iteration", self.pid)
+        self._drop_keeper(untrack=True)
 
 
 # ---- laying out and writing the images ----
@@ -518,7 +555,7 @@ def run(
     res = IterationResult(dest, "dump" if final else "pre-dump", uuid.uuid4().hex, prev_images_dir, False)
     _check_readable(pid, read_maps(pid), allow_unreadable, [])  # before attaching: refuse early
     with keeper.pid_lock(pid), imgdir.Staging(dest) as st:
-        tracking = _Tracking(pid, st_target.start_ticks, parent, res.warnings, allow_userfaultfd_target)
+        tracking: _Tracking | None = None
         thawed = True
         t_frozen = 0.0
         freezer: freeze.Freezer | None = None
@@ -539,6 +576,7 @@ def run(
                     log.warning("%s", e)
 
         try:
+            tracking = _Tracking(pid, st_target.start_ticks, parent, res.warnings, allow_userfaultfd_target)
             if final:
                 t_frozen = time.perf_counter()
                 thawed = False
@@ -574,7 +612,8 @@ def run(
             st.commit()
         except BaseException:
             thaw(done=False)
-            tracking.abandon()
+            if tracking is not None:
+                tracking.abandon()
             raise
         try:
             tracking.hand_back(res.iteration, dest, keep_tracking)

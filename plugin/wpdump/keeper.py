@@ -19,6 +19,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -26,7 +27,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .errors import WpdumpError
+from .errors import NoSuchProcess, WpdumpError
+from .process import read_stat
 
 _PREFIX = struct.Struct("<II")  # header length, payload length
 _MAX_HEADER = 1 << 16
@@ -36,15 +38,64 @@ class KeeperError(WpdumpError):
     """The keeper of a pid could not be reached or refused a request."""
 
 
+class RunDirError(KeeperError):
+    """The run directory is missing, not ours, or writable by others: refused."""
+
+
+def default_run_dir() -> str:
+    """/run/wpdump for root; else $XDG_RUNTIME_DIR/wpdump, or /tmp/wpdump-UID without it."""
+    if os.geteuid() == 0:
+        return "/run/wpdump"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isabs(xdg) and os.path.isdir(xdg):
+        return os.path.join(xdg, "wpdump")
+    return f"/tmp/wpdump-{os.geteuid()}"
+
+
 def run_dir() -> str:
-    """Where keepers put their sockets, locks and logs: $WPDUMP_RUN_DIR or /run/wpdump."""
-    d = os.environ.get("WPDUMP_RUN_DIR") or "/run/wpdump"
-    os.makedirs(d, mode=0o700, exist_ok=True)
+    """Where keepers put their sockets, locks and logs: $WPDUMP_RUN_DIR or :func:`default_run_dir`.
+
+    Created 0700 if missing; refused unless it is a real directory owned by this user and writable by no one
+    else (another user could plant a symlink or a socket of theirs in it)."""
+    d = os.path.abspath(os.environ.get("WPDUMP_RUN_DIR") or default_run_dir())
+    try:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        st = os.lstat(d)
+    except OSError as e:
+        raise RunDirError(f"run directory {d}: {e.strerror} (set WPDUMP_RUN_DIR to a directory of your own)",
+                          errno=e.errno) from None
+    why = None
+    if not stat.S_ISDIR(st.st_mode):
+        why = "is not a directory" + (" (a symlink)" if stat.S_ISLNK(st.st_mode) else "")
+    elif st.st_uid != os.geteuid():
+        why = f"is owned by uid {st.st_uid}, not by uid {os.geteuid()}"
+    elif st.st_mode & 0o022:
+        why = f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    if why:
+        raise RunDirError(f"run directory {d} {why}: refusing it (WPDUMP_RUN_DIR must name a directory of your "
+                          "own, mode 0700)", errno=errno.EPERM)
     return d
 
 
-def socket_path(pid: int) -> str:
-    return os.path.join(run_dir(), f"{pid}.sock")
+def key(pid: int, start_ticks: int | None = None) -> str:
+    """The name of a process in the run directory: PID-STARTTICKS (a pid alone is reused, and pids of
+    different pid namespaces collide). Raises NoSuchProcess when ``pid`` is gone and no ticks are given."""
+    if start_ticks is None:
+        start_ticks = read_stat(pid).start_ticks
+    return f"{pid}-{start_ticks}"
+
+
+def _path(pid: int, suffix: str, start_ticks: int | None = None) -> str:
+    return os.path.join(run_dir(), key(pid, start_ticks) + suffix)
+
+
+def socket_path(pid: int, start_ticks: int | None = None) -> str:
+    return _path(pid, ".sock", start_ticks)
+
+
+def open_log(path: str) -> int:
+    """Open (append, create 0600) a log file in the run directory, never through a symlink."""
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
 # ---- framing: header (JSON) + payload, file descriptors attached to the first bytes ----
@@ -101,7 +152,8 @@ class _Held:
     iteration: str = ""
     images_dir: str = ""
     since: float = 0.0
-    checkins: int = 0
+    checkins: int = 0  # iterations written since tracking started
+    restores: int = 0  # restore-memory runs since
     holder: socket.socket | None = None
 
 
@@ -139,7 +191,7 @@ def _handle(held: _Held, c: socket.socket, header: dict, payload: bytes, fds: li
     if op == "status":
         send_msg(c, {
             "ok": True, "pid": held.pid, "start_ticks": held.start_ticks, "iteration": held.iteration,
-            "images_dir": held.images_dir, "since": held.since, "checkins": held.checkins,
+            "images_dir": held.images_dir, "since": held.since, "checkins": held.checkins, "restores": held.restores,
             "busy": held.holder is not None, "keeper": os.getpid(),
         })
     elif op == "checkout":
@@ -156,7 +208,11 @@ def _handle(held: _Held, c: socket.socket, header: dict, payload: bytes, fds: li
             os.close(held.uffd)
             held.uffd = fds[0]
         held.state, held.iteration = payload, header["iteration"]
-        held.images_dir, held.checkins, held.holder = header.get("images_dir", ""), held.checkins + 1, None
+        held.images_dir, held.holder = header.get("images_dir", ""), None
+        if header.get("kind") == "restore":
+            held.restores += 1
+        else:
+            held.checkins += 1
         send_msg(c, {"ok": True})
     elif op == "untrack":
         send_msg(c, {"ok": True})
@@ -176,7 +232,7 @@ def keeper_main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    path = socket_path(a.pid)
+    path = socket_path(a.pid, a.start_ticks)
     held = _Held(a.pid, a.start_ticks, a.uffd, since=time.time())
     try:
         pidfd = os.pidfd_open(a.pid)
@@ -202,6 +258,9 @@ def keeper_main(argv: list[str] | None = None) -> int:
             os.unlink(path)
         os.close(held.uffd)  # the kernel drops every write-protection: the target runs on unprotected
         print(f"{time.strftime('%F %T')} keeper of pid {a.pid} exits: {why}", file=sys.stderr, flush=True)
+    # a clean exit leaves nothing behind (an exception above leaves its traceback in the log)
+    with contextlib.suppress(OSError):
+        os.unlink(_path(a.pid, ".log", a.start_ticks))
     return 0
 
 
@@ -210,17 +269,33 @@ def keeper_main(argv: list[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def pid_lock(pid: int) -> Iterator[None]:
-    """Serialise invocations working on one pid (an iteration, untrack)."""
-    fd = os.open(os.path.join(run_dir(), f"{pid}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
+    """Serialise invocations working on one process (an iteration, untrack, verify, restore-memory).
+
+    The lock file exists only while it is held: it is unlinked before it is unlocked, and a locker checks
+    after flock that the path still names the inode it locked (else it locked a file already unlinked by
+    the previous holder, and tries again)."""
+    path = _path(pid, ".lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise KeeperError(
                 f"another wpdump invocation is working on pid {pid}", pid=pid, errno=errno.EBUSY
             ) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.lstat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
         yield
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
         os.close(fd)
 
 
@@ -233,8 +308,11 @@ class Keeper:
 
     @classmethod
     def connect(cls, pid: int) -> Keeper | None:
-        """The keeper of ``pid``, or None when there is none (a stale socket is removed)."""
-        path = socket_path(pid)
+        """The keeper of ``pid``, or None when there is none (or the process is gone)."""
+        try:
+            path = socket_path(pid)
+        except NoSuchProcess:
+            return None
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         s.settimeout(30)
         try:
@@ -269,9 +347,11 @@ class Keeper:
             raise KeeperError(f"keeper of pid {self.pid} sent no userfaultfd", pid=self.pid, errno=errno.EPROTO)
         return reply["iteration"], fds[0], state
 
-    def checkin(self, state: bytes, iteration: str, images_dir: str, new_uffd: int = -1) -> None:
+    def checkin(self, state: bytes, iteration: str, images_dir: str, new_uffd: int = -1, kind: str = "iteration"
+                ) -> None:
+        """Give the tracker back; ``kind`` "restore" (restore-memory) is not counted as an iteration."""
         fds = (new_uffd,) if new_uffd >= 0 else ()
-        self._request({"op": "checkin", "iteration": iteration, "images_dir": images_dir}, state, fds)
+        self._request({"op": "checkin", "iteration": iteration, "images_dir": images_dir, "kind": kind}, state, fds)
 
     def untrack(self) -> None:
         """End tracking: the keeper closes the userfaultfd (the target runs unprotected) and exits."""
@@ -289,13 +369,20 @@ class Keeper:
 def spawn(pid: int, start_ticks: int, uffd_fd: int, state: bytes, iteration: str, images_dir: str) -> Keeper:
     """Start a keeper for ``pid`` holding a dup of ``uffd_fd`` and check ``state`` in. Call under pid_lock."""
     r, w = os.pipe()
-    log_path = os.path.join(run_dir(), f"{pid}.log")
-    with open(log_path, "ab") as logf:
+    log_path = _path(pid, ".log", start_ticks)
+    try:
+        logfd = open_log(log_path)
+    except OSError as e:
+        raise KeeperError(f"keeper of pid {pid} did not start: cannot open its log {log_path}: {e.strerror}",
+                          pid=pid, errno=e.errno) from None
+    try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "wpdump.keeper", "--pid", str(pid), "--start-ticks", str(start_ticks),
              "--uffd", str(uffd_fd), "--ready", str(w)],
-            pass_fds=(uffd_fd, w), start_new_session=True, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+            pass_fds=(uffd_fd, w), start_new_session=True, stdin=subprocess.DEVNULL, stdout=logfd, stderr=logfd,
         )
+    finally:
+        os.close(logfd)
     os.close(w)
     try:
         msg = os.read(r, 256)
@@ -314,12 +401,32 @@ def spawn(pid: int, start_ticks: int, uffd_fd: int, state: bytes, iteration: str
     return k
 
 
+def _alive_key(name: str) -> bool | None:
+    """Whether the process a run-directory name PID-STARTTICKS.* stands for still runs (None: not such a name)."""
+    base = name.split(".", 1)[0]
+    pid, _, ticks = base.partition("-")
+    if not (pid.isdigit() and ticks.isdigit()):
+        return None
+    try:
+        return read_stat(int(pid)).start_ticks == int(ticks)
+    except (NoSuchProcess, OSError, ValueError):
+        return False
+
+
 def tracked_pids() -> list[int]:
-    """Pids that have a keeper socket in the run directory."""
+    """Pids that have a keeper socket in the run directory. Sockets and logs left for processes that are gone
+    (a keeper killed with SIGKILL) are removed on the way."""
+    d = run_dir()
     out = []
-    for name in os.listdir(run_dir()):
-        if name.endswith(".sock") and name[:-5].isdigit():
-            out.append(int(name[:-5]))
+    for name in os.listdir(d):
+        alive = _alive_key(name)
+        if alive is None:
+            continue
+        if not alive and (name.endswith(".sock") or name.endswith(".log")):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(d, name))
+        elif alive and name.endswith(".sock"):
+            out.append(int(name.split("-", 1)[0]))
     return sorted(out)
 
 

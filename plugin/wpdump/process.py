@@ -80,3 +80,29 @@ def thread_state(pid: int, tid: int) -> str:
     except (FileNotFoundError, ProcessLookupError):
         return "X"
     return raw[raw.rindex(")") + 2]
+
+
+def open_mapped_file(pid: int, start: int, end: int, dev: str, inode: int, path: str) -> int:
+    """A read-only fd of the file mapped at [start, end) of ``pid``: /proc/PID/map_files, or, where that is
+    closed to the caller (docs/kernel.md rule 31: EPERM without CAP_CHECKPOINT_RESTORE, also for one's own process),
+    the mapping's path when it still names the very file mapped (same device and inode as in maps)."""
+    try:
+        return os.open(f"/proc/{pid}/map_files/{start:x}-{end:x}", os.O_RDONLY | os.O_CLOEXEC)
+    except PermissionError as e:
+        if not path.startswith("/") or path.endswith(" (deleted)"):
+            raise
+        first = e
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        raise first from None
+    st = os.fstat(fd)
+    major, _, minor = dev.partition(":")
+    try:
+        same = (st.st_ino == inode and os.major(st.st_dev) == int(major, 16) and os.minor(st.st_dev) == int(minor, 16))
+    except ValueError:
+        same = False
+    if not same:
+        os.close(fd)
+        raise first
+    return fd

@@ -21,7 +21,7 @@ from .chain import Iteration, boot_id, load_chain, read_pages_into
 from .errors import NoSuchProcess, UnreadableMemory, WpdumpError, from_errno
 from .pagecopy import Reader
 from .pagecopy import runs as page_runs
-from .process import check_alive
+from .process import check_alive, open_mapped_file
 from .tracker import Tracker
 from .vmas import KERNEL_VMAS, Vma, read_maps
 
@@ -74,7 +74,8 @@ def check_layout(pid: int, top: Iteration, now: list[Vma]) -> list[Vma]:
             near = [str(x) for x in now if x.start < end and start < x.end]
             what = f"now {', '.join(near)}" if near else "unmapped since"
             raise LayoutMismatch(
-                f"pid {pid}: the VMA {start:#x}-{end:#x} {perms} {path} of the checkpoint is {what}: "
+                f"pid {pid}: the VMA {start:#x}-{end:#x} {perms}{' ' + path if path else ''} of the checkpoint is "
+                f"{what}: "
                 "the layout changed, memory cannot be rolled back in place", pid=pid, errno=errno.EINVAL,
             )
         out.append(v)
@@ -144,7 +145,7 @@ def _file_content(pid: int, v: Vma, addrs: np.ndarray) -> np.ndarray:
     """The file's own content for pages of a private file mapping (what an absent page reads as)."""
     out = np.zeros((len(addrs), PAGE), dtype=np.uint8)
     try:
-        fd = os.open(f"/proc/{pid}/map_files/{v.start:x}-{v.end:x}", os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_mapped_file(pid, v.start, v.end, v.dev, v.inode, v.path)
     except OSError as e:
         raise from_errno(e.errno or errno.EIO, pid, f"open the file mapped at {v}") from None
     try:
@@ -247,7 +248,7 @@ def restore_memory(pid: int, images_dir: str) -> RollbackResult:
             _rollback(pid, freezer, chain, vmas, candidates, res)
             if tr is not None and k is not None:
                 tr.harvest()  # our own writes and drops: the memory equals the checkpoint again
-                k.checkin(tr.export_state(), top.iteration_id, top.path)
+                k.checkin(tr.export_state(), top.iteration_id, top.path, kind="restore")
         except BaseException:
             if k is not None:
                 k.close()  # a checkout without checkin: the keeper ends tracking

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import images
-from .chain import ChainError, Iteration, load_iteration, read_image_file
+from .chain import ChainError, Iteration, checkpoint_iterations, load_iteration, read_image_file, stat_dir
 
 PAGE = 4096
 MAX_DEPTH = 4096
@@ -81,12 +81,9 @@ def walk(path: str, pid: int | None = None) -> Iterator[tuple[str, Iteration | N
     depth = 0
     while cur is not None:
         try:
-            st = os.stat(cur)
-        except OSError:
-            st = None
-        if st is None or not os.path.isdir(cur):
-            below = f" (parent of {child})" if child else ""
-            yield cur, None, ChainError(f"images directory {cur}{below} does not exist", pid=pid, errno=errno.ENOENT)
+            st = stat_dir(cur, child, pid)
+        except ChainError as e:
+            yield cur, None, e
             return
         if (st.st_dev, st.st_ino) in seen or depth >= MAX_DEPTH:
             yield cur, None, ChainError(f"{path}: the parent links form a loop at {cur}", pid=pid, errno=errno.ELOOP)
@@ -165,6 +162,12 @@ def level_info(it: Iteration, depth: int, regions: bool = False) -> LevelInfo:
     )
 
 
+def resolve_top(path: str) -> str:
+    """``path``, or for the directory ``wpdump checkpoint`` wrote, its highest-numbered iteration (the top)."""
+    its = checkpoint_iterations(path)
+    return its[-1] if its else path
+
+
 def show(path: str, regions: bool = False) -> ChainInfo:
     """The chain from ``path`` down through its parents, top first. A level that does not load ends the list and
     is named in ``problem`` (ChainError if even the top does not load)."""
@@ -180,4 +183,4 @@ def show(path: str, regions: bool = False) -> ChainInfo:
     return info
 
 
-__all__ = ["ChainInfo", "LevelInfo", "Region", "level_info", "regions_of", "show", "walk"]
+__all__ = ["ChainInfo", "LevelInfo", "Region", "level_info", "regions_of", "resolve_top", "show", "walk"]

@@ -28,7 +28,7 @@ from . import freeze, images, keeper, ranges, uffd
 from .chain import PAGE, ChainError, Iteration, check_pages_file, load_chain, locate_pages, read_pages_into
 from .errors import AccessDenied, NoSuchProcess, WpdumpError
 from .pagecopy import in_ranges, page_addrs
-from .process import check_alive, thread_state, threads
+from .process import check_alive, open_mapped_file, thread_state, threads
 from .show import walk
 from .vmas import KERNEL_VMAS, Vma, read_maps
 
@@ -344,7 +344,7 @@ class _Comparer:
         if fd is None:
             v = self.vmas[vi]
             try:
-                fd = os.open(f"/proc/{self.pid}/map_files/{v.start:x}-{v.end:x}", os.O_RDONLY | os.O_CLOEXEC)
+                fd = open_mapped_file(self.pid, v.start, v.end, v.dev, v.inode, v.path)
             except OSError as e:
                 self.notes.append(f"{v}: cannot open the mapped file ({e.strerror}): unlisted pages not checked")
                 fd = -1
