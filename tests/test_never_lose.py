@@ -9,24 +9,27 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from chaincheck import compare_with_memory
 from conftest import PAGE, compile_target
 from test_iteration_errors import one_line_error, wpdump
+from test_iterations import stop_and_wait
 from wpdump import keeper, procfds
 from wpdump.errors import AlreadyTracked, TargetUsesUserfaultfd
 from wpdump.tracker import Tracker
 
 
-def stopped(pid: int) -> None:
-    for _ in range(2000):
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "T":
-                return
-        time.sleep(0.001)
-    raise AssertionError(f"pid {pid} did not stop")
+def dump_equals_memory(target, images_dir, *args: str) -> subprocess.CompletedProcess:
+    """``wpdump dump --leave-stopped`` into ``images_dir``, then the chain compared with the stopped target."""
+    p = wpdump("dump", "-t", target.pid, "-D", images_dir, "--leave-stopped", *args)
+    assert p.returncode == 0, p.stderr
+    try:
+        stop_and_wait(target.pid)
+        compare_with_memory(str(images_dir), target.pid)
+    finally:
+        os.kill(target.pid, signal.SIGCONT)
+    return p
 
 
 def uffd_fds(pid: int) -> int:
@@ -57,13 +60,7 @@ def test_second_tracker_is_refused(target, tmp_path, run_dir):
     assert json.loads(p.stdout.splitlines()[-1])["incremental"]
     target.cmd("poke", hex(a), "4,40")
     target.wait_idle()
-    p = wpdump("dump", "-t", target.pid, "-D", tmp_path / "3", "--prev-images-dir", "../2", "--leave-stopped")
-    assert p.returncode == 0, p.stderr
-    try:
-        stopped(target.pid)
-        compare_with_memory(str(tmp_path / "3"), target.pid)
-    finally:
-        os.kill(target.pid, signal.SIGCONT)
+    dump_equals_memory(target, tmp_path / "3", "--prev-images-dir", "../2")
     assert keeper.tracked_pids() == []
 
 
@@ -90,14 +87,7 @@ def test_target_using_userfaultfd_is_refused_unless_allowed(target, tmp_path):
     assert p.returncode == 0, p.stderr
     target.cmd("poke", hex(a), "1,9,20")
     target.wait_idle()
-    p = wpdump("dump", "-t", target.pid, "-D", tmp_path / "3", "--prev-images-dir", "../2", "--leave-stopped",
-               "--allow-userfaultfd-target")
-    assert p.returncode == 0, p.stderr
-    try:
-        stopped(target.pid)
-        compare_with_memory(str(tmp_path / "3"), target.pid)
-    finally:
-        os.kill(target.pid, signal.SIGCONT)
+    dump_equals_memory(target, tmp_path / "3", "--prev-images-dir", "../2", "--allow-userfaultfd-target")
     assert "um" in target.smaps_flags(b)
 
 
@@ -109,16 +99,10 @@ def test_secret_memory_fails_the_dump_unless_allowed(target, tmp_path):
         line = one_line_error(wpdump(cmd, "-t", target.pid, "-D", tmp_path / cmd), "memfd_secret", f"{s:#x}")
         assert "--allow-unreadable" in line and not (tmp_path / cmd).exists()
     assert keeper.tracked_pids() == []
-    p = wpdump("dump", "-t", target.pid, "-D", tmp_path / "lost", "--allow-unreadable", "--leave-stopped")
-    assert p.returncode == 0, p.stderr
+    p = dump_equals_memory(target, tmp_path / "lost", "--allow-unreadable")  # every readable page
     assert "memfd_secret" in p.stderr and "lost" in p.stderr
     with open(tmp_path / "lost" / "wpdump.json") as f:
         assert [tuple(x[:2]) for x in json.load(f)["lost"]] == [(s, s + 4 * PAGE)]
-    try:
-        stopped(target.pid)
-        compare_with_memory(str(tmp_path / "lost"), target.pid)  # every readable page
-    finally:
-        os.kill(target.pid, signal.SIGCONT)
 
 
 @pytest.fixture
@@ -154,10 +138,4 @@ def test_direct_io_read_in_flight_is_copied_again(target, tmp_path, slowfuse):
     target.wait_idle()
     want = bytes(((k * 7 + 0x5A) & 0xFF) for k in range(16 * PAGE))
     assert target.read_mem(buf, 16 * PAGE) == want
-    p = wpdump("dump", "-t", target.pid, "-D", tmp_path / "3", "--prev-images-dir", "../2", "--leave-stopped")
-    assert p.returncode == 0, p.stderr
-    try:
-        stopped(target.pid)
-        compare_with_memory(str(tmp_path / "3"), target.pid)
-    finally:
-        os.kill(target.pid, signal.SIGCONT)
+    dump_equals_memory(target, tmp_path / "3", "--prev-images-dir", "../2")
