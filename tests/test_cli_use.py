@@ -261,13 +261,14 @@ def test_interrupted_dump_keep_tracking_says_tracking_was_lost(memtarget_exe, tm
     try:
         a = t.map(256 * 256)
         t.cmd("fill", hex(a), 256 * 256, 5)  # 256 MiB: the copy takes a while
-        assert run("pre-dump", "-t", t.pid, "-D", tmp_path / "1").returncode == 0
+        prev = tmp_path / "1"
+        assert run("pre-dump", "-t", t.pid, "-D", prev).returncode == 0
         for i in range(10):  # until SIGINT lands mid-copy (a fast disk may finish first)
             t.cmd("fill", hex(a), 256 * 256, 6 + i)
             d = tmp_path / f"d{i}"
-            p = subprocess.Popen([*WPDUMP, "dump", "-t", str(t.pid), "-D", str(d), "--prev-images-dir", "../1",
-                                  "--keep-tracking"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 preexec_fn=default_sigint)
+            p = subprocess.Popen([*WPDUMP, "dump", "-t", str(t.pid), "-D", str(d), "--prev-images-dir",
+                                  f"../{prev.name}", "--keep-tracking"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
             deadline = time.time() + 60
             while not [n for n in os.listdir(tmp_path) if ".wpdump-" in n] and time.time() < deadline \
                     and p.poll() is None:
@@ -275,12 +276,12 @@ def test_interrupted_dump_keep_tracking_says_tracking_was_lost(memtarget_exe, tm
             err = _interrupt(p, signal.SIGINT)
             if p.returncode != 0:
                 break
+            # the dump completed: start over from a fresh full pre-dump (the keeper names its directory)
             assert run("untrack", "-t", t.pid).returncode == 0
-            shutil.rmtree(tmp_path / "1")
-            os.rename(d, tmp_path / "1")
-            assert run("pre-dump", "-t", t.pid, "-D", tmp_path / "again").returncode == 0
-            shutil.rmtree(tmp_path / "1")
-            os.rename(tmp_path / "again", tmp_path / "1")
+            shutil.rmtree(d)
+            shutil.rmtree(prev)
+            prev = tmp_path / f"p{i}"
+            assert run("pre-dump", "-t", t.pid, "-D", prev).returncode == 0
         else:
             raise AssertionError("ten dumps completed before SIGINT arrived")
         assert p.returncode == 130 and "Traceback" not in err, err
@@ -289,7 +290,7 @@ def test_interrupted_dump_keep_tracking_says_tracking_was_lost(memtarget_exe, tm
         if "not tracked" in line:  # after the harvest: tracking could not be kept, and the line says so
             assert "the next pre-dump is full" in line and keeper.tracked_pids() == []
         else:  # before it: the keeper got its tracker back
-            assert f"tracked since {tmp_path / '1'}" in line and keeper.tracked_pids() == [t.pid]
+            assert f"tracked since {prev}" in line and keeper.tracked_pids() == [t.pid]
         assert ", running;" in line and running(t.pid) and not d.exists()
     finally:
         t.kill()
