@@ -94,7 +94,7 @@ def _to_dict(msg, pretty: bool) -> dict:
     name = msg.DESCRIPTOR.name
     out: dict = {}
     for field, value in msg.ListFields():
-        if field.label == FD.LABEL_REPEATED:
+        if field.is_repeated if hasattr(field, "is_repeated") else field.label == FD.LABEL_REPEATED:
             out[field.name] = [_value(name, field, v, pretty) for v in value]
         else:
             out[field.name] = _value(name, field, value, pretty)
