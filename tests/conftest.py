@@ -10,10 +10,10 @@ import time
 
 import numpy as np
 import pytest
-from wpdump import uffd
+from wpdump import ranges, uffd
 
 TARGETS = pathlib.Path(__file__).parent / "targets"
-PAGE = uffd.PAGE_SIZE
+PAGE = ranges.PAGE
 
 
 def require_kernel() -> None:

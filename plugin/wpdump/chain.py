@@ -15,10 +15,10 @@ import numpy as np
 
 from . import images, ranges
 from .errors import WpdumpError
+from .ranges import PAGE, in_ranges
 
 META_FILE = "wpdump.json"
 META_FORMAT = "wpdump-iteration/1"
-PAGE = 4096
 
 
 class ChainError(WpdumpError):
@@ -275,7 +275,7 @@ def locate_pages(chain: list[Iteration], addrs: np.ndarray) -> tuple[np.ndarray,
             break
         idx = np.flatnonzero(pending)
         a = addrs[idx]
-        listed = _in(a, it.ranges())
+        listed = in_ranges(a, it.ranges())
         pending[idx[~listed]] = False  # absent at this level: zero (a level lists every non-zero page)
         starts, ends, offs = _present_index(it)
         if len(starts):
@@ -286,15 +286,6 @@ def locate_pages(chain: list[Iteration], addrs: np.ndarray) -> tuple[np.ndarray,
             offset[idx[ok]] = offs[j[ok]] + (a[ok] - starts[j[ok]])
             pending[idx[ok]] = False
     return level, offset
-
-
-def _in(addrs: np.ndarray, r: np.ndarray) -> np.ndarray:
-    if not len(r) or not len(addrs):
-        return np.zeros(len(addrs), dtype=bool)
-    j = np.searchsorted(r[:, 0], addrs, side="right") - 1
-    ok = j >= 0
-    ok[ok] = addrs[ok] < r[j[ok], 1]
-    return ok
 
 
 def file_runs(idx: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

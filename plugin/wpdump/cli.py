@@ -17,20 +17,17 @@ if TYPE_CHECKING:
     from .iteration import IterationResult
     from .tracker import Harvest
 
-PAGE = 4096
 POLICY_NAMES = ("lxd", "phaul")  # convergence.POLICIES
 log = logging.getLogger("wpdump.cli")
 
 
-def _pages(r) -> int:
-    return int((r[:, 1] - r[:, 0]).sum()) // PAGE if len(r) else 0
-
-
 def _record(h: Harvest) -> dict:
+    from .ranges import PAGE, total
+
     return {
         "round": h.round,
         "copy_pages": h.copy_bytes // PAGE,
-        "zero_pages": _pages(h.zero_ranges()),
+        "zero_pages": total(h.zero_ranges()) // PAGE,
         "events": [str(e) for e in h.events],
         "harvest_ms": round(h.seconds * 1e3, 3),
     }

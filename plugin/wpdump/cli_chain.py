@@ -7,8 +7,6 @@ import json
 import sys
 import time
 
-PAGE = 4096
-
 DEDUP_HELP = """\
 Punch holes (fallocate PUNCH_HOLE|KEEP_SIZE) in the parents' pages files for the pages the chain's top no
 longer reads from them: pages a higher iteration holds itself or dropped. Like criu dedup. The files keep their
@@ -143,6 +141,8 @@ def cmd_dedup(args: argparse.Namespace) -> int:
             print(f"{lv.path}: punched {lv.pages_superseded} superseded pages in {lv.holes} holes, freed "
                   f"{lv.bytes_freed} bytes ({_mib(lv.allocated_before)} -> {_mib(lv.allocated_after)} MiB allocated)")
     if r.dry_run:
+        from .ranges import PAGE
+
         print(f"dry run: {r.pages_superseded} pages ({_mib(r.pages_superseded * PAGE)} MiB at most) would be freed")
     else:
         print(f"freed {r.bytes_freed} bytes ({_mib(r.bytes_freed)} MiB) of {r.pages_superseded} superseded pages "

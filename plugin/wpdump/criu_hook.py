@@ -29,11 +29,11 @@ from .chain import ChainError, boot_id, load_chain, read_image_file, read_pages
 from .errors import WpdumpError
 from .iteration import _parent_part
 from .process import check_alive
+from .ranges import PAGE, page_addrs
 from .tracker import Tracker
 
 log = logging.getLogger("wpdump.criu_hook")
 
-PAGE = 4096
 SAMPLE_PAGES = 256  # PE_PARENT pages compared byte for byte between CRIU's dump and the chain
 
 
@@ -164,8 +164,6 @@ def _check_sample(src: int, entries: np.ndarray, chain: list, parent: np.ndarray
     """Compare a random sample of would-be PE_PARENT pages between CRIU's dump and the chain."""
     if not len(parent):
         return
-    from .pagecopy import page_addrs
-
     counts = ((parent[:, 1] - parent[:, 0]) // PAGE).astype(np.int64)
     total = int(counts.sum())
     rng = random.Random(pid ^ int(time.time()))

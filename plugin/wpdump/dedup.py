@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import images, ranges
-from .chain import PAGE, ChainError, Iteration, load_chain
+from .chain import ChainError, Iteration, load_chain
 from .errors import WpdumpError
+from .ranges import PAGE
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02

@@ -79,12 +79,17 @@ class TrackerError(WpdumpError):
     """A kernel operation failed in a way none of the specific errors describes."""
 
 
+def no_such_process(pid: int | None, err: int = errno_mod.ESRCH) -> NoSuchProcess:
+    """The error for a pid that does not exist (or no longer does)."""
+    return NoSuchProcess(f"no such process: {pid}", pid=pid, errno=err)
+
+
 def from_errno(err: int, pid: int | None, what: str) -> WpdumpError:
     """Map a negative or positive errno from an operation on ``pid`` to the matching exception."""
     err = abs(err)
     text = f"pid {pid}: {what}: {os.strerror(err)}"
     if err == errno_mod.ESRCH:
-        return NoSuchProcess(f"no such process: {pid}", pid=pid, errno=err)
+        return no_such_process(pid, err)
     if err in (errno_mod.EPERM, errno_mod.EACCES):
         return AccessDenied(f"permission denied: cannot {what} pid {pid}", pid=pid, errno=err)
     return TrackerError(text, pid=pid, errno=err)

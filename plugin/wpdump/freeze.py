@@ -13,7 +13,7 @@ import signal
 import time
 
 from .agent import Agent
-from .errors import NoSuchProcess, TrackerError
+from .errors import TrackerError, no_such_process
 from .process import thread_state, threads
 
 _active: dict[int, Freezer] = {}
@@ -60,7 +60,7 @@ def _send(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
     except ProcessLookupError:
-        raise NoSuchProcess(f"no such process: {pid}", pid=pid, errno=errno.ESRCH) from None
+        raise no_such_process(pid) from None
 
 
 def stop(pid: int, timeout: float = 5.0) -> float:
@@ -73,7 +73,7 @@ def stop(pid: int, timeout: float = 5.0) -> float:
         states = [thread_state(pid, t) for t in threads(pid)]
         if all(s in ("T", "t", "X") for s in states):
             if all(s == "X" for s in states):
-                raise NoSuchProcess(f"no such process: {pid}", pid=pid, errno=errno.ESRCH)
+                raise no_such_process(pid)
             return time.perf_counter() - t0
         if time.perf_counter() > deadline:
             raise TrackerError(f"pid {pid} did not stop within {timeout} s", pid=pid, errno=errno.ETIMEDOUT)

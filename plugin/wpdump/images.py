@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError, EncodeError
 
 from .criu_pb import inventory_pb2, pagemap_pb2, stats_pb2
 from .errors import WpdumpError
+from .ranges import PAGE
 
 __all__ = [
     "ENTRY_DTYPE", "IMG_COMMON_MAGIC", "IMG_SERVICE_MAGIC", "INVENTORY_FILE", "INVENTORY_MAGIC", "PAGE",
@@ -43,7 +44,6 @@ CRTOOLS_IMAGES_V1_1 = 2  # images with the common magic at their head
 # criu/include/cr_options.h: pre-dump variants, stored in the pre-dump's inventory
 PRE_DUMP_SPLICE, PRE_DUMP_READ = 1, 2
 
-PAGE = 4096
 ENTRY_DTYPE = np.dtype([("vaddr", "<u8"), ("nr_pages", "<u8"), ("flags", "<u4")])
 
 INVENTORY_FILE = "inventory.img"

@@ -11,9 +11,11 @@ import os
 
 from . import _native, freeze
 from .agent import Agent
-from .errors import NoSuchProcess, TrackerError, WpdumpError, from_errno
+from .errors import TrackerError, WpdumpError, from_errno, no_such_process
+from .process import open_proc
 from .ptrace import Seizure
 from .uffd import UFFD_USER_MODE_ONLY
+from .vmas import read_maps
 
 ffi, lib = _native.ffi, _native.lib
 
@@ -27,27 +29,22 @@ def _syscall_insn() -> bytes:
 def find_syscall_insn(pid: int) -> int:
     """Address of a syscall instruction in the target: in [vdso], else in any executable mapping."""
     insn = _syscall_insn()
-    candidates: list[tuple[int, int, bool]] = []
-    with open(f"/proc/{pid}/maps") as f:
-        for line in f:
-            fields = line.split()
-            if "x" not in fields[1]:
-                continue
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            name = fields[5] if len(fields) > 5 else ""
-            if name in ("[vsyscall]",):  # emulated: not executable from user space
-                continue
-            candidates.append((lo, hi, name == "[vdso]"))
+    # [vsyscall] is emulated: not executable from user space
+    candidates = [(v.start, v.end, v.path == "[vdso]") for v in read_maps(pid)
+                  if "x" in v.perms and v.path != "[vsyscall]"]
     candidates.sort(key=lambda c: not c[2])
-    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+    mem = open_proc(pid, "mem")
+    try:
         for lo, hi, _ in candidates:
             try:
-                data = os.pread(mem.fileno(), min(hi - lo, 1 << 20), lo)
+                data = os.pread(mem, min(hi - lo, 1 << 20), lo)
             except OSError:
                 continue
             at = data.find(insn)
             if at >= 0:
                 return lo + at
+    finally:
+        os.close(mem)
     raise TrackerError(f"pid {pid}: no syscall instruction found in executable memory", pid=pid)
 
 
@@ -117,7 +114,7 @@ def pidfd_open(pid: int) -> int:
     fd = lib.wpd_pidfd_open(pid)
     if fd < 0:
         if fd == -errno.ESRCH:
-            raise NoSuchProcess(f"no such process: {pid}", pid=pid, errno=-fd)
+            raise no_such_process(pid, -fd)
         raise from_errno(fd, pid, "pidfd_open")
     return fd
 

@@ -26,15 +26,14 @@ import numpy as np
 from . import freeze, images, imgdir, keeper, ranges, uffd
 from .chain import META_FILE, META_FORMAT, Iteration, boot_id, check_parent, load_parent, uptime_us
 from .errors import TargetExeced, UnreadableMemory, WpdumpError
-from .pagecopy import Reader, aligned_buffer, in_ranges, page_addrs
-from .pagecopy import runs as image_runs
+from .pagecopy import Reader, aligned_buffer
 from .process import check_alive
+from .ranges import PAGE, from_pages, in_ranges, page_addrs
 from .tracker import Harvest, Tracker, gc_paused
 from .vmas import Policy, Vma, read_maps
 
 log = logging.getLogger("wpdump.iteration")
 
-PAGE = 4096
 # Pages are read from the target in batches of at most BATCH_BYTES, by READERS threads at once, into one of
 # BUFFERS buffers, while a thread writes the batches read before in order: wpdump's memory for page data is
 # bounded by BUFFERS * BATCH_BYTES. Two readers: reading scattered pages is CPU-bound (page table walks, a
@@ -220,30 +219,6 @@ def _parent_part(h: Harvest, parent: np.ndarray, written: np.ndarray = ranges.EM
     return ranges.subtract(ranges.intersect(parent, tracked), changed)
 
 
-def _batches(r: np.ndarray, limit: int) -> list[np.ndarray]:
-    """Split ranges into consecutive groups of at most ``limit`` bytes (a multiple of PAGE; long ranges are cut)."""
-    if not len(r):
-        return []
-    r = np.ascontiguousarray(r, dtype=np.uint64)
-    lens = (r[:, 1] - r[:, 0]).astype(np.int64)
-    if (lens > limit).any():
-        n = -(-lens // limit)  # pieces per range
-        idx = np.repeat(np.arange(len(r)), n)
-        k = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
-        starts = r[idx, 0] + (k * limit).astype(np.uint64)
-        ends = np.minimum(starts + np.uint64(limit), r[idx, 1])
-        r = np.column_stack((starts, ends))
-        lens = (ends - starts).astype(np.int64)
-    cum = np.cumsum(lens)
-    out = []
-    i, base = 0, 0
-    while i < len(r):  # greedy: as many whole ranges as fit (one step per batch, not per range)
-        j = int(np.searchsorted(cum, base + limit, side="right"))
-        out.append(r[i:j])
-        base, i = int(cum[j - 1]), j
-    return out
-
-
 def _batch_size(total: int) -> int:
     """Bytes per batch: at most BATCH_BYTES, and small copies cut in about four, so that writing the first
     batch overlaps reading the next."""
@@ -362,7 +337,7 @@ def _read_batch(reader: Reader, batch: np.ndarray, buf: np.ndarray, anon: np.nda
     rows = out.reshape(-1, PAGE)
     held = batch
     if keep is not None:
-        held = ranges.subtract(batch, image_runs(page_addrs(batch)[~keep]))
+        held = ranges.subtract(batch, from_pages(page_addrs(batch)[~keep]))
     zero_count = 0
     if len(anon):
         zero, nz = uffd.zero_pages(rows)
@@ -376,7 +351,7 @@ def _read_batch(reader: Reader, batch: np.ndarray, buf: np.ndarray, anon: np.nda
                 keep = np.ones(len(rows), dtype=bool) if keep is None else keep
                 keep[cand[inside]] = False
                 zero_count = int(inside.sum())
-                held = ranges.subtract(held, image_runs(addrs[inside]))
+                held = ranges.subtract(held, from_pages(addrs[inside]))
     mv = memoryview(out)
     if keep is None:
         return [mv], held, 0
@@ -401,7 +376,7 @@ def _copy_and_write(
     if not total:
         return ranges.EMPTY.copy(), 0, 0.0, 0.0
     limit = _batch_size(total)
-    batches = _batches(copy, limit)
+    batches = ranges.batches(copy, limit)
     nbuf = min(BUFFERS, len(batches))
     arena, shared = _take_arena(nbuf * limit)
     try:

@@ -7,38 +7,14 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import ranges, uffd
-from .errors import NoSuchProcess, TargetExeced, UnreadableMemory, WpdumpError, from_errno
-from .process import check_alive
+from .errors import NoSuchProcess, TargetExeced, UnreadableMemory, WpdumpError
+from .process import check_alive, open_proc
+from .ranges import PAGE, in_ranges, page_addrs
 from .vmas import Vma, read_maps
-
-PAGE = uffd.PAGE_SIZE
-
-
-def page_addrs(r: np.ndarray) -> np.ndarray:
-    """Page addresses covered by n×2 ranges, in the order of the ranges (vectorised)."""
-    if not len(r):
-        return np.zeros(0, dtype=np.uint64)
-    counts = ((r[:, 1] - r[:, 0]) // PAGE).astype(np.int64)
-    total = int(counts.sum())
-    firsts = np.repeat(np.cumsum(counts) - counts, counts)
-    return np.repeat(r[:, 0], counts) + (np.arange(total, dtype=np.uint64) - firsts.astype(np.uint64)) * PAGE
-
-
-def in_ranges(addrs: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """Boolean mask: which ``addrs`` fall inside the (merged, sorted) ranges ``r``."""
-    if not len(r) or not len(addrs):
-        return np.zeros(len(addrs), dtype=bool)
-    idx = np.searchsorted(r[:, 0], addrs, side="right") - 1
-    ok = idx >= 0
-    out = np.zeros(len(addrs), dtype=bool)
-    out[ok] = addrs[ok] < r[idx[ok], 1]
-    return out
-
 
 HUGE = 2 << 20
 
@@ -62,37 +38,6 @@ def aligned_buffer(nbytes: int) -> np.ndarray:
     return np.frombuffer(m, dtype=np.uint8)[:nbytes]
 
 
-class CopyBuffer:
-    """A reusable page-aligned byte buffer that grows (doubling) when a round needs more."""
-
-    def __init__(self, capacity: int = 1 << 20) -> None:
-        self.array = aligned_buffer(capacity)
-
-    def reserve(self, nbytes: int) -> np.ndarray:
-        if nbytes > len(self.array):
-            self.array = aligned_buffer(max(nbytes, 2 * len(self.array)))
-        return self.array[:nbytes]
-
-
-@dataclass
-class Copied:
-    """Pages read from the target: ``rows[i]`` holds the page at ``addrs[i]``; ``lost`` ranges vanished."""
-
-    addrs: np.ndarray
-    rows: np.ndarray
-    lost: np.ndarray = field(default_factory=lambda: ranges.EMPTY)
-
-
-def runs(addrs: np.ndarray) -> np.ndarray:
-    """Sorted page addresses → merged n×2 ranges."""
-    if not len(addrs):
-        return ranges.EMPTY.copy()
-    brk = np.flatnonzero(np.diff(addrs) != PAGE) + 1
-    starts = addrs[np.concatenate(([0], brk))]
-    ends = addrs[np.concatenate((brk - 1, [len(addrs) - 1]))] + PAGE
-    return np.column_stack((starts, ends)).astype(np.uint64)
-
-
 # /proc/PID/pagemap entry bits (admin-guide/mm/pagemap.rst)
 PM_PRESENT = np.uint64(1 << 63)
 PM_FILE = np.uint64(1 << 61)  # a file page or shared anonymous (shmem): pins never copy it
@@ -100,23 +45,6 @@ PM_GUARD = np.uint64(1 << 58)
 PM_EXCLUSIVE = np.uint64(1 << 56)  # mapped by this process alone
 # pagemap is read across gaps of fewer pages than this (an entry costs ~35 ns, a pread ~1 µs)
 COVER_GAP = 32 * PAGE
-
-
-def _open_proc(pid: int, name: str) -> int:
-    try:
-        return os.open(f"/proc/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, ProcessLookupError):
-        raise NoSuchProcess(f"no such process: {pid}", pid=pid, errno=errno.ESRCH) from None
-    except OSError as e:
-        raise from_errno(e.errno or errno.EIO, pid, f"open /proc/{pid}/{name}") from None
-
-
-def _cover(r: np.ndarray, gap: int) -> np.ndarray:
-    """Sorted ranges merged across gaps shorter than ``gap`` bytes."""
-    if len(r) <= 1:
-        return r
-    brk = np.flatnonzero(r[1:, 0] - r[:-1, 1] >= np.uint64(gap)) + 1
-    return np.column_stack((r[np.concatenate(([0], brk)), 0], r[np.concatenate((brk - 1, [len(r) - 1])), 1]))
 
 
 def _runs_of(addrs: np.ndarray, sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -150,9 +78,9 @@ class Reader:
         ``pin=False``: never use process_vm_readv."""
         self.pid, self.pin = pid, pin
         self.unreadable = ranges.merge(unreadable) if len(unreadable) else ranges.EMPTY
-        self.mem = _open_proc(pid, "mem")
+        self.mem = open_proc(pid, "mem")
         try:
-            self.pagemap = _open_proc(pid, "pagemap")
+            self.pagemap = open_proc(pid, "pagemap")
         except BaseException:
             os.close(self.mem)
             raise
@@ -210,10 +138,13 @@ class Reader:
             return np.zeros(n, dtype=bool), None
         addrs = None
         in_order = len(r) < 2 or bool((r[1:, 0] >= r[:-1, 1]).all())
-        cov = _cover(r if in_order else ranges.merge(r), COVER_GAP)
+        cov = ranges.cover(r if in_order else ranges.merge(r), COVER_GAP)
         pages = ((cov[:, 1] - cov[:, 0]) // PAGE).astype(np.int64)
         ent = np.zeros(int(pages.sum()), dtype=np.uint64)
-        got = uffd.pread_ranges(self.pagemap, cov // PAGE * 8, ent.view(np.uint8))
+        try:
+            got = uffd.pread_ranges(self.pagemap, cov // PAGE * 8, ent.view(np.uint8), pid=self.pid)
+        except WpdumpError:
+            got = -1
         if got != len(ent) * 8:  # the mm is gone: /proc/PID/mem will say so
             return np.zeros(n, dtype=bool), None
         if in_order and len(ent) == n:  # the cover is the ranges themselves: entries in page order
@@ -239,12 +170,11 @@ class Reader:
         failed = []
         i = 0
         while i < len(rr):
-            got = uffd.read_ranges(self.pid, rr[i:], out, dst[i:])
-            if got < 0:
-                if got == -errno.ESRCH:
-                    raise NoSuchProcess(f"no such process: {self.pid}", pid=self.pid, errno=errno.ESRCH)
-                if got not in (-errno.EFAULT, -errno.ENOMEM, -errno.EIO):
-                    raise from_errno(got, self.pid, "process_vm_readv")
+            try:
+                got = uffd.read_ranges(self.pid, rr[i:], out, dst[i:])
+            except WpdumpError as e:
+                if e.errno not in (errno.EFAULT, errno.ENOMEM, errno.EIO):
+                    raise
                 got = 0
             done = (int(cum[i - 1]) if i else 0) + got
             if done >= int(cum[-1]):
@@ -269,14 +199,17 @@ class Reader:
             sub[0, 0] = at
             dst = first[i:].astype(np.uint64) * np.uint64(PAGE)
             dst[0] += np.uint64(at - int(rr[i, 0]))
-            got = uffd.pread_ranges(self.mem, sub, out, dst)
+            try:
+                got = uffd.pread_ranges(self.mem, sub, out, dst, pid=self.pid, what="read /proc/PID/mem")
+            except WpdumpError as e:
+                if e.errno != errno.EIO:
+                    raise
+                got = -1
             if got > 0:  # all, or short: go on from where it stopped, to learn why
                 pos += got
                 continue
             if got == 0:
                 raise self._gone()
-            if got != -errno.EIO:
-                raise from_errno(got, self.pid, "read /proc/PID/mem")
             pos -= at % PAGE  # the page that failed, whole
             at -= at % PAGE
             end = int(rr[i, 1])
@@ -331,19 +264,3 @@ def read_into(pid: int, r: np.ndarray, out: np.ndarray) -> np.ndarray | None:
     """Read ranges ``r`` of ``pid`` back to back into ``out`` with a Reader of its own (see Reader.read_into)."""
     with Reader(pid) as reader:
         return reader.read_into(r, out)
-
-
-def copy_pages(pid: int, r: np.ndarray, buf: CopyBuffer) -> Copied:
-    """Read ranges ``r`` of ``pid`` back to back into ``buf`` (see :func:`read_into`).
-
-    Pages that vanished meanwhile (the target unmapped them) are skipped and listed in ``lost``; the
-    next harvest reports the layout change.
-    """
-    r = np.ascontiguousarray(r, dtype=np.uint64)
-    out = buf.reserve(ranges.total(r))
-    ok = read_into(pid, r, out)
-    addrs = page_addrs(r)
-    rows = out.reshape(-1, PAGE) if len(out) else np.zeros((0, PAGE), dtype=np.uint8)
-    if ok is not None:
-        return Copied(addrs[ok], rows[ok], runs(addrs[~ok]))
-    return Copied(addrs, rows)

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import procfds, ranges
-from .uffd import PAGE_SIZE
+from .errors import WpdumpError
+from .process import open_proc, read_proc_text
+from .ranges import PAGE
 
 # Syscall numbers as /proc/PID/task/TID/syscall shows them (injected syscalls: native/arch_*.h).
 _SYSCALLS = {
@@ -46,11 +48,7 @@ class InFlight:
 
 def _thread_syscall(pid: int, tid: int) -> list[int] | None:
     """[nr, arg0..arg5] of a thread blocked in a syscall, else None (running, not in a syscall, gone)."""
-    try:
-        with open(f"/proc/{pid}/task/{tid}/syscall") as f:
-            words = f.read().split()
-    except OSError:
-        return None
+    words = read_proc_text(pid, f"task/{tid}/syscall", "").split()
     if len(words) < 7 or not words[0].isdigit():
         return None  # "running", or "-1 sp pc" (blocked outside a syscall)
     return [int(words[0])] + [int(w, 16) for w in words[1:7]]
@@ -60,11 +58,10 @@ def _fs_types(pid: int) -> dict[int, str]:
     """mount id -> filesystem type for the mounts the target sees."""
     out: dict[int, str] = {}
     try:
-        with open(f"/proc/{pid}/mountinfo") as f:
-            for line in f:
-                parts = line.split()
-                out[int(parts[0])] = parts[parts.index("-") + 1]
-    except (OSError, ValueError, IndexError):
+        for line in read_proc_text(pid, "mountinfo", "").splitlines():
+            parts = line.split()
+            out[int(parts[0])] = parts[parts.index("-") + 1]
+    except (ValueError, IndexError):
         pass
     return out
 
@@ -98,16 +95,21 @@ def _iovecs(pid: int, addr: int, count: int) -> list[tuple[int, int]]:
     """The (base, len) pairs of an iovec array in the target's memory."""
     count = min(count, IOV_MAX)
     try:
-        with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
-            raw = os.pread(f.fileno(), 16 * count, addr)
+        fd = open_proc(pid, "mem")
+    except WpdumpError:
+        return []
+    try:
+        raw = os.pread(fd, 16 * count, addr)
     except OSError:
         return []
+    finally:
+        os.close(fd)
     arr = np.frombuffer(raw[: len(raw) // 16 * 16], dtype="<u8").reshape(-1, 2)
     return [(int(b), int(n)) for b, n in arr if n]
 
 
 def _page_span(base: int, length: int) -> tuple[int, int]:
-    return base & ~(PAGE_SIZE - 1), (base + length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+    return base & ~(PAGE - 1), (base + length + PAGE - 1) & ~(PAGE - 1)
 
 
 def in_flight(pid: int, tids: list[int], fds: dict[int, str]) -> InFlight:

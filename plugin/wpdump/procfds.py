@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import os
+from .errors import WpdumpError
+from .process import list_proc, read_proc_link, read_proc_text
 
 USERFAULTFD = "anon_inode:[userfaultfd]"
 IO_URING = "anon_inode:[io_uring]"
@@ -12,24 +13,20 @@ def fd_targets(pid: int) -> dict[int, str]:
     """fd -> what /proc/PID/fd/FD links to (``socket:[…]``, ``anon_inode:[…]``, a path); empty if unreadable."""
     out: dict[int, str] = {}
     try:
-        names = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
+        names = list_proc(pid, "fd")
+    except WpdumpError:
         return out
     for name in names:
         try:
-            out[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
-        except (OSError, ValueError):
+            out[int(name)] = read_proc_link(pid, f"fd/{name}")
+        except (WpdumpError, ValueError):
             continue  # closed meanwhile
     return out
 
 
 def fdinfo(pid: int, fd: int) -> str:
     """The text of /proc/PID/fdinfo/FD ('' when the fd is gone)."""
-    try:
-        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-            return f.read()
-    except OSError:
-        return ""
+    return read_proc_text(pid, f"fdinfo/{fd}", "")
 
 
 def fd_flags(pid: int, fd: int) -> int:

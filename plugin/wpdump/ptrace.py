@@ -18,7 +18,7 @@ import time
 
 from . import _native
 from .errors import AccessDenied, NoSuchProcess, TargetExited, TrackerError, from_errno
-from .process import is_kernel_thread, read_stat, thread_state, threads
+from .process import is_kernel_thread, read_proc_text, read_stat, thread_state, threads
 
 ffi, lib = _native.ffi, _native.lib
 
@@ -44,13 +44,9 @@ class ThreadGone(Exception):
 
 
 def _status_field(pid: int, tid: int, name: str) -> str:
-    try:
-        with open(f"/proc/{pid}/task/{tid}/status") as f:
-            for line in f:
-                if line.startswith(name + ":"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    for line in read_proc_text(pid, f"task/{tid}/status", "").splitlines():
+        if line.startswith(name + ":"):
+            return line.split(":", 1)[1].strip()
     return ""
 
 
@@ -61,11 +57,7 @@ def tracer_of(pid: int) -> int:
 
 def in_vfork(pid: int, tid: int) -> bool:
     """True when the thread waits in vfork() (or clone(CLONE_VFORK)) for its child to exec or exit."""
-    try:
-        with open(f"/proc/{pid}/task/{tid}/syscall") as f:
-            fields = f.read().split()
-    except OSError:
-        return False
+    fields = read_proc_text(pid, f"task/{tid}/syscall", "").split()
     if not fields or not fields[0].isdigit():
         return False
     nr = int(fields[0])

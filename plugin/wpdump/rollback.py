@@ -18,16 +18,15 @@ import numpy as np
 
 from . import freeze, keeper, ranges
 from .chain import Iteration, boot_id, load_chain, read_pages_into
-from .errors import NoSuchProcess, UnreadableMemory, WpdumpError, from_errno
+from .errors import UnreadableMemory, WpdumpError, from_errno
 from .pagecopy import Reader
-from .pagecopy import runs as page_runs
-from .process import check_alive, open_mapped_file
+from .process import check_alive, open_mapped_file, open_proc
+from .ranges import PAGE, from_pages, page_addrs
 from .tracker import Tracker
 from .vmas import KERNEL_VMAS, Vma, read_maps
 
 log = logging.getLogger("wpdump.rollback")
 
-PAGE = 4096
 BATCH_PAGES = 16384  # 64 MiB of image and of memory per step
 MADV_DONTNEED = 4
 
@@ -89,12 +88,6 @@ def check_layout(pid: int, top: Iteration, now: list[Vma]) -> list[Vma]:
     return out
 
 
-def _page_addrs(r: np.ndarray) -> np.ndarray:
-    from .pagecopy import page_addrs
-
-    return page_addrs(ranges.merge(r))
-
-
 def _runs(addrs: np.ndarray) -> list[tuple[int, int, int]]:
     """(first index, end index, start address) of each run of consecutive pages in sorted ``addrs``."""
     if not len(addrs):
@@ -112,18 +105,15 @@ class _Memory:
         self.pid = pid
         self.reader = Reader(pid, pin=False)
         try:
-            self.fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
-        except (FileNotFoundError, ProcessLookupError):
+            self.fd = open_proc(pid, "mem", os.O_RDWR)
+        except BaseException:
             self.reader.close()
-            raise NoSuchProcess(f"no such process: {pid}", pid=pid, errno=errno.ESRCH) from None
-        except PermissionError as e:
-            self.reader.close()
-            raise from_errno(e.errno, pid, "open /proc/PID/mem") from None
+            raise
 
     def read(self, addrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The pages at sorted ``addrs`` and a mask of those that could be read (guard pages cannot)."""
         out = np.zeros((len(addrs), PAGE), dtype=np.uint8)
-        ok = self.reader.read_into(page_runs(addrs), out.reshape(-1))
+        ok = self.reader.read_into(from_pages(addrs), out.reshape(-1))
         return out, np.ones(len(addrs), dtype=bool) if ok is None else ok
 
     def write(self, addrs: np.ndarray, rows: np.ndarray) -> None:
@@ -171,7 +161,7 @@ def _rollback(pid: int, freezer: freeze.Freezer, chain: list[Iteration], vmas: l
     drop_rows: list[tuple[np.ndarray, np.ndarray]] = []
     try:
         for v in vmas:
-            addrs = _page_addrs(ranges.clip_sorted(candidates, v.start, v.end))
+            addrs = page_addrs(ranges.clip_sorted(candidates, v.start, v.end))
             for i in range(0, len(addrs), BATCH_PAGES):
                 a = addrs[i : i + BATCH_PAGES]
                 want = np.zeros((len(a), PAGE), dtype=np.uint8)
@@ -180,7 +170,7 @@ def _rollback(pid: int, freezer: freeze.Freezer, chain: list[Iteration], vmas: l
                     want[absent] = _file_content(pid, v, a[absent])
                 cur, readable = mem.read(a)
                 if (~readable & ~absent).any():  # the image holds data where the process has none to read
-                    bad = page_runs(a[~readable & ~absent])
+                    bad = from_pages(a[~readable & ~absent])
                     raise UnreadableMemory(int(bad[0, 0]), int(bad[0, 1]), str(v), pid=pid, errno=errno.EIO)
                 diff = (cur.view(np.uint64) != want.view(np.uint64)).any(axis=1) & readable
                 res.pages_examined += len(a)
@@ -194,11 +184,11 @@ def _rollback(pid: int, freezer: freeze.Freezer, chain: list[Iteration], vmas: l
                     if not v.anonymous:
                         drop_rows.append((a[zap], want[zap]))
         if drop_addrs:
-            r = page_runs(np.sort(np.concatenate(drop_addrs)))
+            r = from_pages(np.sort(np.concatenate(drop_addrs)))
             failed = _drop(freezer, r)
             res.pages_dropped = (ranges.total(r) - ranges.total(failed)) // PAGE
             if len(failed):  # write the wanted content (zero, or the file's) where madvise refused
-                fa = _page_addrs(failed)
+                fa = page_addrs(failed)
                 want = np.zeros((len(fa), PAGE), dtype=np.uint8)
                 for addrs, rows in drop_rows:
                     idx = np.searchsorted(addrs, fa)

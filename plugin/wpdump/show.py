@@ -11,8 +11,8 @@ import numpy as np
 
 from . import images
 from .chain import ChainError, Iteration, checkpoint_iterations, load_iteration, read_image_file, stat_dir
+from .ranges import PAGE
 
-PAGE = 4096
 MAX_DEPTH = 4096
 
 

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import images, imgdir, ranges
-from .chain import META_FILE, PAGE, ChainError, load_chain, read_image_file, read_pages_into
-from .pagecopy import page_addrs
+from .chain import META_FILE, ChainError, load_chain, read_image_file, read_pages_into
+from .ranges import PAGE, page_addrs
 
 BATCH_BYTES = 64 << 20  # pages read from the chain and written per step
 
@@ -32,25 +32,6 @@ class SquashResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def split_ranges(r: np.ndarray, limit: int) -> list[np.ndarray]:
-    """Consecutive groups of ranges of at most ``limit`` bytes each (long ranges are cut)."""
-    out: list[np.ndarray] = []
-    cur: list[tuple[int, int]] = []
-    size = 0
-    for s, e in r.tolist():
-        while s < e:
-            take = min(e - s, limit - size)
-            cur.append((s, s + take))
-            size += take
-            s += take
-            if size >= limit:
-                out.append(ranges.from_pairs(cur))
-                cur, size = [], 0
-    if cur:
-        out.append(ranges.from_pairs(cur))
-    return out
 
 
 def _other_files(top_path: str, pid: int, pages_id: int) -> list[str]:
@@ -88,7 +69,7 @@ def squash(path: str, out: str, batch_bytes: int = BATCH_BYTES) -> SquashResult:
         fd = st.create(pages_name)
         try:
             buf = np.empty(0, dtype=np.uint8)
-            for batch in split_ranges(listed, batch_bytes):
+            for batch in ranges.batches(listed, batch_bytes):
                 addrs = page_addrs(batch)
                 n = len(addrs)
                 if len(buf) < n * PAGE:

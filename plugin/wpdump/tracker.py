@@ -28,7 +28,8 @@ from .errors import (
     from_errno,
 )
 from .inject import open_userfaultfd, pidfd_open
-from .process import check_alive, read_stat, threads
+from .process import check_alive, open_proc, read_proc_text, read_stat, threads
+from .ranges import PAGE
 from .uffd import (
     PAGE_IS_FILE,
     PAGE_IS_GUARD,
@@ -338,12 +339,7 @@ class Tracker:
     def _harvest(self, initial: bool) -> Harvest:
         t0 = time.perf_counter()
         # Reopened each round: after execve the old fd would show an empty mm (no error).
-        try:
-            pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, ProcessLookupError):
-            raise TargetExited(f"target {self.pid} exited", pid=self.pid, errno=errno.ESRCH) from None
-        except PermissionError as e:
-            raise from_errno(e.errno, self.pid, "open pagemap") from None
+        pagemap = self._open_pagemap()
         # reads in flight are looked for before and after the scan re-protects: a pin taken before the
         # re-protect shows as a thread blocked in its read at one of the two looks (pinned.py)
         before = self._in_flight() if self.watch_io_uring else None
@@ -385,7 +381,7 @@ class Tracker:
         failed = np.flatnonzero(counts < 0).tolist()
         for i in failed:
             if counts[i] != -errno.EPERM:
-                raise self._error(int(counts[i]), "PAGEMAP_SCAN")
+                raise self._error(from_errno(int(counts[i]), self.pid, "PAGEMAP_SCAN"))
             # Unregistered (new VMA) or changed under us. docs/kernel.md rule 4: the call may
             # already have re-protected written pages it could not return: dump it whole.
             lost.append((scan[i].start, scan[i].end))
@@ -443,7 +439,7 @@ class Tracker:
         slow: list[int] = []
         for i, r in enumerate(first.tolist()):
             v = vs[i]
-            if r == -errno.EPERM and uffd.register_wp(self._uffd, v.start, v.end) == 0:
+            if r == -errno.EPERM and self._try_register(v):
                 fresh.add((v.start, v.end))
                 new.append(i)
             else:
@@ -454,7 +450,7 @@ class Tracker:
             regions, counts = uffd.scan_ranges(pagemap, spans[new], masks[new], self._buf)
             for j in np.flatnonzero(counts < 0).tolist():
                 if counts[j] != -errno.EPERM:  # EPERM: the layout changed meanwhile (None)
-                    raise self._error(int(counts[j]), "PAGEMAP_SCAN")
+                    raise self._error(from_errno(int(counts[j]), self.pid, "PAGEMAP_SCAN"))
             ok = counts >= 0
             done = [new[j] for j in np.flatnonzero(ok).tolist()]
             for i, res in zip(done, classify_many([vs[i] for i in done], regions, counts[ok], Policy.TRACK,
@@ -467,35 +463,38 @@ class Tracker:
 
     def _track_new(self, pagemap: int, v: Vma, fresh: set) -> VmaPages | None:
         """Register ``v`` if needed and report all of it; None when the layout changed meanwhile."""
-        regions = uffd.scan_all(pagemap, v.start, v.end, self._buf)
-        if isinstance(regions, int) and regions == -errno.EPERM:
-            r = uffd.register_wp(self._uffd, v.start, v.end)
-            if r == -errno.EBUSY:
-                busy = RangeBusy(v.start, v.end, v.path, pid=self.pid, errno=errno.EBUSY)
-                log.warning("%s", busy)
-                self._busy[(v.start, v.end)] = busy
-                return self._whole(pagemap, v, Policy.WHOLE)
-            if r == -errno.EINVAL:
-                self._policy[self._key(v)] = (Policy.WHOLE, "the kernel refuses to register it")
-                return self._whole(pagemap, v, Policy.WHOLE)
-            if r in (-errno.ENOMEM, -errno.ENOENT):
-                self._check_target()
-                return None
-            if r < 0:
-                raise self._error(r, "UFFDIO_REGISTER")
+        try:
+            uffd.scan_all(pagemap, v.start, v.end, self._buf, pid=self.pid)
+        except WpdumpError as e:
+            if e.errno != errno.EPERM:
+                raise self._error(e) from None
+            try:
+                uffd.register_wp(self._uffd, v.start, v.end, pid=self.pid)
+            except WpdumpError as e:
+                if e.errno == errno.EBUSY:
+                    busy = RangeBusy(v.start, v.end, v.path, pid=self.pid, errno=errno.EBUSY)
+                    log.warning("%s", busy)
+                    self._busy[(v.start, v.end)] = busy
+                    return self._whole(pagemap, v, Policy.WHOLE)
+                if e.errno == errno.EINVAL:
+                    self._policy[self._key(v)] = (Policy.WHOLE, "the kernel refuses to register it")
+                    return self._whole(pagemap, v, Policy.WHOLE)
+                if e.errno in (errno.ENOMEM, errno.ENOENT):
+                    self._check_target()
+                    return None
+                raise self._error(e) from None
             fresh.add((v.start, v.end))
             # Right after registration every page reads WRITTEN (docs/kernel.md rules 1-2): this scan
             # write-protects the whole VMA and lists every page, present (copy) or not (zero).
-            regions = uffd.scan_all(pagemap, v.start, v.end, self._buf)
-            if isinstance(regions, int):
-                if regions == -errno.EPERM:
+            try:
+                regions = uffd.scan_all(pagemap, v.start, v.end, self._buf, pid=self.pid)
+            except WpdumpError as e:
+                if e.errno == errno.EPERM:
                     return None
-                raise self._error(regions, "PAGEMAP_SCAN")
+                raise self._error(e) from None
             res = classify(v, regions, Policy.TRACK, whole=True)
             res.zero = ranges.EMPTY
             return res
-        if isinstance(regions, int):
-            raise self._error(regions, "PAGEMAP_SCAN")
         # Registered, but an earlier call lost its dirty information: re-protected above, now report
         # every page with content.
         return self._present(pagemap, v, Policy.TRACK)
@@ -512,7 +511,7 @@ class Tracker:
             category_inverted=PAGE_IS_FILE, category_anyof_mask=PAGE_IS_PRESENT,
         )  # not SWAPPED: uffd-wp markers on never-COWed pages read as SWAPPED without FILE
         for i in np.flatnonzero(counts < 0).tolist():
-            raise self._error(int(counts[i]), "PAGEMAP_SCAN")
+            raise self._error(from_errno(int(counts[i]), self.pid, "PAGEMAP_SCAN"))
         rows = np.column_stack((cow["start"], cow["end"])).astype(np.uint64)
         if len(rows) and not (rows[1:, 0] >= rows[:-1, 1]).all():  # not in address order after all
             ends = np.cumsum(counts).tolist()
@@ -539,12 +538,13 @@ class Tracker:
         return self._present(pagemap, v, pol)
 
     def _present(self, pagemap: int, v: Vma, pol: Policy) -> VmaPages:
-        regions = uffd.scan_all(
-            pagemap, v.start, v.end, self._buf, flags=0, category_mask=0,
-            category_anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-        )
-        if isinstance(regions, int):
-            raise self._error(regions, "PAGEMAP_SCAN")
+        try:
+            regions = uffd.scan_all(
+                pagemap, v.start, v.end, self._buf, flags=0, category_mask=0,
+                category_anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED, pid=self.pid,
+            )
+        except WpdumpError as e:
+            raise self._error(e) from None
         res = classify(v, regions, pol, whole=True)
         res.zero = ranges.EMPTY
         return res
@@ -552,8 +552,8 @@ class Tracker:
     def _shared_data(self, v: Vma) -> np.ndarray | None:
         """Ranges of a shared mapping whose object holds data (SEEK_DATA on map_files), or None."""
         try:
-            fd = os.open(f"/proc/{self.pid}/map_files/{v.start:x}-{v.end:x}", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
+            fd = open_proc(self.pid, f"map_files/{v.start:x}-{v.end:x}")
+        except WpdumpError:
             return None
         try:
             out, pos, end = [], v.offset, v.offset + v.size
@@ -565,8 +565,8 @@ class Tracker:
                 if d >= end:
                     break
                 h = min(os.lseek(fd, d, SEEK_HOLE), end)
-                lo = d & ~(uffd.PAGE_SIZE - 1)
-                hi = (h + uffd.PAGE_SIZE - 1) & ~(uffd.PAGE_SIZE - 1)
+                lo = d & ~(PAGE - 1)
+                hi = (h + PAGE - 1) & ~(PAGE - 1)
                 out.append((v.start + lo - v.offset, v.start + min(hi, end) - v.offset))
                 pos = h
             return ranges.from_pairs(out)
@@ -671,8 +671,12 @@ class Tracker:
         # The userfaultfd belongs to the attach-time mm: an unprotect of one page answers ESRCH once
         # that mm is gone (docs/kernel.md rule 14) and a harmless ENOENT/EINVAL otherwise.
         probe = self._probe_addr(self._layout if layout is None else layout)
-        r = uffd.writeprotect(self._uffd, probe, probe + uffd.PAGE_SIZE, protect=False)
-        if r == -errno.ESRCH:
+        try:
+            uffd.writeprotect(self._uffd, probe, probe + PAGE, protect=False, pid=self.pid)
+            r = 0
+        except WpdumpError as e:
+            r = e.errno
+        if r == errno.ESRCH:
             if self._exiting():
                 raise TargetExited(f"target {self.pid} exited", pid=self.pid, errno=errno.ESRCH)
             raise TargetExeced(
@@ -699,10 +703,19 @@ class Tracker:
             addr = max(addr, v.end)
         return addr
 
-    def _error(self, r: int, what: str) -> WpdumpError:
-        if r in (-errno.ESRCH, -errno.ENOENT):
+    def _error(self, e: WpdumpError) -> WpdumpError:
+        """``e`` from a kernel operation on the target, unless the target exited or exec'd (raised instead)."""
+        if e.errno in (errno.ESRCH, errno.ENOENT):
             self._check_target()
-        return from_errno(r, self.pid, what)
+        return e
+
+    def _try_register(self, v: Vma) -> bool:
+        """Register ``v`` for write-protection; False on any error (the caller takes the careful path)."""
+        try:
+            uffd.register_wp(self._uffd, v.start, v.end, pid=self.pid)
+        except WpdumpError:
+            return False
+        return True
 
     # ---- before someone else reads the target's page tables (CRIU) ----
 
@@ -718,12 +731,7 @@ class Tracker:
         if self._uffd < 0:
             raise TrackerError(f"tracker of pid {self.pid} is closed", pid=self.pid)
         self._check_target()
-        try:
-            pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, ProcessLookupError):
-            raise TargetExited(f"target {self.pid} exited", pid=self.pid, errno=errno.ESRCH) from None
-        except PermissionError as e:
-            raise from_errno(e.errno, self.pid, "open pagemap") from None
+        pagemap = self._open_pagemap()
         # ours: VMAs registered at the last harvest (registration does not follow new mappings, rule 3)
         ours = ranges.subtract(
             ranges.from_pairs([(v.start, v.end) for v in self._layout
@@ -737,26 +745,33 @@ class Tracker:
             # a scan without WP_MATCHING may cross VMAs (rule 4 is about re-protecting): one call per span
             for s, e in ranges.intersect(ours, mapped).tolist():
                 # not present, not written, "swapped": uffd-wp markers (and protected real swap entries)
-                found = uffd.scan_all(
-                    pagemap, s, e, self._buf, flags=0,
-                    category_mask=PAGE_IS_PRESENT | uffd.PAGE_IS_WRITTEN | PAGE_IS_SWAPPED,
-                    category_inverted=PAGE_IS_PRESENT | uffd.PAGE_IS_WRITTEN, return_mask=PAGE_IS_SWAPPED,
-                )
-                if isinstance(found, int):
-                    raise self._error(found, "PAGEMAP_SCAN")
+                try:
+                    found = uffd.scan_all(
+                        pagemap, s, e, self._buf, flags=0,
+                        category_mask=PAGE_IS_PRESENT | uffd.PAGE_IS_WRITTEN | PAGE_IS_SWAPPED,
+                        category_inverted=PAGE_IS_PRESENT | uffd.PAGE_IS_WRITTEN, return_mask=PAGE_IS_SWAPPED,
+                        pid=self.pid,
+                    )
+                except WpdumpError as err:
+                    raise self._error(err) from None
                 todo = _coalesce(np.column_stack((found["start"], found["end"])).astype(np.uint64))
                 if swapped:
                     todo = _markers_only(pagemap, todo)
                 for a, b in todo.tolist():
-                    r = -errno.EAGAIN
+                    failed: WpdumpError | None = None
                     for _ in range(_RETRIES):  # EAGAIN: the mm is changing (mremap, fork)
-                        r = uffd.writeprotect(self._uffd, a, b, protect=False)
-                        if r != -errno.EAGAIN:
+                        try:
+                            uffd.writeprotect(self._uffd, a, b, protect=False, pid=self.pid)
+                            failed = None
                             break
-                    if r == -errno.ENOENT:  # unmapped or replaced since the scan: no marker of ours
+                        except WpdumpError as err:
+                            failed = err
+                            if err.errno != errno.EAGAIN:
+                                break
+                    if failed is not None and failed.errno == errno.ENOENT:  # unmapped or replaced since the scan
                         continue
-                    if r < 0:
-                        raise self._error(r, "UFFDIO_WRITEPROTECT")
+                    if failed is not None:
+                        raise self._error(failed)
                     done += b - a
         finally:
             os.close(pagemap)
@@ -765,13 +780,20 @@ class Tracker:
     def _swap_entries(self) -> bool:
         """Whether the target has pages in swap (VmSwap): only then can a "swapped" page be a real one."""
         try:
-            with open(f"/proc/{self.pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmSwap:"):
-                        return int(line.split()[1]) > 0
-        except (FileNotFoundError, ProcessLookupError):
+            text = read_proc_text(self.pid, "status")
+        except NoSuchProcess:
             raise TargetExited(f"target {self.pid} exited", pid=self.pid, errno=errno.ESRCH) from None
+        for line in text.splitlines():
+            if line.startswith("VmSwap:"):
+                return int(line.split()[1]) > 0
         return True
+
+    def _open_pagemap(self) -> int:
+        """/proc/PID/pagemap, reopened each round: after execve an old fd shows an empty mm (no error)."""
+        try:
+            return open_proc(self.pid, "pagemap")
+        except NoSuchProcess:
+            raise TargetExited(f"target {self.pid} exited", pid=self.pid, errno=errno.ESRCH) from None
 
 
 _PM_SWAP = 1 << 62
@@ -786,15 +808,15 @@ def _markers_only(pagemap: int, r: np.ndarray) -> np.ndarray:
     (unprotecting a real swapped page only makes the next harvest copy it)."""
     out = []
     for s, e in r.tolist():
-        for lo in range(s, e, _PM_CHUNK * uffd.PAGE_SIZE):
-            hi = min(e, lo + _PM_CHUNK * uffd.PAGE_SIZE)
-            n = (hi - lo) // uffd.PAGE_SIZE
-            raw = os.pread(pagemap, n * 8, lo // uffd.PAGE_SIZE * 8)
+        for lo in range(s, e, _PM_CHUNK * PAGE):
+            hi = min(e, lo + _PM_CHUNK * PAGE)
+            n = (hi - lo) // PAGE
+            raw = os.pread(pagemap, n * 8, lo // PAGE * 8)
             ent = np.frombuffer(raw, dtype=np.uint64)
             frame = ent & np.uint64(_PM_FRAME)
             real = ((ent & np.uint64(_PM_SWAP)) != 0) & (frame != 0) & ((frame & np.uint64(31)) != _SWP_PTE_MARKER)
             keep = np.concatenate(([False], ~real, [False]))
             edges = np.flatnonzero(keep[1:] != keep[:-1])
             starts, ends = edges[0::2], edges[1::2]
-            out.extend(zip((lo + starts * uffd.PAGE_SIZE).tolist(), (lo + ends * uffd.PAGE_SIZE).tolist(), strict=True))
+            out.extend(zip((lo + starts * PAGE).tolist(), (lo + ends * PAGE).tolist(), strict=True))
     return ranges.from_pairs(out)

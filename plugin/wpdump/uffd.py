@@ -1,4 +1,5 @@
-"""userfaultfd and PAGEMAP_SCAN over the native helper: constants and typed-error wrappers."""
+"""userfaultfd and PAGEMAP_SCAN over the native helper: constants and wrappers that raise typed errors (from_errno:
+the errno and, where the caller names it, the pid); no -errno value reaches the callers."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import os
 import numpy as np
 
 from . import _native
-from .errors import KernelUnsupported, TrackerError, from_errno
+from .errors import KernelUnsupported, TrackerError, WpdumpError, from_errno
+from .ranges import PAGE
 
 ffi, lib = _native.ffi, _native.lib
 
@@ -51,7 +53,6 @@ def classify_mask(file_private: bool) -> int:
     """The return_mask to classify written pages of a VMA: with PAGE_IS_FILE only for private file mappings."""
     return CLASSIFY_MASK if file_private else CLASSIFY_MASK_NO_FILE
 
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 REGION_DTYPE = np.dtype([("start", "<u8"), ("end", "<u8"), ("categories", "<u8")])
 
 
@@ -96,20 +97,22 @@ def api(fd: int, pid: int, features: int = TRACK_FEATURES) -> int:
     return int(feats[0])
 
 
-def register_wp(fd: int, start: int, end: int) -> int:
-    """UFFDIO_REGISTER in WP mode; returns 0 or -errno (the caller decides what EBUSY/EINVAL mean)."""
+def _check(r: int, pid: int | None, what: str) -> int:
+    """``r`` when it is no -errno, else the typed error for it."""
+    if r < 0:
+        raise from_errno(r, pid, what)
+    return r
+
+
+def register_wp(fd: int, start: int, end: int, pid: int | None = None) -> None:
+    """UFFDIO_REGISTER in WP mode (the caller decides what an error's EBUSY/EINVAL mean)."""
     ioctls = ffi.new("uint64_t *")
-    return lib.wpd_uffd_register(fd, start, end - start, UFFDIO_REGISTER_MODE_WP, ioctls)
+    _check(lib.wpd_uffd_register(fd, start, end - start, UFFDIO_REGISTER_MODE_WP, ioctls), pid, "UFFDIO_REGISTER")
 
 
-def unregister(fd: int, start: int, end: int) -> int:
-    """UFFDIO_UNREGISTER; returns 0 or -errno."""
-    return lib.wpd_uffd_unregister(fd, start, end - start)
-
-
-def writeprotect(fd: int, start: int, end: int, protect: bool = True) -> int:
-    """UFFDIO_WRITEPROTECT; returns 0 or -errno."""
-    return lib.wpd_uffd_writeprotect(fd, start, end - start, 1 if protect else 0)
+def writeprotect(fd: int, start: int, end: int, protect: bool = True, pid: int | None = None) -> None:
+    """UFFDIO_WRITEPROTECT."""
+    _check(lib.wpd_uffd_writeprotect(fd, start, end - start, 1 if protect else 0), pid, "UFFDIO_WRITEPROTECT")
 
 
 class RegionBuffer:
@@ -133,8 +136,9 @@ def scan(
     category_anyof_mask: int = 0,
     category_inverted: int = 0,
     return_mask: int = CLASSIFY_MASK,
+    pid: int | None = None,
 ) -> tuple[int, int]:
-    """One PAGEMAP_SCAN pass over [start, end) into ``buf``: returns (count or -errno, walk_end).
+    """One PAGEMAP_SCAN pass over [start, end) into ``buf``: returns (count, walk_end).
 
     walk_end < end means the buffer filled up: consume the regions and call again from walk_end.
     """
@@ -142,16 +146,14 @@ def scan(
         pagemap_fd, start, end, flags, category_mask, category_inverted, category_anyof_mask,
         return_mask, 0, buf.cdata, buf.capacity, buf.walk_end,
     )
-    return int(n), int(buf.walk_end[0])
+    return _check(int(n), pid, "PAGEMAP_SCAN"), int(buf.walk_end[0])
 
 
-def scan_all(pagemap_fd: int, start: int, end: int, buf: RegionBuffer, **kw: int) -> np.ndarray | int:
-    """Scan [start, end) completely: a copy of all regions, or -errno on failure."""
+def scan_all(pagemap_fd: int, start: int, end: int, buf: RegionBuffer, **kw: int) -> np.ndarray:
+    """Scan [start, end) completely: a copy of all regions (``pid`` in ``kw`` names the target in errors)."""
     parts = []
     while start < end:
         n, walk_end = scan(pagemap_fd, start, end, buf, **kw)
-        if n < 0:
-            return n
         parts.append(buf.array[:n].copy())
         if walk_end <= start:
             break
@@ -173,7 +175,8 @@ def scan_ranges(
     category_inverted: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scan each [start, end) of ``spans`` (n×2) with its own call (docs/kernel.md rule 4) and return mask,
-    in one native loop: (all regions in range order, per range its number of regions or -errno).
+    in one native loop: (all regions in range order, per range its number of regions or -errno: a per-range
+    status array, turned into typed errors by the caller where a failure is one).
 
     A range that failed contributes no regions (the scan may have re-protected some: rule 4).
     """
@@ -196,14 +199,15 @@ def scan_ranges(
         last = i + k - 1
         walk_end, end = int(buf.walk_end[0]), int(spans[last, 1])
         if counts[last] >= 0 and walk_end < end:  # the buffer filled up: finish that range alone
-            rest = scan_all(
-                pagemap_fd, walk_end, end, buf, flags=flags, category_mask=category_mask,
-                category_anyof_mask=category_anyof_mask, category_inverted=category_inverted,
-                return_mask=int(masks[last]),
-            )
-            if isinstance(rest, int):
+            try:
+                rest = scan_all(
+                    pagemap_fd, walk_end, end, buf, flags=flags, category_mask=category_mask,
+                    category_anyof_mask=category_anyof_mask, category_inverted=category_inverted,
+                    return_mask=int(masks[last]),
+                )
+            except WpdumpError as e:
                 parts[-1] = parts[-1][: used - int(counts[last])]
-                counts[last] = rest
+                counts[last] = -(e.errno or errno.EIO)
             else:
                 parts.append(rest)
                 counts[last] += len(rest)
@@ -218,25 +222,28 @@ def read_ranges(
     """Copy the target's [start, end) ``ranges`` (n×2 uint64) into ``out`` with process_vm_readv: back to back,
     or range i at byte ``dst[i]`` of ``out``.
 
-    Returns the bytes copied (short at the first range that cannot be read) or -errno. It pins the pages:
-    never for pages shared copy-on-write (docs/kernel.md rule 18; pagecopy.Reader decides).
+    Returns the bytes copied (short at the first range that cannot be read); raises when nothing could be.
+    It pins the pages: never for pages shared copy-on-write (docs/kernel.md rule 18; pagecopy.Reader decides).
     """
     ranges = np.ascontiguousarray(ranges, dtype=np.uint64)
     src = ffi.cast("const uint64_t *", ranges.ctypes.data)
     out_p = ffi.from_buffer(out, require_writable=True)
-    return int(lib.wpd_read_ranges(pid, src, len(ranges), out_p, len(out_p), _dst(dst, len(ranges))))
+    got = int(lib.wpd_read_ranges(pid, src, len(ranges), out_p, len(out_p), _dst(dst, len(ranges))))
+    return _check(got, pid, "process_vm_readv")
 
 
 def pread_ranges(
-    fd: int, ranges: np.ndarray, out: memoryview | bytearray | np.ndarray, dst: np.ndarray | None = None
+    fd: int, ranges: np.ndarray, out: memoryview | bytearray | np.ndarray, dst: np.ndarray | None = None,
+    pid: int | None = None, what: str = "pread",
 ) -> int:
     """pread the byte ranges [start, end) (n×2 uint64) of ``fd`` into ``out``, back to back or range i at byte
-    ``dst[i]``: one pread per range. Returns the bytes read (short at the first range that fails or ends early),
-    or -errno (0 at end of file) when nothing could be read."""
+    ``dst[i]``: one pread per range. Returns the bytes read (short at the first range that fails or ends early;
+    0 at end of file); raises when nothing could be read."""
     ranges = np.ascontiguousarray(ranges, dtype=np.uint64)
     src = ffi.cast("const uint64_t *", ranges.ctypes.data)
     out_p = ffi.from_buffer(out, require_writable=True)
-    return int(lib.wpd_pread_ranges(fd, src, len(ranges), out_p, len(out_p), _dst(dst, len(ranges))))
+    got = int(lib.wpd_pread_ranges(fd, src, len(ranges), out_p, len(out_p), _dst(dst, len(ranges))))
+    return _check(got, pid, what)
 
 
 def _dst(dst: np.ndarray | None, n: int):
@@ -248,13 +255,13 @@ def _dst(dst: np.ndarray | None, n: int):
 
 
 def zero_pages(rows: np.ndarray) -> tuple[np.ndarray, int]:
-    """Which rows of a C-contiguous n×PAGE_SIZE uint8 array hold only zero bytes: (bool mask, count)."""
+    """Which rows of a C-contiguous n×PAGE uint8 array hold only zero bytes: (bool mask, count)."""
     n = len(rows)
     mask = np.zeros(n, dtype=np.uint8)
     if not n:
         return mask.view(bool), 0
-    assert rows.flags.c_contiguous and rows.shape[1:] == (PAGE_SIZE,)
+    assert rows.flags.c_contiguous and rows.shape[1:] == (PAGE,)
     src = ffi.cast("const void *", rows.ctypes.data)
-    count = int(lib.wpd_zero_pages(src, n, PAGE_SIZE, ffi.cast("uint8_t *", mask.ctypes.data)))
+    count = int(lib.wpd_zero_pages(src, n, PAGE, ffi.cast("uint8_t *", mask.ctypes.data)))
     return mask.view(bool), count
 

@@ -25,10 +25,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import freeze, images, keeper, ranges, uffd
-from .chain import PAGE, ChainError, Iteration, check_pages_file, load_chain, locate_pages, read_pages_into
-from .errors import AccessDenied, NoSuchProcess, WpdumpError
-from .pagecopy import in_ranges, page_addrs
-from .process import check_alive, open_mapped_file, thread_state, threads
+from .chain import ChainError, Iteration, check_pages_file, load_chain, locate_pages, read_pages_into
+from .errors import WpdumpError, no_such_process
+from .process import check_alive, open_mapped_file, open_proc, thread_state, threads
+from .ranges import PAGE, in_ranges, page_addrs
 from .show import walk
 from .vmas import KERNEL_VMAS, Vma, read_maps
 
@@ -242,16 +242,6 @@ def _populated(pm_fd: int, vmas: list[Vma]) -> list[np.ndarray | None]:
     return out
 
 
-def _close_gaps(r: np.ndarray, gap: int) -> np.ndarray:
-    """Merge ranges separated by at most ``gap`` bytes (r sorted, merged, within one VMA)."""
-    if len(r) <= 1:
-        return r
-    join = (r[1:, 0] - r[:-1, 1]) <= np.uint64(gap)
-    first = np.flatnonzero(np.concatenate(([True], ~join)))
-    last = np.append(first[1:] - 1, len(r) - 1)
-    return np.column_stack((r[first, 0], r[last, 1]))
-
-
 def _read_mem(pid: int, fd: int, addr: int, out: np.ndarray) -> np.ndarray:
     """pread [addr, addr + len(out)) of /proc/PID/mem into ``out``; a mask of the pages that could be read."""
     n = len(out) // PAGE
@@ -263,7 +253,7 @@ def _read_mem(pid: int, fd: int, addr: int, out: np.ndarray) -> np.ndarray:
             got = os.preadv(fd, [view[pos:]], addr + pos)
         except OSError as e:
             if e.errno == errno.ESRCH:
-                raise NoSuchProcess(f"no such process: {pid}", pid=pid, errno=e.errno) from None
+                raise no_such_process(pid, e.errno) from None
             if e.errno not in (errno.EIO, errno.EFAULT, errno.ENOMEM, errno.EPERM):
                 raise
             got = 0
@@ -286,25 +276,6 @@ def _pread_file(fd: int, off: int, out: np.ndarray) -> None:
         if got <= 0:
             return
         pos += got
-
-
-def _batches(parts: list[tuple[int, int, int]], limit: int) -> list[list[tuple[int, int, int]]]:
-    """Group (start, end, vma index) ranges into batches of at most ``limit`` bytes (long ranges are cut)."""
-    out: list[list[tuple[int, int, int]]] = []
-    cur: list[tuple[int, int, int]] = []
-    size = 0
-    for s, e, vi in parts:
-        while s < e:
-            take = min(e - s, limit - size)
-            cur.append((s, s + take, vi))
-            size += take
-            s += take
-            if size >= limit:
-                out.append(cur)
-                cur, size = [], 0
-    if cur:
-        out.append(cur)
-    return out
 
 
 RSEQ_KERNEL_FIELDS = ((0, 16), (20, 28))  # cpu_id_start, cpu_id, rseq_cs (cleared); node_id, mm_cid
@@ -446,15 +417,6 @@ def _pid_in(path: str, pid: int) -> int | None:
     return pid if os.path.lexists(os.path.join(path, images.pagemap_file_name(pid))) else None
 
 
-def _open_proc(pid: int, name: str) -> int:
-    try:
-        return os.open(f"/proc/{pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
-    except (FileNotFoundError, ProcessLookupError):
-        raise NoSuchProcess(f"no such process: {pid}", pid=pid, errno=errno.ESRCH) from None
-    except PermissionError as e:
-        raise AccessDenied(f"permission denied: cannot read /proc/{pid}/{name}", pid=pid, errno=e.errno) from None
-
-
 def _compare_stopped(cmp: _Comparer, pm_fd: int) -> int:
     """Compare every page of the stopped target's VMAs that can differ; returns the pages skipped."""
     listed = cmp.listed
@@ -472,7 +434,7 @@ def _compare_stopped(cmp: _Comparer, pm_fd: int) -> int:
         pop = pops.get(vi)
         todo = ranges.from_pairs([(v.start, v.end)])
         if pop is not None:
-            todo = _close_gaps(ranges.union(pop, ranges.clip_sorted(listed, v.start, v.end)), GAP_BYTES)
+            todo = ranges.cover(ranges.union(pop, ranges.clip_sorted(listed, v.start, v.end)), GAP_BYTES + 1)
         skipped += (v.size - ranges.total(todo)) // PAGE
         parts.extend((int(s), int(e), vi) for s, e in todo)
     outside = ranges.subtract(listed, ranges.from_pairs(mapped))
@@ -483,8 +445,12 @@ def _compare_stopped(cmp: _Comparer, pm_fd: int) -> int:
         j = np.searchsorted(starts, addrs, side="right") - 1
         vis = np.where((j >= 0) & (addrs < ends[np.maximum(j, 0)]), j, -1)  # a kernel VMA, or none
         cmp.not_mapped(addrs, vis)
-    for batch in _batches(parts, cmp.batch_bytes):
-        cmp.batch(batch)
+    if parts:
+        r = np.array([(s, e) for s, e, _ in parts], dtype=np.uint64)
+        starts = np.array([v.start for v in cmp.vmas], dtype=np.uint64)
+        for batch in ranges.batches(r, cmp.batch_bytes):
+            vi = (np.searchsorted(starts, batch[:, 0], side="right") - 1).tolist()
+            cmp.batch([(s, e, i) for (s, e), i in zip(batch.tolist(), vi, strict=True)])
     return skipped
 
 
@@ -506,10 +472,10 @@ def verify_process(
     if chain[0].pid != pid or (meta and meta.get("pid") not in (None, pid)):
         notes.append(f"{path} is an image of pid {meta.get('pid') if meta else chain[0].pid}, compared with pid {pid}")
     with contextlib.ExitStack() as stack:
-        mem_fd = _open_proc(pid, "mem")
+        mem_fd = open_proc(pid, "mem")
         stack.callback(os.close, mem_fd)
         try:
-            pm_fd = _open_proc(pid, "pagemap")
+            pm_fd = open_proc(pid, "pagemap")
             stack.callback(os.close, pm_fd)
         except WpdumpError:
             pm_fd = -1

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import bisect
 import enum
-import errno
 import itertools
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .errors import NoSuchProcess, from_errno
+from .process import read_proc
 
 # VMAs the kernel provides itself: UFFDIO_REGISTER refuses them (docs/kernel.md rule 12) and
 # process_vm_readv cannot read [vvar*]/[vsyscall]; CRIU recreates them at restore too.
@@ -87,24 +86,12 @@ def parse_maps_line(line: str) -> Vma:
 
 def read_maps(pid: int) -> list[Vma]:
     """All VMAs of ``pid`` in address order."""
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            return [parse_maps_line(line) for line in f]
-    except (FileNotFoundError, ProcessLookupError):
-        raise NoSuchProcess(f"no such process: {pid}", pid=pid, errno=errno.ESRCH) from None
-    except PermissionError as e:
-        raise from_errno(e.errno, pid, "read the memory map of") from None
+    return [parse_maps_line(line) for line in read_proc(pid, "maps").decode().splitlines()]
 
 
 def read_vmflags(pid: int) -> dict[int, frozenset[str]]:
     """VmFlags of every VMA from /proc/PID/smaps, keyed by start address (costly: use on new VMAs)."""
-    try:
-        with open(f"/proc/{pid}/smaps", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        raise NoSuchProcess(f"no such process: {pid}", pid=pid, errno=errno.ESRCH) from None
-    except PermissionError as e:
-        raise from_errno(e.errno, pid, "read the memory map of") from None
+    data = read_proc(pid, "smaps")
     # VmFlags is the last line of each VMA's block and the next VMA's "start-end ..." line follows it;
     # a path cannot break this (maps escapes newlines in names). Split per VMA, not per line (~25 a VMA).
     blocks = data.split(b"\nVmFlags: ")
