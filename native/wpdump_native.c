@@ -221,12 +221,6 @@ int wpd_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint6
 	return 0;
 }
 
-int wpd_uffd_unregister(int fd, uint64_t start, uint64_t len)
-{
-	struct uffdio_range range = {.start = start, .len = len};
-	return NEG_ERRNO(ioctl(fd, UFFDIO_UNREGISTER, &range));
-}
-
 int wpd_uffd_writeprotect(int fd, uint64_t start, uint64_t len, int protect)
 {
 	struct uffdio_writeprotect wp = {

@@ -43,7 +43,6 @@ int wpd_pidfd_getfd(int pidfd, int targetfd);
 int wpd_userfaultfd(int flags);
 int wpd_uffd_api(int fd, uint64_t features, uint64_t *features_out, uint64_t *ioctls_out);
 int wpd_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls_out);
-int wpd_uffd_unregister(int fd, uint64_t start, uint64_t len);
 int wpd_uffd_writeprotect(int fd, uint64_t start, uint64_t len, int protect);
 
 int64_t wpd_pagemap_scan(int fd, uint64_t start, uint64_t end, uint64_t flags,

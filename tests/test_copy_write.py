@@ -1,4 +1,4 @@
-"""The page copy/write path of an iteration (iteration._copy_and_write): batches, reader threads, the writer
+"""The page copy/write path of an iteration (iteration.copy_and_write): batches, reader threads, the writer
 thread with O_DIRECT, zero pages left out, ranges that vanished skipped; the file holds exactly the pages."""
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def test_copy_and_write(target, tmp_path, monkeypatch, readers):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     seen = []
     try:
-        written, zeros, copy_s, write_s = iteration._copy_and_write(
+        written, zeros, copy_s, write_s = iteration.copy_and_write(
             t.pid, copy, anon, fd, str(path), lambda done, total: seen.append((done, total))
         )
         assert not os.O_DIRECT & fcntl.fcntl(fd, fcntl.F_GETFL), "O_DIRECT left on"
@@ -66,7 +66,7 @@ def test_copy_and_write(target, tmp_path, monkeypatch, readers):
 def test_copy_and_write_nothing(tmp_path):
     fd = os.open(tmp_path / "p", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        written, zeros, _, _ = iteration._copy_and_write(os.getpid(), ranges.EMPTY, ranges.EMPTY, fd, "p", None)
+        written, zeros, _, _ = iteration.copy_and_write(os.getpid(), ranges.EMPTY, ranges.EMPTY, fd, "p", None)
     finally:
         os.close(fd)
     assert len(written) == 0 and zeros == 0 and os.path.getsize(tmp_path / "p") == 0

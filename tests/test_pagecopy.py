@@ -130,7 +130,7 @@ def test_unreadable_mapped_pages_fail_loudly(target, tmp_path):
     fd = os.open(tmp_path / "pages", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         with pytest.raises(UnreadableMemory):
-            iteration._copy_and_write(t.pid, r, ranges.EMPTY, fd, "pages", None)
+            iteration.copy_and_write(t.pid, r, ranges.EMPTY, fd, "pages", None)
     finally:
         os.close(fd)
 

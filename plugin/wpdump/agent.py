@@ -20,6 +20,7 @@ from .errors import TrackerError, WpdumpError
 from .keeper import recv_msg, send_msg
 
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
+_HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _RSEQ_CONF = struct.Struct("<QIIII")  # struct ptrace_rseq_configuration
 
 
@@ -50,13 +51,14 @@ def _rseq(sz) -> list[tuple[int, int]]:
     return areas
 
 
-def _serve(sock: socket.socket, pid: int) -> None:
+def _serve(sock: socket.socket, pid: int, mask: set[signal.Signals]) -> None:
     from .inject import inject_madvise, inject_userfaultfd
     from .ptrace import Seizure
 
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGPIPE, signal.SIGTSTP,
               signal.SIGTTIN, signal.SIGTTOU):
         signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     os.setsid()
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -112,17 +114,23 @@ class Agent:
         self.pid = pid
         self.released = False
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.child = os.fork()
-        if self.child == 0:  # pragma: no cover - runs in the agent
-            code = 1
-            try:
-                ours.close()
-                _serve(theirs, pid)
-                code = 0
-            finally:
-                os._exit(code)
-        theirs.close()
-        self.sock = ours
+        # Held across the fork: a Ctrl-C landing in an at-fork handler (logging's) would be swallowed as
+        # "Exception ignored", and one reaching the agent before it ignores them would kill it.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+        try:
+            self.child = os.fork()
+            if self.child == 0:  # pragma: no cover - runs in the agent
+                code = 1
+                try:
+                    ours.close()
+                    _serve(theirs, pid, old)
+                    code = 0
+                finally:
+                    os._exit(code)
+            theirs.close()
+            self.sock = ours
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         try:
             self.request("seize", all=all_threads)
         except BaseException:

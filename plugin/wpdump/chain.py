@@ -7,22 +7,18 @@ import errno
 import json
 import os
 import re
-import stat
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import images, ranges
-from .errors import WpdumpError
+from .errors import ChainError
+from .imgdir import parent_of, stat_dir, walk_links
 from .ranges import PAGE, in_ranges
 
 META_FILE = "wpdump.json"
 META_FORMAT = "wpdump-iteration/1"
-
-
-class ChainError(WpdumpError):
-    """An images directory or its chain of parents is missing, corrupt, foreign or not this process's."""
 
 
 def uptime_us() -> int:
@@ -80,28 +76,11 @@ class Iteration:
     @property
     def parent_path(self) -> str | None:
         """The directory the ``parent`` link points to, or None when there is no link."""
-        link = os.path.join(self.path, "parent")
-        if not os.path.islink(link):
-            return None
-        return os.path.normpath(os.path.join(self.path, os.readlink(link)))
+        return parent_of(self.path)
 
     @property
     def iteration_id(self) -> str | None:
         return self.meta.get("iteration") if self.meta else None
-
-
-def stat_dir(path: str, below: str | None = None, pid: int | None = None) -> os.stat_result:
-    """stat an images directory; ChainError saying why it cannot be used (missing, unreadable, not a directory)."""
-    of = f" (parent of {below})" if below else ""
-    try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        raise ChainError(f"images directory {path}{of} does not exist", pid=pid, errno=errno.ENOENT) from None
-    except OSError as e:
-        raise ChainError(f"images directory {path}{of}: {e.strerror}", pid=pid, errno=e.errno) from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise ChainError(f"images directory {path}{of} is not a directory", pid=pid, errno=errno.ENOTDIR)
-    return st
 
 
 def _listdir(path: str) -> list[str]:
@@ -187,16 +166,12 @@ def check_pages_file(it: Iteration) -> None:
         )
 
 
-def load_chain(path: str, pid: int | None = None, max_depth: int = 4096) -> list[Iteration]:
+def load_chain(path: str, pid: int | None = None) -> list[Iteration]:
     """The iteration in ``path`` and its parents, top first; checks every level's structure."""
     chain: list[Iteration] = []
-    seen: set[tuple[int, int]] = set()
-    cur: str | None = path
-    while cur is not None:
-        st = stat_dir(cur, chain[-1].path if chain else None, pid)
-        if (st.st_dev, st.st_ino) in seen or len(chain) >= max_depth:
-            raise ChainError(f"{path}: the parent links form a loop", pid=pid, errno=errno.ELOOP)
-        seen.add((st.st_dev, st.st_ino))
+    for cur, err in walk_links(path, pid):
+        if err is not None:
+            raise err
         it = load_iteration(cur, pid)
         pid = it.pid
         check_pages_file(it)
@@ -208,33 +183,35 @@ def load_chain(path: str, pid: int | None = None, max_depth: int = 4096) -> list
                     f"the parent {cur} (first at {int(missing[0, 0]):#x})", pid=pid, errno=errno.EINVAL,
                 )
         chain.append(it)
-        cur = it.parent_path
-        if cur is None and len(it.ranges(images.PE_PARENT)):
+        if it.parent_path is None and len(it.ranges(images.PE_PARENT)):
             raise ChainError(
                 f"{it.path}: entries refer to a parent, but there is no parent link", pid=pid, errno=errno.EINVAL
             )
     return chain
 
 
-def load_parent(path: str, pid: int, max_depth: int = 4096) -> Iteration:
+def load_parent(path: str, pid: int) -> Iteration:
     """The iteration at ``path`` (decoded, pages file checked) for use as a parent; the levels below it are
     only checked to exist with a pagemap of ``pid`` (decoding every level each iteration costs ~9 ms a level
     at 8 GiB: ``load_chain`` / ``wpdump verify -D`` check the whole chain)."""
     it = load_iteration(path, pid)
     check_pages_file(it)
-    seen: set[tuple[int, int]] = set()
-    cur, below = it.parent_path, it.path
     name = images.pagemap_file_name(pid)
-    while cur is not None:
-        st = stat_dir(cur, below, pid)
-        if (st.st_dev, st.st_ino) in seen or len(seen) >= max_depth:
-            raise ChainError(f"{path}: the parent links form a loop", pid=pid, errno=errno.ELOOP)
-        seen.add((st.st_dev, st.st_ino))
-        if not os.path.isfile(os.path.join(cur, name)):
+    below = None
+    for cur, err in walk_links(path, pid):
+        if err is not None:
+            raise err
+        if below is not None and not os.path.isfile(os.path.join(cur, name)):
             raise ChainError(f"{cur} (parent of {below}) holds no {name}", pid=pid, errno=errno.ENOENT)
-        link = os.path.join(cur, "parent")
-        below, cur = cur, (os.path.normpath(os.path.join(cur, os.readlink(link))) if os.path.islink(link) else None)
+        below = cur
     return it
+
+
+def same_process(meta: dict, start_ticks: int, pid: int | None = None) -> bool:
+    """Whether wpdump's metadata of an iteration names this very process: its start time on this boot (and
+    ``pid`` when given). A pid alone may have been reused."""
+    same = meta.get("start_ticks") == start_ticks and meta.get("boot_id") == boot_id()
+    return same and (pid is None or meta.get("pid") == pid)
 
 
 def check_parent(parent: Iteration, pid: int, start_ticks: int) -> None:
@@ -246,20 +223,11 @@ def check_parent(parent: Iteration, pid: int, start_ticks: int) -> None:
                 pid=pid, errno=errno.ESRCH,
             )
     if parent.meta is not None:
-        same = parent.meta.get("start_ticks") == start_ticks and parent.meta.get("boot_id") == boot_id()
-        if parent.meta.get("pid") != pid or not same:
+        if not same_process(parent.meta, start_ticks, pid):
             raise ChainError(
                 f"{parent.path} is an image of another process (pid {parent.meta.get('pid')}, "
                 f"started at tick {parent.meta.get('start_ticks')})", pid=pid, errno=errno.ESRCH,
             )
-
-
-def _present_index(it: Iteration) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """PE_PRESENT entries of ``it``: (vaddr, end, offset of the first page in the pages file)."""
-    e = it.entries[(it.entries["flags"] & images.PE_PRESENT) != 0]
-    nbytes = e["nr_pages"].astype(np.uint64) * PAGE
-    offs = np.concatenate(([0], np.cumsum(nbytes)[:-1])).astype(np.uint64) if len(e) else np.zeros(0, np.uint64)
-    return e["vaddr"].astype(np.uint64), e["vaddr"].astype(np.uint64) + nbytes, offs
 
 
 def locate_pages(chain: list[Iteration], addrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -277,14 +245,11 @@ def locate_pages(chain: list[Iteration], addrs: np.ndarray) -> tuple[np.ndarray,
         a = addrs[idx]
         listed = in_ranges(a, it.ranges())
         pending[idx[~listed]] = False  # absent at this level: zero (a level lists every non-zero page)
-        starts, ends, offs = _present_index(it)
-        if len(starts):
-            j = np.searchsorted(starts, a, side="right") - 1
-            ok = listed & (j >= 0)
-            ok[ok] = a[ok] < ends[j[ok]]
-            level[idx[ok]] = i
-            offset[idx[ok]] = offs[j[ok]] + (a[ok] - starts[j[ok]])
-            pending[idx[ok]] = False
+        offs = images.page_offsets(it.entries, a)
+        ok = listed & (offs >= 0)
+        level[idx[ok]] = i
+        offset[idx[ok]] = offs[ok].astype(np.uint64)
+        pending[idx[ok]] = False
     return level, offset
 
 

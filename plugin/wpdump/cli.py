@@ -90,21 +90,13 @@ class ProgressBar:
             self.shown = False
 
 
-HEADER = (f"{'iter':>4} {'kind':<8} {'scanned':>9} {'written':>9} {'parent':>9} {'zeroed':>8} {'MiB':>9} "
-          f"{'ms':>9} {'frozen ms':>9}")
-
-
-def _row(n: int | str, r: IterationResult) -> str:
-    frozen = f"{r.frozen_s * 1e3:9.1f}" if r.kind == "dump" else f"{'-':>9}"
-    return (f"{n!s:>4} {r.kind:<8} {r.pages_scanned:>9} {r.pages_written:>9} {r.pages_parent:>9} "
-            f"{r.pages_zeroed:>8} {r.bytes_written / 2**20:>9.1f} {r.total_s * 1e3:>9.1f} {frozen}")
-
-
 def _report(r: IterationResult, args: argparse.Namespace, n: int | str = 1, reason: str | None = None,
             header: bool = False) -> None:
+    from .report import HEADER, row
+
     for w in r.warnings:  # logged where they arose (the log file has them); printed here, once
         print(f"wpdump: warning: {w}", file=sys.stderr)
-    log.info("iteration %s: %s", n, " ".join(_row(n, r).split()[1:]))
+    log.info("iteration %s: %s", n, " ".join(row(n, r).split()[1:]))
     log.debug("iteration %s: %s", n, json.dumps({k: v for k, v in r.as_dict().items() if k != "warnings"}))
     if args.json:
         d = r.as_dict()
@@ -114,23 +106,14 @@ def _report(r: IterationResult, args: argparse.Namespace, n: int | str = 1, reas
     else:
         if header:
             print(HEADER)
-        print(_row(n, r), flush=True)
+        print(row(n, r), flush=True)
 
 
 def chain_depth(images_dir: str) -> int:
     """1 + the number of parent links below ``images_dir`` (its number in the chain, as checkpoint numbers)."""
-    n, cur, seen = 1, images_dir, set()
-    while n < 4096:
-        link = os.path.join(cur, "parent")
-        try:
-            cur = os.path.normpath(os.path.join(cur, os.readlink(link)))
-        except OSError:
-            break
-        if cur in seen:
-            break
-        seen.add(cur)
-        n += 1
-    return n
+    from .imgdir import walk_links
+
+    return max(1, sum(1 for _, err in walk_links(images_dir) if err is None))
 
 
 class _Interrupt:

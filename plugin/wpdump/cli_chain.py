@@ -48,7 +48,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                 print(f"     {r.start:#014x}-{r.end:#014x} {r.pages:>9} pages: present {r.present:>9} "
                       f"parent {r.parent:>9}{lazy}")
     if info.problem:
-        from .chain import ChainError
+        from .errors import ChainError
 
         raise ChainError(f"the chain ends early: {info.problem}")
     return 0

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import images, imgdir, keeper, ranges
-from .chain import ChainError, boot_id, load_chain, read_image_file, read_pages
-from .errors import WpdumpError
-from .iteration import _parent_part
+from . import images, imgdir, ranges
+from .chain import load_chain, read_image_file, read_pages, same_process
+from .errors import ChainError, WpdumpError
 from .process import check_alive
 from .ranges import PAGE, page_addrs
+from .session import KeeperSession
 from .tracker import Tracker
 
 log = logging.getLogger("wpdump.criu_hook")
@@ -64,21 +64,6 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _entry_offsets(entries: np.ndarray) -> np.ndarray:
-    """Offset in the pages file of each PE_PRESENT entry's first page (-1 for other entries)."""
-    present = (entries["flags"] & images.PE_PRESENT) != 0
-    sizes = np.where(present, entries["nr_pages"].astype(np.int64) * PAGE, 0)
-    offs = np.concatenate(([0], np.cumsum(sizes)[:-1])).astype(np.int64)
-    return np.where(present, offs, -1)
-
-
-def _offsets_of(entries: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Pages-file offsets of addresses inside CRIU's (all PE_PRESENT) entries."""
-    offs = _entry_offsets(entries)
-    j = np.searchsorted(entries["vaddr"], starts, side="right") - 1
-    return offs[j] + (starts - entries["vaddr"][j]).astype(np.int64)
-
-
 def rewrite(images_dir: str, pid: int, top_dir: str, tracker: Tracker, chain: list | None = None) -> HookResult:
     """Turn CRIU's final images of ``pid`` in ``images_dir`` into an increment on the chain at ``top_dir``.
 
@@ -102,7 +87,7 @@ def rewrite(images_dir: str, pid: int, top_dir: str, tracker: Tracker, chain: li
         raise HookSkipped(f"{pages_path} does not match CRIU's pagemap", pid=pid, errno=errno.EINVAL)
 
     h = tracker.harvest()  # everything written since the chain's top (the tree is frozen by CRIU)
-    unchanged = _parent_part(h, top.ranges())
+    unchanged = h.unchanged(top.ranges())
     parent = ranges.intersect(criu, unchanged)
     present = ranges.subtract(criu, parent)
     res = HookResult(pid, top.path, pages_criu=ranges.total(criu) // PAGE, pages_present=ranges.total(present) // PAGE,
@@ -118,7 +103,7 @@ def rewrite(images_dir: str, pid: int, top_dir: str, tracker: Tracker, chain: li
         tmp_map = os.path.join(images_dir, f".{name}.wpdump-tmp")
         dst = os.open(new_pages, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            offs = _offsets_of(entries, present[:, 0]) if len(present) else np.zeros(0, np.int64)
+            offs = images.page_offsets(entries, present[:, 0]) if len(present) else np.zeros(0, np.int64)
             for (s, e), off in zip(present.tolist(), offs.tolist(), strict=True):
                 n, pos = e - s, off
                 while n:
@@ -170,7 +155,7 @@ def _check_sample(src: int, entries: np.ndarray, chain: list, parent: np.ndarray
     pick = sorted(rng.sample(range(total), min(SAMPLE_PAGES, total)))
     addrs = page_addrs(parent)[pick]
     want = read_pages(chain, addrs)
-    offs = _offsets_of(entries, addrs)
+    offs = images.page_offsets(entries, addrs)
     for i, (a, off) in enumerate(zip(addrs.tolist(), offs.tolist(), strict=True)):
         got = os.pread(src, PAGE, off)
         if got != want[i].tobytes():
@@ -227,31 +212,25 @@ def _pre_dump(pid: int, out) -> int:
 def unmark(pid: int) -> int | None:
     """Remove the tracker's markers from the empty pages of ``pid`` (bytes), tracking going on; None if
     ``pid`` is not tracked. On an error the tracker is not checked back in: tracking ends."""
-    k = keeper.Keeper.connect(pid)
-    if k is None:
+    ks = KeeperSession.connect(pid)
+    if ks is None:
         return None
-    tr = None
-    try:
-        iteration, fd, state = k.checkout()
-        tr = Tracker.adopt(pid, fd, state)  # owns fd from here, on error too
-        images_dir = k.status().get("images_dir") or ""
+    with ks:
+        tr = ks.take()
+        images_dir = ks.status().get("images_dir") or ""
         n = tr.unmark_empty()
-        k.checkin(state, iteration, images_dir)  # the dirty set is unconsumed: the state is unchanged
+        state, iteration = ks.checked_out
+        ks.checkin(state, iteration, images_dir)  # the dirty set is unconsumed: the state is unchanged
         return n
-    finally:
-        if tr is not None:
-            tr.close()
-        k.close()
 
 
 def _hook_pid(images_dir: str, pid: int) -> HookResult:
     st = check_alive(pid)
-    k = keeper.Keeper.connect(pid)
-    if k is None:
+    ks = KeeperSession.connect(pid)
+    if ks is None:
         raise HookSkipped(f"pid {pid} is not tracked by wpdump (no keeper)", pid=pid, errno=errno.ENOENT)
-    tr = None
-    try:
-        status = k.status()
+    with ks:
+        status = ks.status()
         top_dir = status.get("images_dir") or ""
         if not top_dir or not os.path.isdir(top_dir):
             raise HookSkipped(f"the last wpdump iteration {top_dir!r} is gone", pid=pid, errno=errno.ENOENT)
@@ -259,17 +238,11 @@ def _hook_pid(images_dir: str, pid: int) -> HookResult:
         meta = chain[0].meta or {}
         if meta.get("iteration") != status.get("iteration"):
             raise HookSkipped(f"{top_dir} is not the iteration tracked since", pid=pid, errno=errno.ESTALE)
-        if meta.get("start_ticks") != st.start_ticks or meta.get("boot_id") != boot_id():
+        if not same_process(meta, st.start_ticks):
             raise HookSkipped(f"{top_dir} is an image of another process", pid=pid, errno=errno.ESRCH)
-        _, fd, state = k.checkout()
-        tr = Tracker.adopt(pid, fd, state)
-        res = rewrite(images_dir, pid, top_dir, tr, chain)
-        k.untrack()  # the final dump: tracking ends (the harvest above consumed the dirty set)
+        res = rewrite(images_dir, pid, top_dir, ks.take(), chain)
+        ks.untrack()  # the final dump: tracking ends (the harvest above consumed the dirty set)
         return res
-    finally:
-        if tr is not None:
-            tr.close()
-        k.close()
 
 
 def main() -> int:

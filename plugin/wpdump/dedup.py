@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import images, ranges
-from .chain import ChainError, Iteration, load_chain
-from .errors import WpdumpError
+from .chain import Iteration, load_chain
+from .errors import ChainError, WpdumpError
 from .ranges import PAGE
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -91,13 +91,10 @@ def file_spans(it: Iteration, r: np.ndarray) -> np.ndarray:
     ranges), merged where they touch in the file."""
     if not len(r):
         return np.zeros((0, 2), dtype=np.uint64)
-    present = it.ranges(images.PE_PRESENT)  # merged: each holds consecutive pages of the file
-    lens = present[:, 1] - present[:, 0]
-    base = np.concatenate(([0], np.cumsum(lens)[:-1])).astype(np.uint64)
-    j = np.searchsorted(present[:, 0], r[:, 0], side="right") - 1
-    if (j < 0).any() or (r[:, 1] > present[j, 1]).any():
+    if len(ranges.subtract(r, it.ranges(images.PE_PRESENT))):
         raise ValueError("ranges are not inside the present ranges")
-    off = base[j] + (r[:, 0] - present[j, 0])
+    # a range of r may span touching PE_PRESENT entries: they are consecutive in the file too
+    off = images.page_offsets(it.entries, r[:, 0]).astype(np.uint64)
     end = off + (r[:, 1] - r[:, 0])
     return ranges.merge(np.column_stack((off, end)).astype(np.uint64))
 

@@ -13,10 +13,10 @@ from collections.abc import Callable
 
 from . import workloads
 from .checkpoint import checkpoint
-from .cli import HEADER, _row
 from .convergence import PHaulPolicy
 from .errors import TrackerError
 from .iteration import IterationResult
+from .report import HEADER, row
 from .verify import verify_process
 
 MIB = 1 << 20
@@ -59,7 +59,7 @@ def run(mib: int = 64, rounds: int = 5, interval: float = 0.5, percent: float = 
 
         def on_iteration(r: IterationResult, reason: str | None) -> None:
             count[0] += 1
-            say(_row(count[0], r), **r.as_dict(), **({"stop_reason": reason} if reason else {}))
+            say(row(count[0], r), **r.as_dict(), **({"stop_reason": reason} if reason else {}))
             if reason:
                 say(f"     stop pre-dumping: {reason}")
 

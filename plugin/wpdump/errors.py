@@ -75,6 +75,10 @@ class UnreadableMemory(WpdumpError):
         self.end = end
 
 
+class ChainError(WpdumpError):
+    """An images directory or its chain of parents is missing, corrupt, foreign or not this process's."""
+
+
 class TrackerError(WpdumpError):
     """A kernel operation failed in a way none of the specific errors describes."""
 

@@ -125,6 +125,25 @@ def entries_from_ranges(present: np.ndarray, parent: np.ndarray) -> np.ndarray:
     return out
 
 
+def page_offsets(entries: np.ndarray, addrs: np.ndarray) -> np.ndarray:
+    """Offset in the pages file of each page address (sorted or not): the file holds the pages of the PE_PRESENT
+    entries back to back, in entry order; -1 for an address in no PE_PRESENT entry."""
+    addrs = np.asarray(addrs, dtype=np.uint64)
+    out = np.full(len(addrs), -1, dtype=np.int64)
+    present = (entries["flags"] & PE_PRESENT) != 0
+    e = entries[present]
+    if not len(e) or not len(addrs):
+        return out
+    starts = e["vaddr"].astype(np.uint64)
+    nbytes = e["nr_pages"].astype(np.uint64) * np.uint64(PAGE)
+    base = np.concatenate(([0], np.cumsum(nbytes)[:-1])).astype(np.int64)
+    j = np.searchsorted(starts, addrs, side="right") - 1
+    ok = j >= 0
+    ok[ok] = addrs[ok] < starts[j[ok]] + nbytes[j[ok]]
+    out[ok] = base[j[ok]] + (addrs[ok] - starts[j[ok]]).astype(np.int64)
+    return out
+
+
 def ranges_of(entries: np.ndarray, flag: int | None = None) -> np.ndarray:
     """n×2 uint64 [start, end) ranges covered by the entries having ``flag`` (all if None), merged."""
     if flag is not None:

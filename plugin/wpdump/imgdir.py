@@ -1,5 +1,6 @@
-"""Image directories written atomically: a private temporary directory beside the destination,
-files created 0600 without following symlinks, fsynced, renamed into place only when complete."""
+"""Image directories: written atomically (a private temporary directory beside the destination, files created
+0600 without following symlinks, fsynced, renamed into place only when complete), and the walk down their
+``parent`` links."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterator
 
-from .errors import WpdumpError
+from .errors import ChainError, WpdumpError
 
 _STAGING_PARENTS: set[str] = set()  # where this process may have created staging directories
+MAX_DEPTH = 4096  # parent links followed at most
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -166,3 +169,45 @@ def write_all(fd: int, data: bytes | memoryview, what: str) -> None:
     while len(view):
         n = os.write(fd, view)
         view = view[n:]
+
+
+def stat_dir(path: str, below: str | None = None, pid: int | None = None) -> os.stat_result:
+    """stat an images directory; ChainError saying why it cannot be used (missing, unreadable, not a directory)."""
+    of = f" (parent of {below})" if below else ""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ChainError(f"images directory {path}{of} does not exist", pid=pid, errno=errno.ENOENT) from None
+    except OSError as e:
+        raise ChainError(f"images directory {path}{of}: {e.strerror}", pid=pid, errno=e.errno) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ChainError(f"images directory {path}{of} is not a directory", pid=pid, errno=errno.ENOTDIR)
+    return st
+
+
+def parent_of(path: str) -> str | None:
+    """The directory the ``parent`` link of ``path`` points to, or None when there is no link."""
+    link = os.path.join(path, "parent")
+    if not os.path.islink(link):
+        return None
+    return os.path.normpath(os.path.join(path, os.readlink(link)))
+
+
+def walk_links(path: str, pid: int | None = None) -> Iterator[tuple[str, ChainError | None]]:
+    """The directories from ``path`` down its parent links: (dir, None) for each usable one; the walk ends with
+    (dir, why) at a missing or unusable directory or at a loop."""
+    seen: set[tuple[int, int]] = set()
+    cur: str | None = os.path.normpath(path)
+    child: str | None = None
+    while cur is not None:
+        try:
+            st = stat_dir(cur, child, pid)
+        except ChainError as e:
+            yield cur, e
+            return
+        if (st.st_dev, st.st_ino) in seen or len(seen) >= MAX_DEPTH:
+            yield cur, ChainError(f"{path}: the parent links form a loop at {cur}", pid=pid, errno=errno.ELOOP)
+            return
+        seen.add((st.st_dev, st.st_ino))
+        yield cur, None
+        child, cur = cur, parent_of(cur)

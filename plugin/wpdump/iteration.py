@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import queue
-import signal
 import threading
 import time
 import uuid
@@ -25,11 +24,12 @@ import numpy as np
 
 from . import freeze, images, imgdir, keeper, ranges, uffd
 from .chain import META_FILE, META_FORMAT, Iteration, boot_id, check_parent, load_parent, uptime_us
-from .errors import TargetExeced, UnreadableMemory, WpdumpError
+from .errors import UnreadableMemory, WpdumpError
 from .pagecopy import Reader, aligned_buffer
 from .process import check_alive
 from .ranges import PAGE, from_pages, in_ranges, page_addrs
-from .tracker import Harvest, Tracker, gc_paused
+from .session import Tracking
+from .tracker import Harvest, gc_paused
 from .vmas import Policy, Vma, read_maps
 
 log = logging.getLogger("wpdump.iteration")
@@ -76,147 +76,7 @@ class IterationResult:
         return asdict(self)
 
 
-# ---- tracking across invocations ----
-
-
-class _Tracking:
-    """The tracker for this iteration: taken from the pid's keeper when it has tracked since the parent,
-    else attached afresh (a full iteration). Handed back to a keeper when the iteration is complete."""
-
-    def __init__(
-        self, pid: int, start_ticks: int, parent: Iteration | None, warnings: list[str],
-        allow_userfaultfd_target: bool = False,
-    ) -> None:
-        self.pid, self.start_ticks, self.warnings = pid, start_ticks, warnings
-        self.allow_userfaultfd_target = allow_userfaultfd_target
-        self.tracker: Tracker | None = None
-        self.fresh = False
-        self.harvested = False  # once a harvest began, the dirty information since the parent is this run's
-        self.checked_out: tuple[bytes, str, str] | None = None  # (state, iteration, images_dir) from the keeper
-        self.keeper = keeper.Keeper.connect(pid)
-        status = None
-        if self.keeper is not None:
-            try:
-                status = self.keeper.status()
-            except keeper.KeeperError:
-                self._drop_keeper(untrack=False)
-        if self.keeper is not None and status is not None:
-            if parent is not None and parent.iteration_id and parent.iteration_id == status["iteration"]:
-                self._take(status)
-                log.info("pid %d: tracking taken over from its keeper (tracked since %s)", pid, status["images_dir"])
-            else:
-                if parent is not None:
-                    self._warn(
-                        f"pid {pid} has been tracked since {status['images_dir'] or 'another iteration'}, not since "
-                        f"the parent {parent.path}: writing a full iteration"
-                    )
-                self._drop_keeper(untrack=True)
-        elif parent is not None:
-            self._warn(f"pid {pid} is not tracked since the parent {parent.path} (no keeper): writing a full iteration")
-
-    def _take(self, status: dict) -> None:
-        """Check the tracker out of the keeper. Ctrl-C is held back until what was taken is recorded, and
-        an interrupt or failure after that hands it back (abandon), so tracking never ends by accident."""
-        assert self.keeper is not None
-        held = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-        main = threading.current_thread() is threading.main_thread()
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, held) if main else None
-        try:
-            try:
-                it_id, fd, state = self.keeper.checkout()
-                self.checked_out = (state, it_id, status["images_dir"])
-            finally:
-                if old is not None:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, old)
-            self.tracker = Tracker.adopt(self.pid, fd, state)
-        except BaseException:
-            self.abandon()
-            raise
-
-    def _warn(self, text: str) -> None:
-        log.warning("%s", text)
-        self.warnings.append(text)
-
-    def _drop_keeper(self, untrack: bool) -> None:
-        if self.keeper is None:
-            return
-        if untrack:
-            try:
-                self.keeper.untrack()
-            except keeper.KeeperError:
-                pass
-        self.keeper.close()
-        self.keeper = None
-
-    @property
-    def incremental(self) -> bool:
-        return not self.fresh
-
-    def harvest(self) -> Harvest:
-        """The pages written since the parent (incremental), or all content after a fresh attach."""
-        self.harvested = True
-        if self.tracker is not None:
-            try:
-                return self.tracker.harvest()
-            except TargetExeced as e:
-                self._warn(f"{e}: tracking again from scratch, writing a full iteration")
-                self.tracker.close()
-                self.tracker = None
-                self._drop_keeper(untrack=True)
-        log.info("pid %d: attaching (a full iteration)", self.pid)
-        self.tracker = Tracker(self.pid, allow_userfaultfd_target=self.allow_userfaultfd_target)
-        self.fresh = True
-        return self.tracker.initial
-
-    def hand_back(self, iteration: str, images_dir: str, keep: bool) -> None:
-        """After a complete iteration: give the tracker to the keeper (or start one), or end tracking."""
-        tr = self.tracker
-        assert tr is not None
-        try:
-            if not keep:
-                self._drop_keeper(untrack=True)
-                log.info("pid %d: tracking ends", self.pid)
-                return
-            state = tr.export_state()
-            if self.keeper is not None:
-                self.keeper.checkin(state, iteration, images_dir)
-                self._drop_keeper(untrack=False)
-            else:
-                keeper.spawn(self.pid, self.start_ticks, tr.uffd_fd, state, iteration, images_dir).close()
-        finally:
-            tr.close()
-
-    def abandon(self) -> None:
-        """After a failure or an interrupt: before any harvest the keeper gets its tracker back unchanged (tracking
-        goes on); after one the dirty information since the parent is gone, so tracking ends (the keeper is told,
-        not left to notice, so that the state is settled when the command reports it)."""
-        if self.tracker is not None:
-            self.tracker.close()
-        if self.keeper is None:
-            return
-        if not self.harvested and self.checked_out is not None:
-            state, it_id, images_dir = self.checked_out
-            try:
-                self.keeper.checkin(state, it_id, images_dir)
-                log.info("pid %d: nothing harvested: the keeper tracks on since %s", self.pid, images_dir)
-                self._drop_keeper(untrack=False)
-                return
-            except keeper.KeeperError:
-                pass
-        log.info("pid %d: tracking ends with the failed iteration", self.pid)
-        self._drop_keeper(untrack=True)
-
-
 # ---- laying out and writing the images ----
-
-
-def _parent_part(h: Harvest, parent: np.ndarray, written: np.ndarray = ranges.EMPTY) -> np.ndarray:
-    """Pages of the parent still valid now: in a VMA tracked (not reported whole) this round and
-    neither written, zeroed, reverted to file content nor turned into a guard since (two sweeps in all)."""
-    tracked = ranges.from_pairs([(v.vma.start, v.vma.end) for v in h.vmas
-                                 if not v.whole and v.policy is Policy.TRACK])
-    changed = ranges.union(written, *(r for v in h.vmas for r in (v.copy, v.zero, v.reverted, v.guard)))
-    return ranges.subtract(ranges.intersect(parent, tracked), changed)
 
 
 def _batch_size(total: int) -> int:
@@ -315,7 +175,7 @@ _arena: np.ndarray | None = None
 
 
 def _take_arena(nbytes: int) -> tuple[np.ndarray, bool]:
-    """Buffer space for one _copy_and_write: the process's arena, kept from one iteration to the next (at most
+    """Buffer space for one copy_and_write: the process's arena, kept from one iteration to the next (at most
     BUFFERS * BATCH_BYTES), or a private one while another thread uses it. Fresh memory is slow to touch in
     this VM (0.1-3 ms per MiB: free page reporting gives freed memory back to the host), so an iteration
     should not allocate its buffers anew. Returns (buffer, whether it is the shared arena: release it)."""
@@ -360,7 +220,7 @@ def _read_batch(reader: Reader, batch: np.ndarray, buf: np.ndarray, anon: np.nda
     return [mv[s * PAGE : e * PAGE] for s, e in zip(starts, ends, strict=True)], held, zero_count
 
 
-def _copy_and_write(
+def copy_and_write(
     pid: int, copy: np.ndarray, anon: np.ndarray, fd: int, what: str, progress: Progress | None,
     unreadable: np.ndarray = ranges.EMPTY,
 ) -> tuple[np.ndarray, int, float, float]:
@@ -392,7 +252,7 @@ def _pipeline(
     reader: Reader, batches: list[np.ndarray], bufs: list[np.ndarray], anon: np.ndarray, fd: int, what: str,
     progress: Progress | None, total: int,
 ) -> tuple[np.ndarray, int, float, float]:
-    """_copy_and_write's work: READERS threads read ``batches`` into ``bufs`` while a _Writer writes them in order."""
+    """copy_and_write's work: READERS threads read ``batches`` into ``bufs`` while a _Writer writes them in order."""
     free = list(range(len(bufs)))[::-1]
     pending: deque[int] = deque()  # bytes of each batch handed to the writer, in order
     reads: list[Future] = []
@@ -455,7 +315,7 @@ def _write_images(
     pages_name = images.pages_file_name(PAGES_ID)
     fd = st.create(pages_name)
     try:
-        written, zero_dropped, res.copy_s, res.write_s = _copy_and_write(
+        written, zero_dropped, res.copy_s, res.write_s = copy_and_write(
             pid, ranges.merge(copy), anon, fd, os.path.join(st.dest, pages_name), progress, unreadable
         )
         if frozen is not None:
@@ -464,7 +324,7 @@ def _write_images(
         imgdir.fsync(fd, os.path.join(st.dest, pages_name))
     finally:
         os.close(fd)
-    keep = _parent_part(h, parent, written) if parent is not None and len(parent) else ranges.EMPTY
+    keep = h.unchanged(parent, written) if parent is not None and len(parent) else ranges.EMPTY
     entries = images.entries_from_ranges(written, keep)
     st.write_file(images.pagemap_file_name(pid), images.encode_pagemap(PAGES_ID, entries))
     res.pages_scanned = sum(v.vma.size for v in h.vmas) // PAGE
@@ -530,7 +390,7 @@ def run(
     res = IterationResult(dest, "dump" if final else "pre-dump", uuid.uuid4().hex, prev_images_dir, False)
     _check_readable(pid, read_maps(pid), allow_unreadable, [])  # before attaching: refuse early
     with keeper.pid_lock(pid), imgdir.Staging(dest) as st:
-        tracking: _Tracking | None = None
+        tracking: Tracking | None = None
         thawed = True
         t_frozen = 0.0
         freezer: freeze.Freezer | None = None
@@ -551,7 +411,7 @@ def run(
                     log.warning("%s", e)
 
         try:
-            tracking = _Tracking(pid, st_target.start_ticks, parent, res.warnings, allow_userfaultfd_target)
+            tracking = Tracking(pid, st_target.start_ticks, parent, res.warnings, allow_userfaultfd_target)
             if final:
                 t_frozen = time.perf_counter()
                 thawed = False

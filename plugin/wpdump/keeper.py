@@ -181,12 +181,14 @@ def _serve(held: _Held, listener: socket.socket, pidfd: int, path: str) -> str:
                 if c is held.holder:
                     return "the invocation that checked the tracker out ended without checking it in"
                 continue
-            why = _handle(held, c, header, payload, fds)
+            for fd in fds:  # no request carries an fd
+                os.close(fd)
+            why = _handle(held, c, header, payload)
             if why:
                 return why
 
 
-def _handle(held: _Held, c: socket.socket, header: dict, payload: bytes, fds: list[int]) -> str:
+def _handle(held: _Held, c: socket.socket, header: dict, payload: bytes) -> str:
     op = header.get("op")
     if op == "status":
         send_msg(c, {
@@ -204,9 +206,6 @@ def _handle(held: _Held, c: socket.socket, header: dict, payload: bytes, fds: li
         if c is not held.holder and held.state:
             send_msg(c, {"ok": False, "error": "checkin without checkout"})
             return ""
-        if fds:  # a fresh userfaultfd (the target was re-attached)
-            os.close(held.uffd)
-            held.uffd = fds[0]
         held.state, held.iteration = payload, header["iteration"]
         held.images_dir, held.holder = header.get("images_dir", ""), None
         if header.get("kind") == "restore":
@@ -325,9 +324,9 @@ class Keeper:
     def close(self) -> None:
         self.sock.close()
 
-    def _request(self, header: dict, payload: bytes = b"", fds: tuple[int, ...] = ()) -> tuple[dict, bytes, list]:
+    def _request(self, header: dict, payload: bytes = b"") -> tuple[dict, bytes, list]:
         try:
-            send_msg(self.sock, header, payload, fds)
+            send_msg(self.sock, header, payload)
             reply, data, rfds = recv_msg(self.sock)
         except (EOFError, OSError) as e:
             raise KeeperError(f"keeper of pid {self.pid} went away", pid=self.pid, errno=errno.EPIPE) from e
@@ -347,11 +346,9 @@ class Keeper:
             raise KeeperError(f"keeper of pid {self.pid} sent no userfaultfd", pid=self.pid, errno=errno.EPROTO)
         return reply["iteration"], fds[0], state
 
-    def checkin(self, state: bytes, iteration: str, images_dir: str, new_uffd: int = -1, kind: str = "iteration"
-                ) -> None:
+    def checkin(self, state: bytes, iteration: str, images_dir: str, kind: str = "iteration") -> None:
         """Give the tracker back; ``kind`` "restore" (restore-memory) is not counted as an iteration."""
-        fds = (new_uffd,) if new_uffd >= 0 else ()
-        self._request({"op": "checkin", "iteration": iteration, "images_dir": images_dir, "kind": kind}, state, fds)
+        self._request({"op": "checkin", "iteration": iteration, "images_dir": images_dir, "kind": kind}, state)
 
     def untrack(self) -> None:
         """End tracking: the keeper closes the userfaultfd (the target runs unprotected) and exits."""

@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import freeze, keeper, ranges
-from .chain import Iteration, boot_id, load_chain, read_pages_into
+from .chain import Iteration, load_chain, read_pages_into, same_process
 from .errors import UnreadableMemory, WpdumpError, from_errno
 from .pagecopy import Reader
 from .process import check_alive, open_mapped_file, open_proc
 from .ranges import PAGE, from_pages, page_addrs
-from .tracker import Tracker
+from .session import KeeperSession
 from .vmas import KERNEL_VMAS, Vma, read_maps
 
 log = logging.getLogger("wpdump.rollback")
@@ -206,48 +206,33 @@ def restore_memory(pid: int, images_dir: str) -> RollbackResult:
     st = check_alive(pid)
     chain = load_chain(images_dir, pid)
     top = chain[0]
-    if top.meta is not None and (top.meta.get("start_ticks") != st.start_ticks or top.meta.get("boot_id") != boot_id()):
+    if top.meta is not None and not same_process(top.meta, st.start_ticks):
         raise LayoutMismatch(f"{images_dir} is a checkpoint of another process, not of pid {pid}", pid=pid,
                              errno=errno.ESRCH)
     res = RollbackResult(pid, os.path.abspath(images_dir), False)
     with keeper.pid_lock(pid):
         t_frozen = time.perf_counter()
         freezer = freeze.Freezer(pid)  # an already stopped target stays stopped
-        k: keeper.Keeper | None = None
-        tr: Tracker | None = None
+        ks: KeeperSession | None = None
         try:
             vmas = check_layout(pid, top, read_maps(pid))
-            k = keeper.Keeper.connect(pid)
-            if k is not None and top.iteration_id and k.status().get("iteration") == top.iteration_id:
-                _, fd, state = k.checkout()
-                tr = Tracker.adopt(pid, fd, state)
-                h = tr.harvest()
-                parts = []
-                for vp in h.vmas:
-                    if vp.whole:
-                        parts.append(ranges.from_pairs([(vp.vma.start, vp.vma.end)]))
-                    else:
-                        parts += [vp.copy, vp.zero, vp.reverted, vp.guard]
-                candidates = ranges.union(*parts)
+            ks = KeeperSession.connect(pid)
+            if ks is not None and top.iteration_id and ks.status().get("iteration") == top.iteration_id:
+                tr = ks.take()
+                candidates = tr.harvest().changed()
                 res.tracked = True
             else:
-                if k is not None:
-                    k.close()
-                    k = None
+                if ks is not None:
+                    ks.close()
+                    ks = None
                 candidates = ranges.from_pairs([(v.start, v.end) for v in vmas])
             _rollback(pid, freezer, chain, vmas, candidates, res)
-            if tr is not None and k is not None:
-                tr.harvest()  # our own writes and drops: the memory equals the checkpoint again
-                k.checkin(tr.export_state(), top.iteration_id, top.path, kind="restore")
-        except BaseException:
-            if k is not None:
-                k.close()  # a checkout without checkin: the keeper ends tracking
-            raise
+            if ks is not None and ks.tracker is not None:
+                ks.tracker.harvest()  # our own writes and drops: the memory equals the checkpoint again
+                ks.checkin(ks.tracker.export_state(), top.iteration_id, top.path, kind="restore")
         finally:
-            if tr is not None:
-                tr.close()
-            if k is not None:
-                k.close()
+            if ks is not None:
+                ks.close()  # a checkout without checkin: the keeper ends tracking
             freezer.thaw()
             res.frozen_s = time.perf_counter() - t_frozen
     res.total_s = time.perf_counter() - t0

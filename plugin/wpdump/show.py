@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -10,10 +9,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import images
-from .chain import ChainError, Iteration, checkpoint_iterations, load_iteration, read_image_file, stat_dir
+from .chain import Iteration, checkpoint_iterations, load_iteration, read_image_file
+from .errors import ChainError
+from .imgdir import walk_links
 from .ranges import PAGE
-
-MAX_DEPTH = 4096
 
 
 @dataclass
@@ -75,30 +74,16 @@ def walk(path: str, pid: int | None = None) -> Iterator[tuple[str, Iteration | N
     A level whose images do not load is yielded with its error and the walk follows its parent link still; the
     walk ends (yielding a last error with no iteration) at a missing directory or a loop.
     """
-    seen: set[tuple[int, int]] = set()
-    cur: str | None = os.path.normpath(path)
-    child: str | None = None
-    depth = 0
-    while cur is not None:
-        try:
-            st = stat_dir(cur, child, pid)
-        except ChainError as e:
-            yield cur, None, e
+    for cur, err in walk_links(path, pid):
+        if err is not None:
+            yield cur, None, err
             return
-        if (st.st_dev, st.st_ino) in seen or depth >= MAX_DEPTH:
-            yield cur, None, ChainError(f"{path}: the parent links form a loop at {cur}", pid=pid, errno=errno.ELOOP)
-            return
-        seen.add((st.st_dev, st.st_ino))
         try:
             it = load_iteration(cur, pid)
             pid = it.pid
             yield cur, it, None
         except ChainError as e:
             yield cur, None, e
-        link = os.path.join(cur, "parent")
-        child = cur
-        cur = os.path.normpath(os.path.join(cur, os.readlink(link))) if os.path.islink(link) else None
-        depth += 1
 
 
 def regions_of(entries: np.ndarray) -> list[Region]:

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import images, imgdir, ranges
-from .chain import META_FILE, ChainError, load_chain, read_image_file, read_pages_into
+from .chain import META_FILE, load_chain, read_image_file, read_pages_into
+from .errors import ChainError
 from .ranges import PAGE, page_addrs
 
 BATCH_BYTES = 64 << 20  # pages read from the chain and written per step

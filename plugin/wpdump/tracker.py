@@ -44,6 +44,7 @@ log = logging.getLogger("wpdump.tracker")
 
 SEEK_DATA, SEEK_HOLE = 3, 4
 _RETRIES = 8
+STATE_VERSION = 1  # of export_state: a keeper started by another wpdump may hold another layout
 
 
 @dataclass
@@ -93,6 +94,21 @@ class Harvest:
     @property
     def copy_bytes(self) -> int:
         return sum(v.copy_bytes for v in self.vmas)
+
+    def changed(self) -> np.ndarray:
+        """Every range that may differ from the previous round: VMAs reported whole, and the pages written,
+        zeroed, reverted to file content or turned into guards."""
+        whole = ranges.from_pairs([(v.vma.start, v.vma.end) for v in self.vmas if v.whole])
+        parts = (r for v in self.vmas if not v.whole for r in (v.copy, v.zero, v.reverted, v.guard))
+        return ranges.union(whole, *parts)
+
+    def unchanged(self, parent: np.ndarray, written: np.ndarray = ranges.EMPTY) -> np.ndarray:
+        """Pages of ``parent`` still valid now: in a VMA tracked (not reported whole) this round and neither
+        ``written``, zeroed, reverted to file content nor turned into a guard since (two sweeps in all)."""
+        tracked = ranges.from_pairs([(v.vma.start, v.vma.end) for v in self.vmas
+                                     if not v.whole and v.policy is Policy.TRACK])
+        changed = ranges.union(written, *(r for v in self.vmas for r in (v.copy, v.zero, v.reverted, v.guard)))
+        return ranges.subtract(ranges.intersect(parent, tracked), changed)
 
 
 @contextlib.contextmanager
@@ -260,6 +276,12 @@ class Tracker:
         self._uffd, self._pidfd = uffd_fd, -1
         try:
             st = pickle.loads(state)
+            if not isinstance(st, dict) or st.get("version") != STATE_VERSION:
+                got = st.get("version") if isinstance(st, dict) else None
+                raise TrackerError(
+                    f"tracker state of pid {pid} has version {got}, this wpdump reads {STATE_VERSION} (a keeper "
+                    "of another wpdump version?): untrack and dump in full", pid=pid, errno=errno.EPROTO,
+                )
             if st["pid"] != pid:
                 raise TrackerError(f"tracker state is for pid {st['pid']}, not {pid}", pid=pid, errno=errno.EINVAL)
             self.pid, self.round, self.watch_io_uring = pid, st["round"], st["watch_io_uring"]
@@ -286,7 +308,7 @@ class Tracker:
     def export_state(self) -> bytes:
         """Everything but the userfaultfd that a later :meth:`adopt` needs to go on tracking."""
         return pickle.dumps({
-            "pid": self.pid, "round": self.round, "watch_io_uring": self.watch_io_uring,
+            "version": STATE_VERSION, "pid": self.pid, "round": self.round, "watch_io_uring": self.watch_io_uring,
             "start_ticks": self.start_ticks, "region_capacity": self._buf.capacity,
             # plain tuples and strings: pickling 30,000 Vma or Policy objects takes a tenth of a second
             "policy": [(tuple(k), p.value, why) for k, (p, why) in self._policy.items()],

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from . import freeze, images, keeper, ranges, uffd
-from .chain import ChainError, Iteration, check_pages_file, load_chain, locate_pages, read_pages_into
-from .errors import WpdumpError, no_such_process
+from .chain import Iteration, check_pages_file, load_chain, locate_pages, read_pages_into
+from .errors import ChainError, WpdumpError, no_such_process
 from .process import check_alive, open_mapped_file, open_proc, thread_state, threads
 from .ranges import PAGE, in_ranges, page_addrs
 from .show import walk
