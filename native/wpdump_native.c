@@ -390,3 +390,13 @@ int64_t wpd_zero_pages(const void *buf, uint64_t npages, uint64_t page_size, uin
 	}
 	return n;
 }
+
+int wpd_ptrace_rseq_configuration(int tid, void *conf, uint32_t size)
+{
+	return NEG_ERRNO(ptrace(0x420f /* PTRACE_GET_RSEQ_CONFIGURATION */, tid, (void *)(long)size, conf));
+}
+
+int wpd_punch_hole(int fd, int64_t offset, int64_t len)
+{
+	return NEG_ERRNO(fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len));
+}

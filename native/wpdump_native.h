@@ -20,6 +20,7 @@ int wpd_ptrace_getsiginfo(int tid, void *siginfo128);
 int wpd_rt_tgsigqueueinfo(int tgid, int tid, int sig, void *siginfo128);
 int wpd_ptrace_getsigmask(int tid, uint64_t *mask);
 int wpd_ptrace_setsigmask(int tid, uint64_t mask);
+int wpd_ptrace_rseq_configuration(int tid, void *conf, uint32_t size);
 int wpd_waitpid(int tid, int *status, int options);
 int wpd_tgkill(int tgid, int tid, int sig);
 size_t wpd_regs_size(void);
@@ -59,4 +60,5 @@ int64_t wpd_read_ranges(int pid, const uint64_t *ranges, uint64_t nranges, void 
 int64_t wpd_pread_ranges(int fd, const uint64_t *ranges, uint64_t nranges, void *buf,
 			 uint64_t buflen, const uint64_t *dst);
 int64_t wpd_zero_pages(const void *buf, uint64_t npages, uint64_t page_size, uint8_t *is_zero);
+int wpd_punch_hole(int fd, int64_t offset, int64_t len);
 #endif

@@ -8,20 +8,17 @@ on. Only a SIGKILL of the agent itself while it runs an injected syscall can sti
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import signal
 import socket
-import struct
 
 from . import errors
 from .errors import TrackerError, WpdumpError
 from .keeper import recv_msg, send_msg
+from .native import rseq_area
 
-PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
 _HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-_RSEQ_CONF = struct.Struct("<QIIII")  # struct ptrace_rseq_configuration
 
 
 def _error(e: BaseException) -> dict:
@@ -38,16 +35,16 @@ def _raise(h: dict) -> None:
 
 
 def _rseq(sz) -> list[tuple[int, int]]:
-    ptrace = ctypes.CDLL(None, use_errno=True).ptrace
-    ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
-    ptrace.restype = ctypes.c_long
     areas = []
     for th in sz.threads.values():
-        buf = ctypes.create_string_buffer(_RSEQ_CONF.size)
-        if th.stopped and ptrace(PTRACE_GET_RSEQ_CONFIGURATION, th.tid, _RSEQ_CONF.size, buf) >= _RSEQ_CONF.size:
-            ptr, size, _sig, _flags, _pad = _RSEQ_CONF.unpack(buf.raw)
-            if ptr:
-                areas.append((ptr, size))
+        if not th.stopped:
+            continue
+        try:
+            area = rseq_area(th.tid)
+        except WpdumpError:
+            continue
+        if area is not None:
+            areas.append(area)
     return areas
 
 

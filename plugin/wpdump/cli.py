@@ -447,12 +447,12 @@ def _on_signal(signum: int, frame: object) -> None:
 def _process_state(pid: int) -> str:
     """'tracked since DIR' / 'not tracked', 'running' / 'stopped' / 'exited' of ``pid`` now."""
     from . import keeper
-    from .process import is_gone, thread_state, threads
+    from .process import all_stopped, is_gone
 
     if is_gone(pid):
         return f"pid {pid} exited"
     try:
-        stopped = all(thread_state(pid, t) in ("T", "t") for t in threads(pid))
+        stopped = all_stopped(pid)
     except Exception:  # noqa: BLE001 - gone meanwhile
         return f"pid {pid} exited"
     tracked = None

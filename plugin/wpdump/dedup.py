@@ -9,7 +9,6 @@ afterwards: a punched page reads as zero.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import time
@@ -20,15 +19,8 @@ import numpy as np
 from . import images, ranges
 from .chain import Iteration, load_chain
 from .errors import ChainError, WpdumpError
+from .native import punch_hole
 from .ranges import PAGE
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
 
 
 class DedupError(WpdumpError):
@@ -101,11 +93,13 @@ def file_spans(it: Iteration, r: np.ndarray) -> np.ndarray:
 
 def punch(fd: int, offset: int, length: int, what: str) -> None:
     """fallocate(PUNCH_HOLE | KEEP_SIZE) of [offset, offset + length) of ``fd``."""
-    if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        err = ctypes.get_errno()
+    try:
+        punch_hole(fd, offset, length)
+    except WpdumpError as e:
+        err = e.errno
         if err in (errno.EOPNOTSUPP, errno.ENOSYS):
-            raise DedupError(f"{what}: the file system does not support punching holes", errno=err)
-        raise DedupError(f"{what}: cannot punch a hole: {os.strerror(err)}", errno=err)
+            raise DedupError(f"{what}: the file system does not support punching holes", errno=err) from None
+        raise DedupError(f"{what}: cannot punch a hole: {os.strerror(err)}", errno=err) from None
 
 
 def _allocated(path: str) -> int:

@@ -14,7 +14,7 @@ import time
 
 from .agent import Agent
 from .errors import TrackerError, no_such_process
-from .process import thread_state, threads
+from .process import all_stopped, thread_states
 
 _active: dict[int, Freezer] = {}
 
@@ -70,11 +70,10 @@ def stop(pid: int, timeout: float = 5.0) -> float:
     deadline = t0 + timeout
     spins = 0
     while True:
-        states = [thread_state(pid, t) for t in threads(pid)]
-        if all(s in ("T", "t", "X") for s in states):
-            if all(s == "X" for s in states):
-                raise no_such_process(pid)
+        if all_stopped(pid):
             return time.perf_counter() - t0
+        if all(s == "X" for s in thread_states(pid)):
+            raise no_such_process(pid)
         if time.perf_counter() > deadline:
             raise TrackerError(f"pid {pid} did not stop within {timeout} s", pid=pid, errno=errno.ETIMEDOUT)
         spins += 1

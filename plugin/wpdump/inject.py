@@ -9,15 +9,14 @@ from __future__ import annotations
 import errno
 import os
 
-from . import _native, freeze
+from . import freeze
 from .agent import Agent
 from .errors import TrackerError, WpdumpError, from_errno, no_such_process
+from .native import ffi, lib
 from .process import open_proc
 from .ptrace import Seizure
 from .uffd import UFFD_USER_MODE_ONLY
 from .vmas import read_maps
-
-ffi, lib = _native.ffi, _native.lib
 
 
 def _syscall_insn() -> bytes:

@@ -129,6 +129,20 @@ def thread_state(pid: int, tid: int) -> str:
     return raw[raw.rindex(")") + 2]
 
 
+STOPPED = ("T", "t")  # a group stop or a ptrace stop
+
+
+def thread_states(pid: int) -> list[str]:
+    """The state of each thread of ``pid`` ('X' for one that exited meanwhile)."""
+    return [thread_state(pid, t) for t in threads(pid)]
+
+
+def all_stopped(pid: int) -> bool:
+    """Every thread of ``pid`` is stopped (threads that exited meanwhile aside; False when none is left)."""
+    live = [s for s in thread_states(pid) if s != "X"]
+    return bool(live) and all(s in STOPPED for s in live)
+
+
 def open_mapped_file(pid: int, start: int, end: int, dev: str, inode: int, path: str) -> int:
     """A read-only fd of the file mapped at [start, end) of ``pid``: /proc/PID/map_files, or, where that is
     closed to the caller (docs/kernel.md rule 31: EPERM without CAP_CHECKPOINT_RESTORE, also for one's own process),

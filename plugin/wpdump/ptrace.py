@@ -16,11 +16,9 @@ import os
 import signal
 import time
 
-from . import _native
 from .errors import AccessDenied, NoSuchProcess, TargetExited, TrackerError, from_errno
-from .process import is_kernel_thread, read_proc_text, read_stat, thread_state, threads
-
-ffi, lib = _native.ffi, _native.lib
+from .native import ffi, lib
+from .process import all_stopped, is_kernel_thread, read_proc_text, read_stat, thread_state, threads
 
 PTRACE_O_TRACESYSGOOD = 1
 PTRACE_O_SUSPEND_SECCOMP = 1 << 21
@@ -251,7 +249,7 @@ class Seizure:
         if is_kernel_thread(pid):
             raise AccessDenied(f"pid {pid} is a kernel thread ({st.comm}): it has no user memory to checkpoint",
                                pid=pid, errno=errno.EPERM)
-        self.was_stopped = all(thread_state(pid, t) in ("T", "t") for t in threads(pid))
+        self.was_stopped = all_stopped(pid)
 
     def _seize(self, tid: int) -> Thread | None:
         th = Thread(self.pid, tid)

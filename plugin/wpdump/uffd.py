@@ -8,11 +8,9 @@ import os
 
 import numpy as np
 
-from . import _native
 from .errors import KernelUnsupported, TrackerError, WpdumpError, from_errno
+from .native import check, ffi, lib
 from .ranges import PAGE
-
-ffi, lib = _native.ffi, _native.lib
 
 # userfaultfd (linux/userfaultfd.h; WP_UNPOPULATED and WP_ASYNC are newer than Debian 12's headers)
 UFFD_USER_MODE_ONLY = 1
@@ -97,22 +95,15 @@ def api(fd: int, pid: int, features: int = TRACK_FEATURES) -> int:
     return int(feats[0])
 
 
-def _check(r: int, pid: int | None, what: str) -> int:
-    """``r`` when it is no -errno, else the typed error for it."""
-    if r < 0:
-        raise from_errno(r, pid, what)
-    return r
-
-
 def register_wp(fd: int, start: int, end: int, pid: int | None = None) -> None:
     """UFFDIO_REGISTER in WP mode (the caller decides what an error's EBUSY/EINVAL mean)."""
     ioctls = ffi.new("uint64_t *")
-    _check(lib.wpd_uffd_register(fd, start, end - start, UFFDIO_REGISTER_MODE_WP, ioctls), pid, "UFFDIO_REGISTER")
+    check(lib.wpd_uffd_register(fd, start, end - start, UFFDIO_REGISTER_MODE_WP, ioctls), pid, "UFFDIO_REGISTER")
 
 
 def writeprotect(fd: int, start: int, end: int, protect: bool = True, pid: int | None = None) -> None:
     """UFFDIO_WRITEPROTECT."""
-    _check(lib.wpd_uffd_writeprotect(fd, start, end - start, 1 if protect else 0), pid, "UFFDIO_WRITEPROTECT")
+    check(lib.wpd_uffd_writeprotect(fd, start, end - start, 1 if protect else 0), pid, "UFFDIO_WRITEPROTECT")
 
 
 class RegionBuffer:
@@ -146,7 +137,7 @@ def scan(
         pagemap_fd, start, end, flags, category_mask, category_inverted, category_anyof_mask,
         return_mask, 0, buf.cdata, buf.capacity, buf.walk_end,
     )
-    return _check(int(n), pid, "PAGEMAP_SCAN"), int(buf.walk_end[0])
+    return check(int(n), pid, "PAGEMAP_SCAN"), int(buf.walk_end[0])
 
 
 def scan_all(pagemap_fd: int, start: int, end: int, buf: RegionBuffer, **kw: int) -> np.ndarray:
@@ -229,7 +220,7 @@ def read_ranges(
     src = ffi.cast("const uint64_t *", ranges.ctypes.data)
     out_p = ffi.from_buffer(out, require_writable=True)
     got = int(lib.wpd_read_ranges(pid, src, len(ranges), out_p, len(out_p), _dst(dst, len(ranges))))
-    return _check(got, pid, "process_vm_readv")
+    return check(got, pid, "process_vm_readv")
 
 
 def pread_ranges(
@@ -243,7 +234,7 @@ def pread_ranges(
     src = ffi.cast("const uint64_t *", ranges.ctypes.data)
     out_p = ffi.from_buffer(out, require_writable=True)
     got = int(lib.wpd_pread_ranges(fd, src, len(ranges), out_p, len(out_p), _dst(dst, len(ranges))))
-    return _check(got, pid, what)
+    return check(got, pid, what)
 
 
 def _dst(dst: np.ndarray | None, n: int):

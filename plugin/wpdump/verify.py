@@ -27,7 +27,7 @@ import numpy as np
 from . import freeze, images, keeper, ranges, uffd
 from .chain import Iteration, check_pages_file, load_chain, locate_pages, read_pages_into
 from .errors import ChainError, WpdumpError, no_such_process
-from .process import check_alive, open_mapped_file, open_proc, thread_state, threads
+from .process import all_stopped, check_alive, open_mapped_file, open_proc
 from .ranges import PAGE, in_ranges, page_addrs
 from .show import walk
 from .vmas import KERNEL_VMAS, Vma, read_maps
@@ -195,10 +195,6 @@ class VerifyResult:
         m = self.first[0]
         return (f"pid {self.pid} differs from {self.top} in {self.mismatches} pages; first {m.addr:#x} {m.kind} "
                 f"({'from ' + m.source if m.source != 'absent' else 'absent from the image'})")
-
-
-def _all_stopped(pid: int) -> bool:
-    return all(thread_state(pid, t) in ("T", "t", "X") for t in threads(pid))
 
 
 def _kind(v: Vma) -> int:
@@ -480,7 +476,7 @@ def verify_process(
         except WpdumpError:
             pm_fd = -1
         stack.enter_context(keeper.pid_lock(pid))  # no iteration may stop or resume the target meanwhile
-        was_stopped = _all_stopped(pid)
+        was_stopped = all_stopped(pid)
         t_frozen = time.perf_counter()
         freezer = freeze.Freezer(pid)  # an already stopped target stays stopped
         stack.callback(freezer.thaw)
