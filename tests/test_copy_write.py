@@ -1,4 +1,4 @@
-"""The page copy/write path of an iteration (iteration.copy_and_write): batches, reader threads, the writer
+"""The page copy/write path of an iteration (pages.copy_and_write): batches, reader threads, the writer
 thread with O_DIRECT, zero pages left out, ranges that vanished skipped; the file holds exactly the pages."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import pytest
-from wpdump import iteration, pagecopy, ranges
+from wpdump import pagecopy, pages, ranges
 
 PAGE = 4096
 
@@ -30,10 +30,10 @@ def test_batches_are_exact():
 
 @pytest.mark.parametrize("readers", [1, 2])
 def test_copy_and_write(target, tmp_path, monkeypatch, readers):
-    monkeypatch.setattr(iteration, "READERS", readers)
-    monkeypatch.setattr(iteration, "BUFFERS", readers + 2)
-    monkeypatch.setattr(iteration, "BATCH_BYTES", 8 * PAGE)  # many batches, every buffer reused
-    monkeypatch.setattr(iteration, "MIN_BATCH_BYTES", 8 * PAGE)
+    monkeypatch.setattr(pages, "READERS", readers)
+    monkeypatch.setattr(pages, "BUFFERS", readers + 2)
+    monkeypatch.setattr(pages, "BATCH_BYTES", 8 * PAGE)  # many batches, every buffer reused
+    monkeypatch.setattr(pages, "MIN_BATCH_BYTES", 8 * PAGE)
     t = target
     a = t.map(64)
     t.cmd("fill", hex(a), 64, 3)
@@ -47,7 +47,7 @@ def test_copy_and_write(target, tmp_path, monkeypatch, readers):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     seen = []
     try:
-        written, zeros, copy_s, write_s = iteration.copy_and_write(
+        written, zeros, copy_s, write_s = pages.copy_and_write(
             t.pid, copy, anon, fd, str(path), lambda done, total: seen.append((done, total))
         )
         assert not os.O_DIRECT & fcntl.fcntl(fd, fcntl.F_GETFL), "O_DIRECT left on"
@@ -66,7 +66,7 @@ def test_copy_and_write(target, tmp_path, monkeypatch, readers):
 def test_copy_and_write_nothing(tmp_path):
     fd = os.open(tmp_path / "p", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        written, zeros, _, _ = iteration.copy_and_write(os.getpid(), ranges.EMPTY, ranges.EMPTY, fd, "p", None)
+        written, zeros, _, _ = pages.copy_and_write(os.getpid(), ranges.EMPTY, ranges.EMPTY, fd, "p", None)
     finally:
         os.close(fd)
     assert len(written) == 0 and zeros == 0 and os.path.getsize(tmp_path / "p") == 0

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 from chaincheck import PE_PRESENT, compare_with_memory, load_pagemap
-from wpdump import iteration, pagecopy, ranges, verify
+from wpdump import iteration, pagecopy, pages, ranges, verify
 from wpdump.errors import UnreadableMemory
 
 PAGE = 4096
@@ -130,7 +130,7 @@ def test_unreadable_mapped_pages_fail_loudly(target, tmp_path):
     fd = os.open(tmp_path / "pages", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         with pytest.raises(UnreadableMemory):
-            iteration.copy_and_write(t.pid, r, ranges.EMPTY, fd, "pages", None)
+            pages.copy_and_write(t.pid, r, ranges.EMPTY, fd, "pages", None)
     finally:
         os.close(fd)
 

@@ -15,7 +15,7 @@ import socket
 
 from . import errors
 from .errors import TrackerError, WpdumpError
-from .keeper import recv_msg, send_msg
+from .ipc import recv_msg, send_msg
 from .native import rseq_area
 
 _HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

@@ -166,6 +166,16 @@ def check_pages_file(it: Iteration) -> None:
         )
 
 
+def missing_in_parent(child: Iteration, parent: Iteration) -> str | None:
+    """The problem when PE_PARENT pages of ``child`` are absent from ``parent`` (neither present nor in-parent
+    there), else None."""
+    missing = ranges.subtract(child.ranges(images.PE_PARENT), parent.ranges())
+    if not len(missing):
+        return None
+    return (f"{child.path}: {ranges.total(missing) // PAGE} pages marked in-parent are absent from the parent "
+            f"{parent.path} (first at {int(missing[0, 0]):#x})")
+
+
 def load_chain(path: str, pid: int | None = None) -> list[Iteration]:
     """The iteration in ``path`` and its parents, top first; checks every level's structure."""
     chain: list[Iteration] = []
@@ -175,13 +185,10 @@ def load_chain(path: str, pid: int | None = None) -> list[Iteration]:
         it = load_iteration(cur, pid)
         pid = it.pid
         check_pages_file(it)
-        if chain:  # every PE_PARENT page of the child must be in this level (present or parent)
-            missing = ranges.subtract(chain[-1].ranges(images.PE_PARENT), it.ranges())
-            if len(missing):
-                raise ChainError(
-                    f"{chain[-1].path}: {ranges.total(missing) // PAGE} pages marked in-parent are absent from "
-                    f"the parent {cur} (first at {int(missing[0, 0]):#x})", pid=pid, errno=errno.EINVAL,
-                )
+        if chain:
+            gap = missing_in_parent(chain[-1], it)
+            if gap:
+                raise ChainError(gap, pid=pid, errno=errno.EINVAL)
         chain.append(it)
         if it.parent_path is None and len(it.ranges(images.PE_PARENT)):
             raise ChainError(

@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 from . import imgdir, iteration
 from .convergence import Convergence, PHaulPolicy
-from .iteration import IterationResult, Progress
+from .iteration import IterationResult
+from .pages import Progress
 
 
 def checkpoint(

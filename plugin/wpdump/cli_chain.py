@@ -69,8 +69,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from .check import check_chain
     from .show import resolve_top
-    from .verify import VerifyFailed, check_chain, verify_process
+    from .verify import VerifyFailed, verify_process
 
     top = resolve_top(args.images_dir)
     if args.tree is None:

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import select
 import signal
@@ -28,10 +27,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .errors import NoSuchProcess, WpdumpError
+from .ipc import recv_msg, send_msg
 from .process import read_stat
-
-_PREFIX = struct.Struct("<II")  # header length, payload length
-_MAX_HEADER = 1 << 16
 
 
 class KeeperError(WpdumpError):
@@ -96,48 +93,6 @@ def socket_path(pid: int, start_ticks: int | None = None) -> str:
 def open_log(path: str) -> int:
     """Open (append, create 0600) a log file in the run directory, never through a symlink."""
     return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-
-
-# ---- framing: header (JSON) + payload, file descriptors attached to the first bytes ----
-
-
-def send_msg(sock: socket.socket, header: dict, payload: bytes = b"", fds: tuple[int, ...] = ()) -> None:
-    head = json.dumps(header).encode()
-    first = _PREFIX.pack(len(head), len(payload)) + head
-    if fds:
-        socket.send_fds(sock, [first], list(fds))
-    else:
-        sock.sendall(first)
-    if payload:
-        sock.sendall(payload)
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    parts, got = [], 0
-    while got < n:
-        b = sock.recv(min(n - got, 1 << 20))
-        if not b:
-            raise EOFError
-        parts.append(b)
-        got += len(b)
-    return b"".join(parts)
-
-
-def recv_msg(sock: socket.socket) -> tuple[dict, bytes, list[int]]:
-    """One message: (header, payload, received fds). EOFError when the peer closed the connection."""
-    data, fds, _, _ = socket.recv_fds(sock, _PREFIX.size, 4)
-    if not data:
-        raise EOFError
-    if len(data) < _PREFIX.size:
-        data += _recv_exact(sock, _PREFIX.size - len(data))
-    hlen, plen = _PREFIX.unpack(data)
-    if hlen > _MAX_HEADER:
-        for fd in fds:
-            os.close(fd)
-        raise EOFError
-    header = json.loads(_recv_exact(sock, hlen))
-    payload = _recv_exact(sock, plen) if plen else b""
-    return header, payload, fds
 
 
 # ---- the keeper process ----
