@@ -10,7 +10,8 @@ import time
 
 import numpy as np
 import pytest
-from wpdump import ranges, uffd
+from wpdump import ranges
+from wpdump.target import uffd
 
 TARGETS = pathlib.Path(__file__).parent / "targets"
 PAGE = ranges.PAGE
@@ -153,7 +154,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monkey
     d.chmod(0o700)
     monkeypatch.setenv("WPDUMP_RUN_DIR", str(d))
     yield d
-    from wpdump import keeper
+    from wpdump.tracking import keeper
 
     for pid in keeper.tracked_pids():
         k = keeper.Keeper.connect(pid)

@@ -8,7 +8,9 @@ import os
 
 import numpy as np
 import pytest
-from wpdump import pagecopy, pages, ranges
+from wpdump import ranges
+from wpdump.dump import pages
+from wpdump.target import memory as pagecopy
 
 PAGE = 4096
 

@@ -14,7 +14,7 @@ import time
 import pytest
 from chaincheck import compare_with_memory
 from conftest import compile_target, require_kernel
-from wpdump import iteration
+from wpdump.dump import iteration
 
 PAGE = 4096
 
@@ -148,7 +148,7 @@ def test_signal_flood_during_attaches_loses_nothing(build_dir, tmp_path):
     signal is delivered once, in order, and the target keeps no userfaultfd. Target and senders run as nobody:
     the pending-signal limit is per user, and root's other processes must not find it exhausted."""
     require_kernel()
-    from wpdump.tracker import Tracker
+    from wpdump.tracking.tracker import Tracker
 
     d = tempfile.mkdtemp(prefix="wpdump-flood-")
     os.chmod(d, 0o755)

@@ -16,9 +16,11 @@ import numpy as np
 from chaincheck import compare_with_memory
 from conftest import PAGE, copied_pages, wait_idle
 from test_iterations import stop_and_wait
-from wpdump import iteration, ranges, uffd
-from wpdump.tracker import Policy, Tracker, classify, classify_many
-from wpdump.vmas import EventKind, Vma, VmaEvent, diff_layouts, read_maps
+from wpdump import ranges
+from wpdump.dump import iteration
+from wpdump.target import uffd
+from wpdump.target.vmas import EventKind, Vma, VmaEvent, diff_layouts, read_maps
+from wpdump.tracking.tracker import Policy, Tracker, classify, classify_many
 
 N = 30_000  # pages of the striped mapping: a VMA each (every odd page read-only)
 HANG_S = 60

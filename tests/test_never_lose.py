@@ -15,9 +15,10 @@ import pytest
 from chaincheck import compare_with_memory
 from conftest import PAGE, compile_target
 from test_iteration_errors import one_line_error, wpdump
-from wpdump import keeper, procfds
 from wpdump.errors import AlreadyTracked, TargetUsesUserfaultfd
-from wpdump.tracker import Tracker
+from wpdump.target import procfds
+from wpdump.tracking import keeper
+from wpdump.tracking.tracker import Tracker
 
 
 def stopped(pid: int) -> None:

@@ -12,8 +12,11 @@ import time
 import numpy as np
 import pytest
 from chaincheck import PE_PRESENT, compare_with_memory, load_pagemap
-from wpdump import iteration, pagecopy, pages, ranges, verify
+from wpdump import ranges
+from wpdump.chainops import verify
+from wpdump.dump import iteration, pages
 from wpdump.errors import UnreadableMemory
+from wpdump.target import memory as pagecopy
 
 PAGE = 4096
 PFN_MASK = (1 << 55) - 1

@@ -17,7 +17,11 @@ import numpy as np
 import pycriu.images
 import pytest
 from chaincheck import PE_PARENT, PE_PRESENT, compare_with_memory, load_pagemap, reconstruct
-from wpdump import check, decode, freeze, images, iteration, show, verify
+from wpdump.chainops import check, show, verify
+from wpdump.dump import iteration
+from wpdump.images import decode
+from wpdump.images import format as images
+from wpdump.target import freeze
 
 PAGE = 4096
 ROOT = pathlib.Path(__file__).resolve().parent.parent

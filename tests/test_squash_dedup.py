@@ -11,8 +11,8 @@ import pycriu.images
 import pytest
 from chaincheck import PE_PRESENT, compare_with_memory, load_pagemap, reconstruct
 from test_show_verify import Chain, assert_one_line_error, page_offset, pages_of, run, state
-from wpdump import check, squash, verify
-from wpdump.dedup import dedup
+from wpdump.chainops import check, squash, verify
+from wpdump.chainops.dedup import dedup
 
 PAGE = 4096
 
@@ -71,7 +71,7 @@ def test_squash_equals_the_chain(made, tmp_path):
 
 def test_squash_of_a_pre_dump_is_a_usable_parent(made, tmp_path):
     """A squashed pre-dump is the same iteration: the next pre-dump of the tracked process builds on it."""
-    from wpdump import iteration
+    from wpdump.dump import iteration
 
     c = made
     os.kill(c.pid, signal.SIGCONT)  # the dump left the target stopped; tracking ended with the dump
