@@ -183,11 +183,6 @@ const char *wpd_arch_name(void) { return WPD_ARCH_NAME; }
 
 /* ---- pidfd ---- */
 
-int wpd_pidfd_open(int pid)
-{
-	return NEG_ERRNO((int)syscall(WPD_NR_PIDFD_OPEN, pid, 0));
-}
-
 int wpd_pidfd_getfd(int pidfd, int targetfd)
 {
 	return NEG_ERRNO((int)syscall(WPD_NR_PIDFD_GETFD, pidfd, targetfd, 0));

@@ -38,7 +38,6 @@ long wpd_nr_close(void);
 long wpd_nr_madvise(void);
 const char *wpd_arch_name(void);
 
-int wpd_pidfd_open(int pid);
 int wpd_pidfd_getfd(int pidfd, int targetfd);
 
 int wpd_userfaultfd(int flags);

@@ -84,3 +84,14 @@ def stop(pid: int, timeout: float = 5.0) -> float:
 def cont(pid: int) -> None:
     """Resume a target stopped with :func:`stop`."""
     _send(pid, signal.SIGCONT)
+
+
+def open_userfaultfd(pid: int, pidfd: int = -1) -> int:
+    """A userfaultfd created inside ``pid`` and taken into this process; the target keeps no copy.
+
+    Injected by the freezing agent when ``pid`` is frozen, else by an agent that seizes one thread for it."""
+    fr = active(pid)
+    if fr is not None:
+        return fr.agent.userfaultfd()
+    with Agent(pid, all_threads=False) as ag:
+        return ag.userfaultfd()

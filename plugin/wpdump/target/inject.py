@@ -9,11 +9,9 @@ from __future__ import annotations
 import errno
 import os
 
-from ..errors import TrackerError, WpdumpError, from_errno, no_such_process
-from . import freeze
-from .agent import Agent
+from ..errors import TrackerError, from_errno
 from .native import ffi, lib
-from .process import open_proc
+from .process import open_proc, pidfd_open
 from .ptrace import Seizure
 from .uffd import UFFD_USER_MODE_ONLY
 from .vmas import read_maps
@@ -95,27 +93,3 @@ def inject_madvise(sz: Seizure, ranges: list[tuple[int, int]], advice: int) -> l
     finally:
         th.end()
     return failed
-
-
-def open_userfaultfd(pid: int, pidfd: int = -1) -> int:
-    """A userfaultfd created inside ``pid`` and taken into this process; the target keeps no copy.
-
-    Injected by the freezing agent when ``pid`` is frozen, else by an agent that seizes one thread for it."""
-    fr = freeze.active(pid)
-    if fr is not None:
-        return fr.agent.userfaultfd()
-    with Agent(pid, all_threads=False) as ag:
-        return ag.userfaultfd()
-
-
-def pidfd_open(pid: int) -> int:
-    """A pidfd for ``pid`` (ESRCH → NoSuchProcess)."""
-    fd = lib.wpd_pidfd_open(pid)
-    if fd < 0:
-        if fd == -errno.ESRCH:
-            raise no_such_process(pid, -fd)
-        raise from_errno(fd, pid, "pidfd_open")
-    return fd
-
-
-__all__ = ["open_userfaultfd", "pidfd_open", "find_syscall_insn", "WpdumpError"]

@@ -143,6 +143,14 @@ def all_stopped(pid: int) -> bool:
     return bool(live) and all(s in STOPPED for s in live)
 
 
+def pidfd_open(pid: int) -> int:
+    """A pidfd for ``pid`` (close-on-exec)."""
+    try:
+        return os.pidfd_open(pid)
+    except OSError as e:
+        raise from_errno(e.errno or errno.EIO, pid, "pidfd_open") from None
+
+
 def open_mapped_file(pid: int, start: int, end: int, dev: str, inode: int, path: str) -> int:
     """A read-only fd of the file mapped at [start, end) of ``pid``: /proc/PID/map_files, or, where that is
     closed to the caller (docs/kernel.md rule 31: EPERM without CAP_CHECKPOINT_RESTORE, also for one's own process),

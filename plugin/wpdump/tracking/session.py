@@ -10,11 +10,14 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from typing import TYPE_CHECKING
 
 from ..errors import TargetExeced
-from ..images.chain import Iteration
 from . import keeper
 from .tracker import Harvest, Tracker
+
+if TYPE_CHECKING:  # the iteration's parent; tracking itself does not read images
+    from ..images.chain import Iteration
 
 log = logging.getLogger("wpdump.session")
 

@@ -29,8 +29,8 @@ from ..errors import (
 )
 from ..ranges import PAGE
 from ..target import iouring, procfds, uffd
-from ..target.inject import open_userfaultfd, pidfd_open
-from ..target.process import check_alive, open_proc, read_proc_text, read_stat, threads
+from ..target.freeze import open_userfaultfd
+from ..target.process import check_alive, open_proc, pidfd_open, read_proc_text, read_stat, threads
 from ..target.uffd import (
     PAGE_IS_FILE,
     PAGE_IS_GUARD,
