@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from wpdump import ranges
 from wpdump.dump import pages
-from wpdump.target import memory as pagecopy
+from wpdump.target import memory
 
 PAGE = 4096
 
@@ -82,7 +82,7 @@ def test_reader_skips_only_the_hole(target):
     t.cmd("munmap", hex(c + 30 * PAGE), 1)
     r = ranges.from_pairs([(c, c + 40 * PAGE)])
     out = np.zeros(40 * PAGE, dtype=np.uint8)
-    with pagecopy.Reader(t.pid) as reader:
+    with memory.Reader(t.pid) as reader:
         ok = reader.read_into(r, out)
     addrs = ranges.page_addrs(r)
     lost = ranges.from_pages(addrs[~ok])

@@ -25,7 +25,7 @@ from ..target.memory import Reader, aligned_buffer
 # Pages are read from the target in batches of at most BATCH_BYTES, by READERS threads at once, into one of
 # BUFFERS buffers, while a thread writes the batches read before in order: wpdump's memory for page data is
 # bounded by BUFFERS * BATCH_BYTES. Two readers: reading scattered pages is CPU-bound (page table walks, a
-# syscall per isolated page: pagecopy.Reader), process_vm_readv 2.8-3.3 GB/s with one thread, 5 GB/s with two
+# syscall per isolated page: memory.Reader), process_vm_readv 2.8-3.3 GB/s with one thread, 5 GB/s with two
 # on this 2-CPU VM (8 GiB, 1 % random pages).
 BATCH_BYTES = 8 << 20
 MIN_BATCH_BYTES = 1 << 20
@@ -183,7 +183,7 @@ def copy_and_write(
 ) -> tuple[np.ndarray, int, float, float]:
     """Read ``copy`` (sorted, merged ranges) from the target batch by batch and append the pages to ``fd``.
 
-    READERS threads read batches (pagecopy.Reader: sharing left as it is; ``unreadable``: the ranges of VMAs
+    READERS threads read batches (memory.Reader: sharing left as it is; ``unreadable``: the ranges of VMAs
     without read permission) while a thread writes those read before (see _Writer). Pages of anonymous VMAs
     that read all zero are left out (absent means zero). Returns the ranges written, the pages dropped as zero,
     the seconds until every batch was read, and the seconds of writing after that (the two add up to the

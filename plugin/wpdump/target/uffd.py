@@ -214,7 +214,7 @@ def read_ranges(
     or range i at byte ``dst[i]`` of ``out``.
 
     Returns the bytes copied (short at the first range that cannot be read); raises when nothing could be.
-    It pins the pages: never for pages shared copy-on-write (docs/kernel.md rule 18; pagecopy.Reader decides).
+    It pins the pages: never for pages shared copy-on-write (docs/kernel.md rule 18; memory.Reader decides).
     """
     ranges = np.ascontiguousarray(ranges, dtype=np.uint64)
     src = ffi.cast("const uint64_t *", ranges.ctypes.data)

@@ -141,12 +141,8 @@ def _coalesce(r: np.ndarray) -> np.ndarray:
     return out
 
 
-def classify(vma: Vma, regions: np.ndarray, policy: Policy, whole: bool) -> VmaPages:
-    """Turn PAGEMAP_SCAN regions (reported WRITTEN) into copy / zero / reverted / guard ranges.
-
-    docs/kernel.md "Classifying a page reported WRITTEN": a written page that is neither present nor
-    swapped was zapped: zero in anonymous memory, file content again in a private file mapping.
-    """
+def _kinds(regions: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per PAGEMAP_SCAN region: (categories, n×2 ranges, guard, has data, zero page, to copy, gone)."""
     cat = regions["categories"]
     rng = np.column_stack((regions["start"], regions["end"])).astype(np.uint64)
     guard = (cat & PAGE_IS_GUARD) != 0
@@ -154,6 +150,16 @@ def classify(vma: Vma, regions: np.ndarray, policy: Policy, whole: bool) -> VmaP
     zeropage = has_data & ((cat & PAGE_IS_PFNZERO) != 0)
     copy = has_data & ~zeropage
     gone = ~has_data & ~guard
+    return cat, rng, guard, has_data, zeropage, copy, gone
+
+
+def classify(vma: Vma, regions: np.ndarray, policy: Policy, whole: bool) -> VmaPages:
+    """Turn PAGEMAP_SCAN regions (reported WRITTEN) into copy / zero / reverted / guard ranges.
+
+    docs/kernel.md "Classifying a page reported WRITTEN": a written page that is neither present nor
+    swapped was zapped: zero in anonymous memory, file content again in a private file mapping.
+    """
+    cat, rng, guard, has_data, zeropage, copy, gone = _kinds(regions)
     file_backed = ((cat & PAGE_IS_FILE) != 0) | (vma.inode != 0)  # an array, never a bare bool
     if vma.anonymous:
         zero, reverted = gone | zeropage, np.zeros_like(gone)
@@ -200,13 +206,7 @@ def classify_many(
     inode = np.array([vmas[i].inode != 0 for i in has.tolist()], dtype=bool)
     reps = counts[has]
     kind, has_inode, vi = np.repeat(kinds, reps), np.repeat(inode, reps), np.repeat(has, reps)
-    cat = regions["categories"]
-    rng = np.column_stack((regions["start"], regions["end"])).astype(np.uint64)
-    guard = (cat & PAGE_IS_GUARD) != 0
-    has_data = ((cat & (PAGE_IS_PRESENT | PAGE_IS_SWAPPED)) != 0) & ~guard
-    zeropage = has_data & ((cat & PAGE_IS_PFNZERO) != 0)
-    copy = has_data & ~zeropage
-    gone = ~has_data & ~guard
+    cat, rng, guard, has_data, zeropage, copy, gone = _kinds(regions)
     is_file = (cat & PAGE_IS_FILE) != 0
     file_backed = is_file | has_inode
     file_page = has_data & is_file & ((cat & PAGE_IS_PRESENT) != 0)
