@@ -21,7 +21,7 @@ from ..errors import UnreadableMemory, WpdumpError, from_errno
 from ..images.chain import Iteration, load_chain, read_pages_into, same_process
 from ..ranges import PAGE, from_pages, page_addrs
 from ..target import freeze
-from ..target.memory import Reader
+from ..target.memory import Reader, pread_into
 from ..target.process import check_alive, open_mapped_file, open_proc
 from ..target.vmas import KERNEL_VMAS, Vma, read_maps
 from ..tracking import keeper
@@ -141,9 +141,9 @@ def _file_content(pid: int, v: Vma, addrs: np.ndarray) -> np.ndarray:
     except OSError as e:
         raise from_errno(e.errno or errno.EIO, pid, f"open the file mapped at {v}") from None
     try:
+        flat = out.reshape(-1)
         for a, b, start in _runs(addrs):
-            data = os.pread(fd, (b - a) * PAGE, v.offset + start - v.start)
-            out.reshape(-1)[a * PAGE : a * PAGE + len(data)] = np.frombuffer(data, dtype=np.uint8)
+            pread_into(fd, v.offset + start - v.start, flat[a * PAGE : b * PAGE])
     finally:
         os.close(fd)
     return out

@@ -27,6 +27,7 @@ from ..images import format as images
 from ..images.chain import Iteration, load_chain, locate_pages, read_pages_into
 from ..ranges import PAGE, in_ranges, page_addrs
 from ..target import freeze, uffd
+from ..target.memory import pread_into
 from ..target.process import all_stopped, check_alive, open_mapped_file, open_proc
 from ..target.vmas import KERNEL_VMAS, Vma, read_maps
 from ..tracking import keeper
@@ -164,17 +165,6 @@ def _read_mem(pid: int, fd: int, addr: int, out: np.ndarray) -> np.ndarray:
     return ok
 
 
-def _pread_file(fd: int, off: int, out: np.ndarray) -> None:
-    """Fill ``out`` from the file at ``off``; what lies beyond its end stays as it is (zero)."""
-    view = memoryview(out)
-    pos = 0
-    while pos < len(out):
-        got = os.preadv(fd, [view[pos:]], off + pos)
-        if got <= 0:
-            return
-        pos += got
-
-
 RSEQ_KERNEL_FIELDS = ((0, 16), (20, 28))  # cpu_id_start, cpu_id, rseq_cs (cleared); node_id, mm_cid
 
 
@@ -282,7 +272,7 @@ class _Comparer:
                 fd = self._file_fd(vi)
                 if fd >= 0:
                     v = self.vmas[vi]
-                    _pread_file(fd, v.offset + (s - v.start), want[sl])
+                    pread_into(fd, v.offset + (s - v.start), want[sl])
                 else:
                     check[row : row + c] = False
             row += c

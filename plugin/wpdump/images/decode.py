@@ -31,24 +31,6 @@ from . import format as images
 
 __all__ = ["DecodeImageError", "decode_bytes", "decode_file", "dumps"]
 
-# criu/include/magic.h: the other images crit knows (wpdump does not decode them)
-_OTHER_MAGICS = {
-    0x50273030: "PSTREE", 0x56213732: "FDINFO", 0x55053847: "CORE", 0x54432030: "IDS", 0x54123737: "VMAS",
-    0x56513555: "PIPES", 0x56453709: "PIPES_DATA", 0x58364939: "FIFO", 0x59333054: "FIFO_DATA",
-    0x55344201: "SIGACT", 0x54373943: "UNIXSK", 0x56443851: "INETSK", 0x60454618: "PACKETSK", 0x57464056: "ITIMERS",
-    0x52603957: "POSIX_TIMERS", 0x56264026: "SK_QUEUES", 0x54473203: "UTSNS", 0x54023547: "CREDS",
-    0x53115007: "IPC_VAR", 0x46283044: "IPCNS_SHM", 0x55453737: "IPCNS_MSG", 0x59573019: "IPCNS_SEM",
-    0x50363636: "REG_FILES", 0x59255641: "EXT_FILES", 0x51403912: "FS", 0x57492820: "MM", 0x59133954: "REMAP_FPATH",
-    0x52583605: "GHOST_FILE", 0x51465506: "TCP_STREAM", 0x44523722: "EVENTFD_FILE", 0x45023858: "EVENTPOLL_FILE",
-    0x44433746: "EVENTPOLL_TFD", 0x57323820: "SIGNALFD", 0x48424431: "INOTIFY_FILE", 0x54562009: "INOTIFY_WD",
-    0x55563928: "MNTS", 0x57373951: "NETDEV", 0x55933752: "NETNS", 0x59433025: "TTY_FILES", 0x59453036: "TTY_INFO",
-    0x59413026: "TTY_DATA", 0x54323616: "FILE_LOCKS", 0x57113925: "RLIMIT", 0x55096122: "FANOTIFY_FILE",
-    0x56506035: "FANOTIFY_MARK", 0x59255647: "SIGNAL", 0x58005614: "NETLINK_SK", 0x61394011: "NS_FILES",
-    0x57143751: "TUNFILE", 0x59383330: "CGROUP", 0x50493712: "TIMERFD", 0x61404013: "CPUINFO", 0x55474906: "USERNS",
-    0x64413049: "SECCOMP", 0x67343323: "BINFMT_MISC", 0x49353943: "AUTOFS", 0x56303138: "FILES",
-    0x48453499: "MEMFD_INODE", 0x43114433: "TIMENS", 0x61157326: "PIDNS", 0x57506142: "BPFMAP_FILE",
-    0x64324033: "BPFMAP_DATA", 0x59423047: "APPARMOR", 0x57004059: "IRMAP_CACHE", 0x57023458: "KDAT",
-}
 _PMAP_FLAGS = (("PE_PARENT", images.PE_PARENT), ("PE_LAZY", images.PE_LAZY), ("PE_PRESENT", images.PE_PRESENT))
 _HEX = {("pagemap_entry", "vaddr")}
 _FLAGS = {("pagemap_entry", "flags"): _PMAP_FLAGS}
@@ -117,20 +99,12 @@ def _pagemap_entry(msg, pretty: bool) -> dict:
 
 
 def _frames(data: bytes, name: str, off: int) -> list[bytes]:
-    msgs = []
-    n = len(data)
-    while off < n:
-        if n - off < 4:
-            raise DecodeImageError(f"{name}: truncated: {n - off} stray bytes at offset {off:#x}", errno=errno.EINVAL)
-        (size,) = _U32.unpack_from(data, off)
-        if size > n - off - 4:
-            raise DecodeImageError(
-                f"{name}: truncated: message at offset {off:#x} claims {size} bytes, only {n - off - 4} left",
-                errno=errno.EINVAL,
-            )
-        msgs.append(data[off + 4 : off + 4 + size])
-        off += 4 + size
-    return msgs
+    """The messages from ``off`` on (images.frames, its ImageError as this module's error)."""
+    try:
+        offs, sizes = images.frames(data, name, off)
+    except images.ImageError as e:
+        raise DecodeImageError(str(e), errno=errno.EINVAL) from None
+    return [data[o : o + n] for o, n in zip(offs, sizes, strict=True)]
 
 
 def _parse(cls, raw: bytes, name: str, what: str, i: int):
@@ -181,9 +155,9 @@ def decode_bytes(data: bytes, name: str = "<image>", pretty: bool = False) -> di
         cls = stats_pb2.stats_entry
         return {"magic": "STATS", "entries": [_to_dict(_parse(cls, r, name, "stats_entry", i), pretty)
                                               for i, r in enumerate(msgs)]}
-    if m in _OTHER_MAGICS:
+    if m in images.MAGICS:
         raise DecodeImageError(
-            f"{name}: a {_OTHER_MAGICS[m]} image: wpdump decodes pagemap, inventory and stats images only (use crit)",
+            f"{name}: a {images.MAGICS[m]} image: wpdump decodes pagemap, inventory and stats images only (use crit)",
             errno=errno.EINVAL,
         )
     raise _raw_pages_error(name, len(data), m)

@@ -49,11 +49,25 @@ ENTRY_DTYPE = np.dtype([("vaddr", "<u8"), ("nr_pages", "<u8"), ("flags", "<u4")]
 INVENTORY_FILE = "inventory.img"
 STATS_FILE = "stats-dump"
 
-_MAGIC_NAMES = {
+# criu/include/magic.h: every image magic, by name (wpdump writes and decodes the first five)
+MAGICS = {
     IMG_COMMON_MAGIC: "IMG_COMMON", IMG_SERVICE_MAGIC: "IMG_SERVICE", PAGEMAP_MAGIC: "PAGEMAP",
-    INVENTORY_MAGIC: "INVENTORY", STATS_MAGIC: "STATS", 0x55053847: "CORE", 0x57492820: "MM",
-    0x50273030: "PSTREE", 0x54432030: "IDS", 0x56213732: "FDINFO", 0x56303138: "FILES",
-    0x57004059: "IRMAP_CACHE",
+    INVENTORY_MAGIC: "INVENTORY", STATS_MAGIC: "STATS",
+    0x50273030: "PSTREE", 0x56213732: "FDINFO", 0x55053847: "CORE", 0x54432030: "IDS", 0x54123737: "VMAS",
+    0x56513555: "PIPES", 0x56453709: "PIPES_DATA", 0x58364939: "FIFO", 0x59333054: "FIFO_DATA",
+    0x55344201: "SIGACT", 0x54373943: "UNIXSK", 0x56443851: "INETSK", 0x60454618: "PACKETSK", 0x57464056: "ITIMERS",
+    0x52603957: "POSIX_TIMERS", 0x56264026: "SK_QUEUES", 0x54473203: "UTSNS", 0x54023547: "CREDS",
+    0x53115007: "IPC_VAR", 0x46283044: "IPCNS_SHM", 0x55453737: "IPCNS_MSG", 0x59573019: "IPCNS_SEM",
+    0x50363636: "REG_FILES", 0x59255641: "EXT_FILES", 0x51403912: "FS", 0x57492820: "MM", 0x59133954: "REMAP_FPATH",
+    0x52583605: "GHOST_FILE", 0x51465506: "TCP_STREAM", 0x44523722: "EVENTFD_FILE", 0x45023858: "EVENTPOLL_FILE",
+    0x44433746: "EVENTPOLL_TFD", 0x57323820: "SIGNALFD", 0x48424431: "INOTIFY_FILE", 0x54562009: "INOTIFY_WD",
+    0x55563928: "MNTS", 0x57373951: "NETDEV", 0x55933752: "NETNS", 0x59433025: "TTY_FILES", 0x59453036: "TTY_INFO",
+    0x59413026: "TTY_DATA", 0x54323616: "FILE_LOCKS", 0x57113925: "RLIMIT", 0x55096122: "FANOTIFY_FILE",
+    0x56506035: "FANOTIFY_MARK", 0x59255647: "SIGNAL", 0x58005614: "NETLINK_SK", 0x61394011: "NS_FILES",
+    0x57143751: "TUNFILE", 0x59383330: "CGROUP", 0x50493712: "TIMERFD", 0x61404013: "CPUINFO", 0x55474906: "USERNS",
+    0x64413049: "SECCOMP", 0x67343323: "BINFMT_MISC", 0x49353943: "AUTOFS", 0x56303138: "FILES",
+    0x48453499: "MEMFD_INODE", 0x43114433: "TIMENS", 0x61157326: "PIDNS", 0x57506142: "BPFMAP_FILE",
+    0x64324033: "BPFMAP_DATA", 0x59423047: "APPARMOR", 0x57004059: "IRMAP_CACHE", 0x57023458: "KDAT",
 }
 _U32 = struct.Struct("<I")
 _U64_MAX = (1 << 64) - 1
@@ -163,7 +177,7 @@ def ranges_of(entries: np.ndarray, flag: int | None = None) -> np.ndarray:
 
 
 def _describe_magic(m: int) -> str:
-    name = _MAGIC_NAMES.get(m)
+    name = MAGICS.get(m)
     return f"{m:#010x} ({name})" if name else f"{m:#010x}"
 
 
@@ -184,7 +198,7 @@ def _check_magic(data: bytes, name: str, kind: str, head: int | None, magic: int
     return need
 
 
-def _frames(data: bytes, name: str, off: int) -> tuple[list[int], list[int]]:
+def frames(data: bytes, name: str, off: int) -> tuple[list[int], list[int]]:
     """Payload offsets and sizes of the u32-length-prefixed messages from ``off`` to the end of ``data``."""
     offs: list[int] = []
     sizes: list[int] = []
@@ -222,7 +236,7 @@ def _parse(cls, data: bytes, off: int, size: int, name: str, what: str):
 
 
 def _single(data: bytes, name: str, off: int, cls, what: str):
-    offs, sizes = _frames(data, name, off)
+    offs, sizes = frames(data, name, off)
     if not offs:
         raise ImageError(name, f"no {what} after the magic")
     if len(offs) > 1:
@@ -381,11 +395,11 @@ def _decode_entries_pb(data: bytes, name: str, offs: list[int], sizes: list[int]
 
 
 def _frames_np(raw: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Vectorised _frames for messages shorter than 256 bytes whose fields are all varints, or None.
+    """Vectorised frames for messages shorter than 256 bytes whose fields are all varints, or None.
 
     In such messages no two zero bytes follow each other (a zero is a whole varint, after a non-zero tag),
     so every non-zero byte followed by three zeros is a length prefix. The guess is then checked to be
-    exactly the chain of lengths from ``start`` to the end; anything else is left to _frames.
+    exactly the chain of lengths from ``start`` to the end; anything else is left to frames.
     """
     body = raw[start:]
     if len(body) < 4:
@@ -464,7 +478,7 @@ def _decode_pagemap(data: bytes, name: str, vectorised: bool) -> tuple[int, np.n
     data = bytes(data)
     off = _check_magic(data, name, "pagemap", IMG_COMMON_MAGIC, PAGEMAP_MAGIC)
     fast = _frames_np(np.frombuffer(data, dtype=np.uint8), off) if vectorised else None
-    offs, sizes = fast if fast is not None else _frames(data, name, off)
+    offs, sizes = fast if fast is not None else frames(data, name, off)
     if not len(offs):
         raise ImageError(name, "no pagemap_head after the magic")
     head = _parse(pagemap_pb2.pagemap_head, data, offs[0], sizes[0], name, "pagemap_head")

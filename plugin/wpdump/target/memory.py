@@ -265,3 +265,14 @@ def read_into(pid: int, r: np.ndarray, out: np.ndarray) -> np.ndarray | None:
     """Read ranges ``r`` of ``pid`` back to back into ``out`` with a Reader of its own (see Reader.read_into)."""
     with Reader(pid) as reader:
         return reader.read_into(r, out)
+
+
+def pread_into(fd: int, off: int, out: np.ndarray) -> None:
+    """Fill ``out`` from the file at ``off``; what lies beyond its end stays as it is (zero)."""
+    view = memoryview(out)
+    pos = 0
+    while pos < len(out):
+        got = os.preadv(fd, [view[pos:]], off + pos)
+        if got <= 0:
+            return
+        pos += got
