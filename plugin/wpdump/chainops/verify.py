@@ -120,17 +120,17 @@ def _populated(pm_fd: int, vmas: list[Vma]) -> list[np.ndarray | None]:
         return [None] * len(vmas)
     spans = np.array([(v.start, v.end) for v in vmas], dtype=np.uint64)
     mask = uffd.PAGE_IS_PRESENT | uffd.PAGE_IS_SWAPPED | uffd.PAGE_IS_GUARD | uffd.PAGE_IS_PFNZERO
-    got, counts = uffd.scan_ranges(
+    got, counts, errs = uffd.scan_ranges(
         pm_fd, spans, np.full(len(vmas), mask, dtype=np.uint64), uffd.RegionBuffer(), flags=0, category_mask=0,
         category_anyof_mask=uffd.PAGE_IS_PRESENT | uffd.PAGE_IS_SWAPPED,
     )
     # guard markers cannot be read; the shared zero page reads zero (it maps no file content either)
     keep = (got["categories"] & np.uint64(uffd.PAGE_IS_GUARD | uffd.PAGE_IS_PFNZERO)) == 0
     rows = np.column_stack((got["start"], got["end"])).astype(np.uint64)
-    ends = np.cumsum(np.maximum(counts, 0)).tolist()
+    ends = np.cumsum(counts).tolist()
     out: list[np.ndarray | None] = []
-    for c, e in zip(counts.tolist(), ends, strict=True):
-        if c < 0:
+    for c, e, err in zip(counts.tolist(), ends, errs.tolist(), strict=True):
+        if err:
             out.append(None)
         elif c == 0:
             out.append(ranges.EMPTY)

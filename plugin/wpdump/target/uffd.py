@@ -164,10 +164,10 @@ def scan_ranges(
     category_mask: int = PAGE_IS_WRITTEN,
     category_anyof_mask: int = 0,
     category_inverted: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scan each [start, end) of ``spans`` (n×2) with its own call (docs/kernel.md rule 4) and return mask,
-    in one native loop: (all regions in range order, per range its number of regions or -errno: a per-range
-    status array, turned into typed errors by the caller where a failure is one).
+    in one native loop: (all regions in range order, per range its number of regions, per range the errno
+    that failed it or 0). Whether a range's failure is an error (EPERM: unregistered) is the caller's call.
 
     A range that failed contributes no regions (the scan may have re-protected some: rule 4).
     """
@@ -204,7 +204,8 @@ def scan_ranges(
                 counts[last] += len(rest)
         i += k
     regions = np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.zeros(0, dtype=REGION_DTYPE)
-    return regions, counts
+    errs = np.where(counts < 0, -counts, 0).astype(np.int32)  # the native loop's -errno stops here
+    return regions, np.maximum(counts, 0), errs
 
 
 def read_ranges(

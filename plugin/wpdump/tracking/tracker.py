@@ -401,11 +401,11 @@ class Tracker:
         file_private = [not v.anonymous and not v.shared for v in scan]
         masks = np.where(file_private, uffd.CLASSIFY_MASK, uffd.CLASSIFY_MASK_NO_FILE).astype(np.uint64)
         spans = np.array([(v.start, v.end) for v in scan], dtype=np.uint64).reshape(-1, 2)
-        regions, counts = uffd.scan_ranges(pagemap, spans, masks, self._buf)
-        failed = np.flatnonzero(counts < 0).tolist()
+        regions, counts, errs = uffd.scan_ranges(pagemap, spans, masks, self._buf)
+        failed = np.flatnonzero(errs).tolist()
         for i in failed:
-            if counts[i] != -errno.EPERM:
-                raise self._error(from_errno(int(counts[i]), self.pid, "PAGEMAP_SCAN"))
+            if errs[i] != errno.EPERM:
+                raise self._error(from_errno(int(errs[i]), self.pid, "PAGEMAP_SCAN"))
             # Unregistered (new VMA) or changed under us. docs/kernel.md rule 4: the call may
             # already have re-protected written pages it could not return: dump it whole.
             lost.append((scan[i].start, scan[i].end))
@@ -458,12 +458,12 @@ class Tracker:
         out: list[VmaPages | None] = [None] * len(vs)
         spans = np.array([(v.start, v.end) for v in vs], dtype=np.uint64).reshape(-1, 2)
         masks = np.full(len(vs), uffd.CLASSIFY_MASK, dtype=np.uint64)
-        _, first = uffd.scan_ranges(pagemap, spans, masks, self._buf)
+        _, _, first = uffd.scan_ranges(pagemap, spans, masks, self._buf)
         new: list[int] = []
         slow: list[int] = []
-        for i, r in enumerate(first.tolist()):
+        for i, err in enumerate(first.tolist()):
             v = vs[i]
-            if r == -errno.EPERM and self._try_register(v):
+            if err == errno.EPERM and self._try_register(v):
                 fresh.add((v.start, v.end))
                 new.append(i)
             else:
@@ -471,11 +471,11 @@ class Tracker:
         if new:
             # Right after registration every page reads WRITTEN (docs/kernel.md rules 1-2): this scan
             # write-protects each VMA and lists every page, present (copy) or not (zero).
-            regions, counts = uffd.scan_ranges(pagemap, spans[new], masks[new], self._buf)
-            for j in np.flatnonzero(counts < 0).tolist():
-                if counts[j] != -errno.EPERM:  # EPERM: the layout changed meanwhile (None)
-                    raise self._error(from_errno(int(counts[j]), self.pid, "PAGEMAP_SCAN"))
-            ok = counts >= 0
+            regions, counts, errs = uffd.scan_ranges(pagemap, spans[new], masks[new], self._buf)
+            for j in np.flatnonzero(errs).tolist():
+                if errs[j] != errno.EPERM:  # EPERM: the layout changed meanwhile (None)
+                    raise self._error(from_errno(int(errs[j]), self.pid, "PAGEMAP_SCAN"))
+            ok = errs == 0
             done = [new[j] for j in np.flatnonzero(ok).tolist()]
             for i, res in zip(done, classify_many([vs[i] for i in done], regions, counts[ok], Policy.TRACK,
                                                    whole=True), strict=True):
@@ -530,12 +530,12 @@ class Tracker:
             return
         spans = np.array([(r.vma.start, r.vma.end) for r in results], dtype=np.uint64)
         masks = np.full(len(results), uffd.CLASSIFY_MASK, dtype=np.uint64)
-        cow, counts = uffd.scan_ranges(
+        cow, counts, errs = uffd.scan_ranges(
             pagemap, spans, masks, self._buf, flags=0, category_mask=PAGE_IS_FILE,
             category_inverted=PAGE_IS_FILE, category_anyof_mask=PAGE_IS_PRESENT,
         )  # not SWAPPED: uffd-wp markers on never-COWed pages read as SWAPPED without FILE
-        for i in np.flatnonzero(counts < 0).tolist():
-            raise self._error(from_errno(int(counts[i]), self.pid, "PAGEMAP_SCAN"))
+        for i in np.flatnonzero(errs).tolist():
+            raise self._error(from_errno(int(errs[i]), self.pid, "PAGEMAP_SCAN"))
         rows = np.column_stack((cow["start"], cow["end"])).astype(np.uint64)
         if len(rows) and not (rows[1:, 0] >= rows[:-1, 1]).all():  # not in address order after all
             ends = np.cumsum(counts).tolist()
