@@ -14,7 +14,6 @@ byte. Those fields (found with PTRACE_GET_RSEQ_CONFIGURATION) are left out of th
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,12 +21,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import ranges
-from ..errors import WpdumpError, no_such_process
+from ..errors import WpdumpError
 from ..images import format as images
 from ..images.chain import Iteration, load_chain, locate_pages, read_pages_into
 from ..ranges import PAGE, in_ranges, page_addrs
 from ..target import freeze, uffd
-from ..target.memory import pread_into
+from ..target.memory import pread_into, read_mem_span
 from ..target.process import all_stopped, check_alive, open_mapped_file, open_proc
 from ..target.vmas import KERNEL_VMAS, Vma, read_maps
 from ..tracking import keeper
@@ -140,31 +139,6 @@ def _populated(pm_fd: int, vmas: list[Vma]) -> list[np.ndarray | None]:
     return out
 
 
-def _read_mem(pid: int, fd: int, addr: int, out: np.ndarray) -> np.ndarray:
-    """pread [addr, addr + len(out)) of /proc/PID/mem into ``out``; a mask of the pages that could be read."""
-    n = len(out) // PAGE
-    ok = np.ones(n, dtype=bool)
-    view = memoryview(out)
-    pos = 0
-    while pos < len(out):
-        try:
-            got = os.preadv(fd, [view[pos:]], addr + pos)
-        except OSError as e:
-            if e.errno == errno.ESRCH:
-                raise no_such_process(pid, e.errno) from None
-            if e.errno not in (errno.EIO, errno.EFAULT, errno.ENOMEM, errno.EPERM):
-                raise
-            got = 0
-        if got > 0:
-            pos += got
-            continue
-        k = pos // PAGE  # this page cannot be read: skip it
-        ok[k] = False
-        out[k * PAGE : (k + 1) * PAGE] = 0
-        pos = (k + 1) * PAGE
-    return ok
-
-
 RSEQ_KERNEL_FIELDS = ((0, 16), (20, 28))  # cpu_id_start, cpu_id, rseq_cs (cleared); node_id, mm_cid
 
 
@@ -267,7 +241,7 @@ class _Comparer:
         row = 0
         for (s, _e, vi), c in zip(parts, counts.tolist(), strict=True):
             sl = slice(row * PAGE, (row + c) * PAGE)
-            readable[row : row + c] = _read_mem(self.pid, self.mem_fd, s, mem[sl])
+            readable[row : row + c] = read_mem_span(self.pid, self.mem_fd, s, mem[sl])
             if self.kinds[vi] == _FILE:
                 fd = self._file_fd(vi)
                 if fd >= 0:

@@ -10,7 +10,7 @@ import errno
 import os
 
 from ..errors import TrackerError, from_errno
-from .native import ffi, lib
+from .native import check, ffi, lib
 from .process import open_proc, pidfd_open
 from .ptrace import Seizure
 from .uffd import UFFD_USER_MODE_ONLY
@@ -63,9 +63,7 @@ def inject_userfaultfd(sz: Seizure) -> int:
             raise from_errno(remote, pid, "userfaultfd() in the target")
         local = -1
         try:
-            local = lib.wpd_pidfd_getfd(pidfd, remote)
-            if local < 0:
-                raise from_errno(local, pid, "pidfd_getfd")
+            local = check(lib.wpd_pidfd_getfd(pidfd, remote), pid, "pidfd_getfd")
         finally:
             # docs/kernel.md rule 10: the target must not keep a copy, or a tracker death leaves it protected
             r = th.syscall(lib.wpd_nr_close(), remote)

@@ -1,6 +1,6 @@
-"""Reading pages out of a target without changing it: page-aligned reusable buffers, process_vm_readv or
-/proc/PID/mem into them page by page as /proc/PID/pagemap allows (Reader), and the page/range conversions
-the copy needs."""
+"""Every read of a target's memory, none changing it: page-aligned buffers, process_vm_readv or /proc/PID/mem
+page by page as /proc/PID/pagemap allows (Reader), verify's own /proc/PID/mem read (read_mem_span), and the
+content of a mapped file (pread_into)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from .. import ranges
-from ..errors import NoSuchProcess, TargetExeced, UnreadableMemory, WpdumpError
+from ..errors import NoSuchProcess, TargetExeced, UnreadableMemory, WpdumpError, no_such_process
 from ..ranges import PAGE, in_ranges, page_addrs
 from . import uffd
 from .process import check_alive, open_proc
@@ -276,3 +276,29 @@ def pread_into(fd: int, off: int, out: np.ndarray) -> None:
         if got <= 0:
             return
         pos += got
+
+
+def read_mem_span(pid: int, fd: int, addr: int, out: np.ndarray) -> np.ndarray:
+    """pread [addr, addr + len(out)) of /proc/PID/mem (``fd``) into ``out``; a mask of the pages that could be
+    read, the others zeroed (verify's own read: it counts what it cannot read, where Reader raises)."""
+    n = len(out) // PAGE
+    ok = np.ones(n, dtype=bool)
+    view = memoryview(out)
+    pos = 0
+    while pos < len(out):
+        try:
+            got = os.preadv(fd, [view[pos:]], addr + pos)
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                raise no_such_process(pid, e.errno) from None
+            if e.errno not in (errno.EIO, errno.EFAULT, errno.ENOMEM, errno.EPERM):
+                raise
+            got = 0
+        if got > 0:
+            pos += got
+            continue
+        k = pos // PAGE  # this page cannot be read: skip it
+        ok[k] = False
+        out[k * PAGE : (k + 1) * PAGE] = 0
+        pos = (k + 1) * PAGE
+    return ok
