@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Iterator
 
 from ..errors import ChainError, WpdumpError
+from ..target.process import exists
 
 _STAGING_PARENTS: set[str] = set()  # where this process may have created staging directories
 MAX_DEPTH = 4096  # parent links followed at most
@@ -151,7 +152,7 @@ def _remove_stale(parent: str, base: str) -> None:
         if not name.startswith(prefix):
             continue
         pid = name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+        if pid.isdigit() and not exists(int(pid)):
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 

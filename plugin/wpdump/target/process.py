@@ -90,6 +90,11 @@ def read_stat(pid: int) -> ProcStat:
 PF_KTHREAD = 0x00200000
 
 
+def exists(pid: int) -> bool:
+    """True while /proc/PID exists (a zombie still does)."""
+    return os.path.exists(f"/proc/{pid}")
+
+
 def is_kernel_thread(pid: int) -> bool:
     """True for a kernel thread (PF_KTHREAD in the flags of /proc/PID/stat)."""
     raw = read_proc_text(pid, "stat", "")
