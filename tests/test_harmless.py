@@ -253,6 +253,26 @@ def test_killed_verify_leaves_the_target_running(target, tmp_path):
     iteration.untrack(target.pid)
 
 
+def test_ctrl_c_during_the_agents_fork_is_not_lost(target):
+    """A SIGINT that arrives while the command forks its ptrace agent interrupts the command (before: raised in
+    logging's at-fork handler, it was printed as "Exception ignored" and lost, and the attach went on)."""
+    code = f"""
+import os, signal
+from wpdump.target.agent import Agent
+os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGINT))
+try:
+    Agent({target.pid}, all_threads=False).close()
+except KeyboardInterrupt:
+    print("interrupted")
+else:
+    print("lost")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "interrupted" and "Exception ignored" not in r.stderr, r.stdout + r.stderr
+    wait_untraced(target.pid)
+    target.cmd("poke", hex(target.map(1)), "0,1")  # it runs and answers
+
+
 def test_dump_is_not_seen_by_the_parent(target, tmp_path):
     """The freeze is no group stop: the target's parent (this test) gets no CLD_STOPPED or CLD_CONTINUED."""
     a = target.map(16)
