@@ -12,7 +12,6 @@ typedef struct user_regs_struct wpd_regs_t;
 #define WPD_NR_CLOSE 3
 #define WPD_NR_MADVISE 28
 #define WPD_NR_USERFAULTFD 323
-#define WPD_NR_PIDFD_OPEN 434
 #define WPD_NR_PIDFD_GETFD 438
 
 /* `syscall` */

@@ -183,11 +183,6 @@ const char *wpd_arch_name(void) { return WPD_ARCH_NAME; }
 
 /* ---- pidfd ---- */
 
-int wpd_pidfd_open(int pid)
-{
-	return NEG_ERRNO((int)syscall(WPD_NR_PIDFD_OPEN, pid, 0));
-}
-
 int wpd_pidfd_getfd(int pidfd, int targetfd)
 {
 	return NEG_ERRNO((int)syscall(WPD_NR_PIDFD_GETFD, pidfd, targetfd, 0));
@@ -219,12 +214,6 @@ int wpd_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint6
 		return -errno;
 	*ioctls_out = reg.ioctls;
 	return 0;
-}
-
-int wpd_uffd_unregister(int fd, uint64_t start, uint64_t len)
-{
-	struct uffdio_range range = {.start = start, .len = len};
-	return NEG_ERRNO(ioctl(fd, UFFDIO_UNREGISTER, &range));
 }
 
 int wpd_uffd_writeprotect(int fd, uint64_t start, uint64_t len, int protect)
@@ -395,4 +384,14 @@ int64_t wpd_zero_pages(const void *buf, uint64_t npages, uint64_t page_size, uin
 		n += acc == 0;
 	}
 	return n;
+}
+
+int wpd_ptrace_rseq_configuration(int tid, void *conf, uint32_t size)
+{
+	return NEG_ERRNO(ptrace(0x420f /* PTRACE_GET_RSEQ_CONFIGURATION */, tid, (void *)(long)size, conf));
+}
+
+int wpd_punch_hole(int fd, int64_t offset, int64_t len)
+{
+	return NEG_ERRNO(fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len));
 }

@@ -20,6 +20,7 @@ int wpd_ptrace_getsiginfo(int tid, void *siginfo128);
 int wpd_rt_tgsigqueueinfo(int tgid, int tid, int sig, void *siginfo128);
 int wpd_ptrace_getsigmask(int tid, uint64_t *mask);
 int wpd_ptrace_setsigmask(int tid, uint64_t mask);
+int wpd_ptrace_rseq_configuration(int tid, void *conf, uint32_t size);
 int wpd_waitpid(int tid, int *status, int options);
 int wpd_tgkill(int tgid, int tid, int sig);
 size_t wpd_regs_size(void);
@@ -37,13 +38,11 @@ long wpd_nr_close(void);
 long wpd_nr_madvise(void);
 const char *wpd_arch_name(void);
 
-int wpd_pidfd_open(int pid);
 int wpd_pidfd_getfd(int pidfd, int targetfd);
 
 int wpd_userfaultfd(int flags);
 int wpd_uffd_api(int fd, uint64_t features, uint64_t *features_out, uint64_t *ioctls_out);
 int wpd_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls_out);
-int wpd_uffd_unregister(int fd, uint64_t start, uint64_t len);
 int wpd_uffd_writeprotect(int fd, uint64_t start, uint64_t len, int protect);
 
 int64_t wpd_pagemap_scan(int fd, uint64_t start, uint64_t end, uint64_t flags,
@@ -60,4 +59,5 @@ int64_t wpd_read_ranges(int pid, const uint64_t *ranges, uint64_t nranges, void 
 int64_t wpd_pread_ranges(int fd, const uint64_t *ranges, uint64_t nranges, void *buf,
 			 uint64_t buflen, const uint64_t *dst);
 int64_t wpd_zero_pages(const void *buf, uint64_t npages, uint64_t page_size, uint8_t *is_zero);
+int wpd_punch_hole(int fd, int64_t offset, int64_t len);
 #endif

@@ -10,10 +10,11 @@ import time
 
 import numpy as np
 import pytest
-from wpdump import uffd
+from wpdump import ranges
+from wpdump.target import uffd
 
 TARGETS = pathlib.Path(__file__).parent / "targets"
-PAGE = uffd.PAGE_SIZE
+PAGE = ranges.PAGE
 
 
 def require_kernel() -> None:
@@ -153,7 +154,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monkey
     d.chmod(0o700)
     monkeypatch.setenv("WPDUMP_RUN_DIR", str(d))
     yield d
-    from wpdump import keeper
+    from wpdump.tracking import keeper
 
     for pid in keeper.tracked_pids():
         k = keeper.Keeper.connect(pid)

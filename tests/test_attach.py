@@ -8,7 +8,7 @@ import time
 
 import pytest
 from conftest import compile_target, require_kernel
-from wpdump.tracker import Tracker
+from wpdump.tracking.tracker import Tracker
 
 
 @pytest.fixture(scope="module")

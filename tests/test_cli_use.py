@@ -14,8 +14,8 @@ import time
 import pytest
 from conftest import Target, default_sigint, require_kernel
 from test_rundir import NOBODY, PLUGIN, _python_for_others
-from wpdump import keeper
-from wpdump.process import thread_state, threads
+from wpdump.target.process import thread_state, threads
+from wpdump.tracking import keeper
 
 WPDUMP = [sys.executable, "-m", "wpdump.cli"]
 COMMANDS = ["pre-dump", "dump", "checkpoint", "restore-memory", "criu-hook", "status", "untrack", "show", "decode",

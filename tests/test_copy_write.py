@@ -1,4 +1,4 @@
-"""The page copy/write path of an iteration (iteration._copy_and_write): batches, reader threads, the writer
+"""The page copy/write path of an iteration (pages.copy_and_write): batches, reader threads, the writer
 thread with O_DIRECT, zero pages left out, ranges that vanished skipped; the file holds exactly the pages."""
 
 from __future__ import annotations
@@ -8,7 +8,9 @@ import os
 
 import numpy as np
 import pytest
-from wpdump import iteration, pagecopy, ranges
+from wpdump import ranges
+from wpdump.dump import pages
+from wpdump.target import memory
 
 PAGE = 4096
 
@@ -19,21 +21,21 @@ def test_batches_are_exact():
     r = ranges.merge(np.column_stack((pages * PAGE, (pages + rng.integers(1, 40, len(pages))) * PAGE)))
     r = np.concatenate((r, [[r[-1, 1] + PAGE, r[-1, 1] + 1000 * PAGE]])).astype(np.uint64)  # one long range
     for limit in (PAGE, 8 * PAGE, 64 * PAGE, 1 << 20):
-        batches = iteration._batches(r, limit)
+        batches = ranges.batches(r, limit)
         assert all(ranges.total(b) <= limit for b in batches)
         assert np.array_equal(ranges.merge(np.concatenate(batches)), ranges.merge(r))
         # greedy: a batch ends only where the next range would not fit
         for b, nxt in zip(batches, batches[1:], strict=False):
             assert ranges.total(b) + int(nxt[0, 1] - nxt[0, 0]) > limit
-    assert iteration._batches(ranges.EMPTY, PAGE) == []
+    assert ranges.batches(ranges.EMPTY, PAGE) == []
 
 
 @pytest.mark.parametrize("readers", [1, 2])
 def test_copy_and_write(target, tmp_path, monkeypatch, readers):
-    monkeypatch.setattr(iteration, "READERS", readers)
-    monkeypatch.setattr(iteration, "BUFFERS", readers + 2)
-    monkeypatch.setattr(iteration, "BATCH_BYTES", 8 * PAGE)  # many batches, every buffer reused
-    monkeypatch.setattr(iteration, "MIN_BATCH_BYTES", 8 * PAGE)
+    monkeypatch.setattr(pages, "READERS", readers)
+    monkeypatch.setattr(pages, "BUFFERS", readers + 2)
+    monkeypatch.setattr(pages, "BATCH_BYTES", 8 * PAGE)  # many batches, every buffer reused
+    monkeypatch.setattr(pages, "MIN_BATCH_BYTES", 8 * PAGE)
     t = target
     a = t.map(64)
     t.cmd("fill", hex(a), 64, 3)
@@ -47,7 +49,7 @@ def test_copy_and_write(target, tmp_path, monkeypatch, readers):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     seen = []
     try:
-        written, zeros, copy_s, write_s = iteration._copy_and_write(
+        written, zeros, copy_s, write_s = pages.copy_and_write(
             t.pid, copy, anon, fd, str(path), lambda done, total: seen.append((done, total))
         )
         assert not os.O_DIRECT & fcntl.fcntl(fd, fcntl.F_GETFL), "O_DIRECT left on"
@@ -66,21 +68,27 @@ def test_copy_and_write(target, tmp_path, monkeypatch, readers):
 def test_copy_and_write_nothing(tmp_path):
     fd = os.open(tmp_path / "p", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        written, zeros, _, _ = iteration._copy_and_write(os.getpid(), ranges.EMPTY, ranges.EMPTY, fd, "p", None)
+        written, zeros, _, _ = pages.copy_and_write(os.getpid(), ranges.EMPTY, ranges.EMPTY, fd, "p", None)
     finally:
         os.close(fd)
     assert len(written) == 0 and zeros == 0 and os.path.getsize(tmp_path / "p") == 0
 
 
-def test_copy_pages_skips_only_the_hole(target):
+def test_reader_skips_only_the_hole(target):
     t = target
     c = t.map(40)
     t.cmd("fill", hex(c), 40, 5)
     t.cmd("munmap", hex(c + 10 * PAGE), 5)
     t.cmd("munmap", hex(c + 30 * PAGE), 1)
-    got = pagecopy.copy_pages(t.pid, ranges.from_pairs([(c, c + 40 * PAGE)]), pagecopy.CopyBuffer())
-    assert np.array_equal(got.lost, ranges.from_pairs([(c + 10 * PAGE, c + 15 * PAGE), (c + 30 * PAGE, c + 31 * PAGE)]))
-    assert len(got.addrs) == 34 and len(got.rows) == 34
-    for addr, row in zip(got.addrs.tolist(), got.rows, strict=True):
+    r = ranges.from_pairs([(c, c + 40 * PAGE)])
+    out = np.zeros(40 * PAGE, dtype=np.uint8)
+    with memory.Reader(t.pid) as reader:
+        ok = reader.read_into(r, out)
+    addrs = ranges.page_addrs(r)
+    lost = ranges.from_pages(addrs[~ok])
+    assert np.array_equal(lost, ranges.from_pairs([(c + 10 * PAGE, c + 15 * PAGE), (c + 30 * PAGE, c + 31 * PAGE)]))
+    rows = out.reshape(-1, PAGE)[ok]
+    assert len(rows) == 34
+    for addr, row in zip(addrs[ok].tolist(), rows, strict=True):
         assert row.tobytes() == t.read_mem(addr, PAGE)
 

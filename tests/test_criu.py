@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 from chaincheck import PE_PARENT, PE_PRESENT, load_pagemap
 from conftest import Target, compile_target, copied_pages, page_set, require_kernel, zero_pages
-from wpdump import iteration, keeper, ranges, uffd
-from wpdump.tracker import Tracker
+from wpdump import ranges
+from wpdump.dump import iteration
+from wpdump.target import uffd
+from wpdump.tracking import keeper
+from wpdump.tracking.tracker import Tracker
 
 BIN = pathlib.Path(sys.executable).parent
 CRIU, CRIU4_CRIT, CRIT = BIN / "criu", BIN / "criu4-crit", BIN / "crit"

@@ -14,7 +14,7 @@ import time
 import pytest
 from chaincheck import compare_with_memory
 from conftest import compile_target, require_kernel
-from wpdump import iteration
+from wpdump.dump import iteration
 
 PAGE = 4096
 
@@ -148,7 +148,7 @@ def test_signal_flood_during_attaches_loses_nothing(build_dir, tmp_path):
     signal is delivered once, in order, and the target keeps no userfaultfd. Target and senders run as nobody:
     the pending-signal limit is per user, and root's other processes must not find it exhausted."""
     require_kernel()
-    from wpdump.tracker import Tracker
+    from wpdump.tracking.tracker import Tracker
 
     d = tempfile.mkdtemp(prefix="wpdump-flood-")
     os.chmod(d, 0o755)
@@ -251,6 +251,26 @@ def test_killed_verify_leaves_the_target_running(target, tmp_path):
     assert state(target.pid) not in ("t", "T")
     target.cmd("poke", hex(a), "0,1")
     iteration.untrack(target.pid)
+
+
+def test_ctrl_c_during_the_agents_fork_is_not_lost(target):
+    """A SIGINT that arrives while the command forks its ptrace agent interrupts the command (before: raised in
+    logging's at-fork handler, it was printed as "Exception ignored" and lost, and the attach went on)."""
+    code = f"""
+import os, signal
+from wpdump.target.agent import Agent
+os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGINT))
+try:
+    Agent({target.pid}, all_threads=False).close()
+except KeyboardInterrupt:
+    print("interrupted")
+else:
+    print("lost")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "interrupted" and "Exception ignored" not in r.stderr, r.stdout + r.stderr
+    wait_untraced(target.pid)
+    target.cmd("poke", hex(target.map(1)), "0,1")  # it runs and answers
 
 
 def test_dump_is_not_seen_by_the_parent(target, tmp_path):

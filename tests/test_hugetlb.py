@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import PAGE, copied_pages
-from wpdump.tracker import Tracker
+from wpdump.tracking.tracker import Tracker
 
 HUGE = 2 << 20
 NR = "/proc/sys/vm/nr_hugepages"

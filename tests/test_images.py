@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 import pytest
-from wpdump import images as im
 from wpdump.criu_pb import inventory_pb2, pagemap_pb2, stats_pb2
+from wpdump.images import format as im
 
 # Debian 12's pycriu calls FieldDescriptor.label, deprecated in protobuf 6.31+.
 pytestmark = pytest.mark.filterwarnings("ignore:label\\(\\) is deprecated:DeprecationWarning")
@@ -351,7 +351,8 @@ def test_pycriu_images_decode_with_ours() -> None:
 
 @pytest.mark.parametrize("order", ["ours-first", "pycriu-first"])
 def test_generated_modules_and_pycriu_in_one_process(order: str) -> None:
-    ours = "from wpdump.criu_pb import pagemap_pb2, inventory_pb2, stats_pb2; from wpdump import images"
+    ours = ("from wpdump.criu_pb import pagemap_pb2, inventory_pb2, stats_pb2; "
+            "from wpdump.images import format as images")
     theirs = "import pycriu, pycriu.images; from pycriu.images import pb"
     code = f"""
 {ours if order == "ours-first" else theirs}

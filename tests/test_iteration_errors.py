@@ -13,7 +13,9 @@ import time
 import pytest
 from chaincheck import compare_with_memory
 from conftest import Target, default_sigint
-from wpdump import chain, iteration, keeper
+from wpdump.dump import iteration
+from wpdump.images import chain
+from wpdump.tracking import keeper
 
 PAGE = 4096
 

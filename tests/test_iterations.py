@@ -9,7 +9,9 @@ import time
 import pycriu.images
 import pytest
 from chaincheck import PE_PARENT, PE_PRESENT, compare_with_memory, load_pagemap, reconstruct
-from wpdump import chain, iteration, keeper
+from wpdump.dump import iteration
+from wpdump.images import chain
+from wpdump.tracking import keeper
 
 PAGE = 4096
 

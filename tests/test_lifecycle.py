@@ -13,9 +13,9 @@ import time
 import pytest
 from conftest import PAGE, copied_pages
 from test_vma_events import Model, attach, iso_map, pages_of, rel, vma_pages, wait_idle
-from wpdump import iouring
 from wpdump.errors import NoSuchProcess, RangeBusy, TargetExeced, TargetExited
-from wpdump.tracker import Tracker
+from wpdump.target import iouring
+from wpdump.tracking.tracker import Tracker
 
 SYS_PAUSE = 34  # x86_64
 SYS_CLOCK_NANOSLEEP = 230
@@ -205,7 +205,7 @@ def test_io_uring_fixed_buffer_copied_every_round(target):
 # starts as root, imports everything, drops to nobody for good, then attaches.
 ATTACH_AS_NOBODY = """
 import os, sys
-from wpdump.tracker import Tracker
+from wpdump.tracking.tracker import Tracker
 os.setgroups([])
 os.setgid(65534)
 os.setuid(65534)

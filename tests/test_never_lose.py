@@ -15,9 +15,10 @@ from chaincheck import compare_with_memory
 from conftest import PAGE, compile_target
 from test_iteration_errors import one_line_error, wpdump
 from test_iterations import stop_and_wait
-from wpdump import keeper, procfds
 from wpdump.errors import AlreadyTracked, TargetUsesUserfaultfd
-from wpdump.tracker import Tracker
+from wpdump.target import procfds
+from wpdump.tracking import keeper
+from wpdump.tracking.tracker import Tracker
 
 
 def dump_equals_memory(target, images_dir, *args: str) -> subprocess.CompletedProcess:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import PAGE
-from wpdump import ranges, uffd
-from wpdump.tracker import Tracker
+from wpdump import ranges
+from wpdump.target import uffd
+from wpdump.tracking.tracker import Tracker
 
 PAGES = 256
 ROUNDS = 1000

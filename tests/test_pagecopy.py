@@ -1,4 +1,4 @@
-"""Reading pages out of the target (pagecopy.Reader) leaves it as it was and leaves nothing out: pages of VMAs
+"""Reading pages out of the target (memory.Reader) leaves it as it was and leaves nothing out: pages of VMAs
 without read permission are dumped, pages shared copy-on-write with a forked process stay shared (same PFN
 in both), and a page that cannot be read fails loudly instead of missing from the image."""
 
@@ -12,8 +12,11 @@ import time
 import numpy as np
 import pytest
 from chaincheck import PE_PRESENT, compare_with_memory, load_pagemap
-from wpdump import iteration, pagecopy, ranges, verify
+from wpdump import ranges
+from wpdump.chainops import verify
+from wpdump.dump import iteration, pages
 from wpdump.errors import UnreadableMemory
+from wpdump.target import memory
 
 PAGE = 4096
 PFN_MASK = (1 << 55) - 1
@@ -101,7 +104,7 @@ def test_reader_reads_unreadable_vmas_and_skips_only_what_vanished(target):
     r = ranges.from_pairs([(a, a + 60 * PAGE)])
     for unreadable in (ranges.EMPTY, ranges.from_pairs([(a + 10 * PAGE, a + 30 * PAGE)])):
         out = np.zeros(60 * PAGE, dtype=np.uint8)
-        with pagecopy.Reader(t.pid, unreadable) as reader:
+        with memory.Reader(t.pid, unreadable) as reader:
             ok = reader.read_into(r, out)
         lost = set(range(30, 35)) | {40}
         assert ok is not None and set(np.flatnonzero(~ok).tolist()) == lost
@@ -123,14 +126,14 @@ def test_unreadable_mapped_pages_fail_loudly(target, tmp_path):
     b = t.map(8)
     t.cmd("fill", hex(b), 8, 4)
     r = ranges.merge(ranges.from_pairs([(b, b + 8 * PAGE), (s + PAGE, s + 3 * PAGE)]))
-    with pagecopy.Reader(t.pid) as reader, pytest.raises(UnreadableMemory) as e:
+    with memory.Reader(t.pid) as reader, pytest.raises(UnreadableMemory) as e:
         reader.read_into(r, np.zeros(ranges.total(r), dtype=np.uint8))
     assert (e.value.start, e.value.end, e.value.pid) == (s + PAGE, s + 3 * PAGE, t.pid)
     assert f"{s + PAGE:#x}-{s + 3 * PAGE:#x}" in str(e.value)
     fd = os.open(tmp_path / "pages", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         with pytest.raises(UnreadableMemory):
-            iteration._copy_and_write(t.pid, r, ranges.EMPTY, fd, "pages", None)
+            pages.copy_and_write(t.pid, r, ranges.EMPTY, fd, "pages", None)
     finally:
         os.close(fd)
 

@@ -10,8 +10,8 @@ import sys
 import pytest
 from chaincheck import compare_with_memory
 from test_iterations import stop_and_wait
-from wpdump import iteration
-from wpdump.rollback import LayoutMismatch, restore_memory
+from wpdump.chainops.rollback import LayoutMismatch, restore_memory
+from wpdump.dump import iteration
 
 PAGE = 4096
 

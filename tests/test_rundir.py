@@ -15,8 +15,8 @@ import time
 import pytest
 import wpdump
 from conftest import Target, require_kernel
-from wpdump import keeper
-from wpdump.process import read_stat
+from wpdump.target.process import read_stat
+from wpdump.tracking import keeper
 
 NOBODY = 65534
 PLUGIN = pathlib.Path(wpdump.__file__).resolve().parent.parent

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 
 from conftest import PAGE, copied_pages
-from wpdump.tracker import Tracker
-from wpdump.vmas import Policy
+from wpdump.target.vmas import Policy
+from wpdump.tracking.tracker import Tracker
 
 
 def test_shared_anon_written_by_another_process_is_reported(target):

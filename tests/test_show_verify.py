@@ -17,7 +17,11 @@ import numpy as np
 import pycriu.images
 import pytest
 from chaincheck import PE_PARENT, PE_PRESENT, compare_with_memory, load_pagemap, reconstruct
-from wpdump import decode, freeze, images, iteration, show, verify
+from wpdump.chainops import check, show, verify
+from wpdump.dump import iteration
+from wpdump.images import decode
+from wpdump.images import format as images
+from wpdump.target import freeze
 
 PAGE = 4096
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -281,7 +285,7 @@ def test_verify_names_a_flipped_byte(made):
     assert f"mismatch: {addr:#x} differs (from {c.dirs[0]})" in res.stdout, res.stdout
     assert "first at +0x4d" in res.stdout, line
     assert state(c.pid) == "T"
-    assert verify.check_chain(c.top).ok  # the structure is fine: only the content differs
+    assert check.check_chain(c.top).ok  # the structure is fine: only the content differs
 
 
 def rewrite_pagemap(d: str, pid: int, keep) -> np.ndarray:
@@ -308,7 +312,7 @@ def test_dropped_entries(made):
         return keep
 
     rewrite_pagemap(c.top, c.pid, drop_first_parent)
-    assert verify.check_chain(c.top).ok
+    assert check.check_chain(c.top).ok
     r = verify.verify_process(c.pid, c.top)
     gone = first_parent[0]
     assert r.mismatches == int(gone["nr_pages"])  # the pages had content
@@ -318,7 +322,7 @@ def test_dropped_entries(made):
 
     # a PE_PRESENT entry dropped from the middle level: its pages file no longer matches
     dropped = rewrite_pagemap(c.dirs[1], c.pid, lambda e: np.arange(len(e)) != np.flatnonzero(e["flags"] & 4)[0])
-    rep = verify.check_chain(c.top)
+    rep = check.check_chain(c.top)
     assert not rep.ok
     assert any("pages-1.img" in p and c.dirs[1] in p and "present pages" in p for p in rep.problems), rep.problems
     res = run("verify", "-D", c.top)
@@ -336,7 +340,7 @@ def test_broken_parent_link(made):
     res = run("verify", "-D", c.top)
     assert_one_line_error(res, "does not exist", f"parent of {c.dirs[2]}")
     os.remove(link)  # no link at all, yet entries in the parent
-    rep = verify.check_chain(c.top)
+    rep = check.check_chain(c.top)
     assert len(rep.problems) == 1 and "no parent link" in rep.problems[0]
     assert_one_line_error(run("verify", "-D", c.top), "marked in-parent", "no parent link")
     os.symlink("../3", link)  # a loop
@@ -350,7 +354,7 @@ def test_truncated_pages_file_and_several_problems(made):
     pages = os.path.join(c.dirs[0], "pages-1.img")
     size = os.path.getsize(pages)
     os.truncate(pages, size - PAGE)
-    rep = verify.check_chain(c.top)
+    rep = check.check_chain(c.top)
     assert len(rep.problems) == 1
     assert f"{size - PAGE} bytes" in rep.problems[0] and pages in rep.problems[0]
     assert_one_line_error(run("verify", "-D", c.top), pages, f"{size - PAGE} bytes")
@@ -359,7 +363,7 @@ def test_truncated_pages_file_and_several_problems(made):
         f.write(b"\0\0\0\0")
     with open(os.path.join(c.dirs[2], "inventory.img"), "r+b") as f:
         f.write(b"XXXX")
-    rep = verify.check_chain(c.top)
+    rep = check.check_chain(c.top)
     assert len(rep.problems) == 3, rep.problems
     assert "inventory" in rep.problems[0] and "stats" in rep.problems[1] and pages in rep.problems[2]
     res = run("verify", "-D", c.top)

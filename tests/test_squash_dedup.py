@@ -11,8 +11,8 @@ import pycriu.images
 import pytest
 from chaincheck import PE_PRESENT, compare_with_memory, load_pagemap, reconstruct
 from test_show_verify import Chain, assert_one_line_error, page_offset, pages_of, run, state
-from wpdump import squash, verify
-from wpdump.dedup import dedup
+from wpdump.chainops import check, squash, verify
+from wpdump.chainops.dedup import dedup
 
 PAGE = 4096
 
@@ -55,7 +55,7 @@ def test_squash_equals_the_chain(made, tmp_path):
     compare_with_memory(str(out), c.pid)
     v = verify.verify_process(c.pid, str(out))
     assert v.ok and v.levels == 1 and v.pages_listed == len(want)
-    assert verify.check_chain(str(out)).ok
+    assert check.check_chain(str(out)).ok
 
     meta = json.loads((out / "wpdump.json").read_text())
     assert meta["parent_iteration"] is None and meta["squashed"]["from"] == c.dirs[::-1]
@@ -71,7 +71,7 @@ def test_squash_equals_the_chain(made, tmp_path):
 
 def test_squash_of_a_pre_dump_is_a_usable_parent(made, tmp_path):
     """A squashed pre-dump is the same iteration: the next pre-dump of the tracked process builds on it."""
-    from wpdump import iteration
+    from wpdump.dump import iteration
 
     c = made
     os.kill(c.pid, signal.SIGCONT)  # the dump left the target stopped; tracking ended with the dump
@@ -151,7 +151,7 @@ def test_dedup_frees_superseded_pages(made):
 
     # the chain still reads as before and equals the stopped process
     assert reconstruct(c.top, c.pid)[0] == before_top
-    assert verify.check_chain(c.top).ok
+    assert check.check_chain(c.top).ok
     v = verify.verify_process(c.pid, c.top)
     assert v.ok, [str(m) for m in v.first]
     compare_with_memory(c.top, c.pid)

@@ -9,7 +9,7 @@ import time
 
 ATTACH = """
 import sys, time
-from wpdump.tracker import Tracker
+from wpdump.tracking.tracker import Tracker
 tr = Tracker(int(sys.argv[1]))
 print("attached", flush=True)
 time.sleep(600)
@@ -49,7 +49,7 @@ def test_sigkilled_tracker_leaves_target_unprotected(target):
 
 
 def test_close_unprotects(target):
-    from wpdump.tracker import Tracker
+    from wpdump.tracking.tracker import Tracker
 
     a = target.map(16)
     with Tracker(target.pid):

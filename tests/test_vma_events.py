@@ -7,9 +7,10 @@ import bisect
 import os
 
 from conftest import PAGE, copied_pages, page_set, wait_idle, zero_pages
-from wpdump import ranges, uffd
-from wpdump.tracker import Harvest, Tracker
-from wpdump.vmas import EventKind, Policy, read_maps
+from wpdump import ranges
+from wpdump.target import uffd
+from wpdump.target.vmas import EventKind, Policy, read_maps
+from wpdump.tracking.tracker import Harvest, Tracker
 
 ZERO = bytes(PAGE)
 

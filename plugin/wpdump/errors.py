@@ -75,8 +75,17 @@ class UnreadableMemory(WpdumpError):
         self.end = end
 
 
+class ChainError(WpdumpError):
+    """An images directory or its chain of parents is missing, corrupt, foreign or not this process's."""
+
+
 class TrackerError(WpdumpError):
     """A kernel operation failed in a way none of the specific errors describes."""
+
+
+def no_such_process(pid: int | None, err: int = errno_mod.ESRCH) -> NoSuchProcess:
+    """The error for a pid that does not exist (or no longer does)."""
+    return NoSuchProcess(f"no such process: {pid}", pid=pid, errno=err)
 
 
 def from_errno(err: int, pid: int | None, what: str) -> WpdumpError:
@@ -84,7 +93,7 @@ def from_errno(err: int, pid: int | None, what: str) -> WpdumpError:
     err = abs(err)
     text = f"pid {pid}: {what}: {os.strerror(err)}"
     if err == errno_mod.ESRCH:
-        return NoSuchProcess(f"no such process: {pid}", pid=pid, errno=err)
+        return no_such_process(pid, err)
     if err in (errno_mod.EPERM, errno_mod.EACCES):
         return AccessDenied(f"permission denied: cannot {what} pid {pid}", pid=pid, errno=err)
     return TrackerError(text, pid=pid, errno=err)

@@ -1,9 +1,13 @@
-"""Page ranges as n×2 uint64 numpy arrays of [start, end): no Python object per range."""
+"""Page ranges as n×2 uint64 numpy arrays of [start, end): no Python object per range; page addresses as
+uint64 arrays; the page size."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
+PAGE = os.sysconf("SC_PAGE_SIZE")
 EMPTY = np.zeros((0, 2), dtype=np.uint64)
 
 
@@ -51,11 +55,67 @@ def total(r: np.ndarray) -> int:
     return int((r[:, 1] - r[:, 0]).sum()) if len(r) else 0
 
 
-def pages(r: np.ndarray, page_size: int = 4096) -> np.ndarray:
-    """Every page address covered by ``r`` (for tests and small sets only)."""
+def page_addrs(r: np.ndarray) -> np.ndarray:
+    """Page addresses covered by n×2 ranges, in the order of the ranges (vectorised)."""
     if not len(r):
         return np.zeros(0, dtype=np.uint64)
-    return np.concatenate([np.arange(int(a), int(b), page_size, dtype=np.uint64) for a, b in r])
+    counts = ((r[:, 1] - r[:, 0]) // PAGE).astype(np.int64)
+    n = int(counts.sum())
+    firsts = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(r[:, 0], counts) + (np.arange(n, dtype=np.uint64) - firsts.astype(np.uint64)) * PAGE
+
+
+def from_pages(addrs: np.ndarray) -> np.ndarray:
+    """Sorted page addresses → merged n×2 ranges."""
+    if not len(addrs):
+        return EMPTY.copy()
+    brk = np.flatnonzero(np.diff(addrs) != PAGE) + 1
+    starts = addrs[np.concatenate(([0], brk))]
+    ends = addrs[np.concatenate((brk - 1, [len(addrs) - 1]))] + PAGE
+    return np.column_stack((starts, ends)).astype(np.uint64)
+
+
+def in_ranges(addrs: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Boolean mask: which ``addrs`` fall inside the (merged, sorted) ranges ``r``."""
+    if not len(r) or not len(addrs):
+        return np.zeros(len(addrs), dtype=bool)
+    idx = np.searchsorted(r[:, 0], addrs, side="right") - 1
+    ok = idx >= 0
+    out = np.zeros(len(addrs), dtype=bool)
+    out[ok] = addrs[ok] < r[idx[ok], 1]
+    return out
+
+
+def cover(r: np.ndarray, gap: int) -> np.ndarray:
+    """Sorted ranges merged across gaps shorter than ``gap`` bytes."""
+    if len(r) <= 1:
+        return r
+    brk = np.flatnonzero(r[1:, 0] - r[:-1, 1] >= np.uint64(gap)) + 1
+    return np.column_stack((r[np.concatenate(([0], brk)), 0], r[np.concatenate((brk - 1, [len(r) - 1])), 1]))
+
+
+def batches(r: np.ndarray, limit: int) -> list[np.ndarray]:
+    """Split ranges into consecutive groups of at most ``limit`` bytes (a multiple of PAGE; long ranges are cut)."""
+    if not len(r):
+        return []
+    r = np.ascontiguousarray(r, dtype=np.uint64)
+    lens = (r[:, 1] - r[:, 0]).astype(np.int64)
+    if (lens > limit).any():
+        n = -(-lens // limit)  # pieces per range
+        idx = np.repeat(np.arange(len(r)), n)
+        k = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
+        starts = r[idx, 0] + (k * limit).astype(np.uint64)
+        ends = np.minimum(starts + np.uint64(limit), r[idx, 1])
+        r = np.column_stack((starts, ends))
+        lens = (ends - starts).astype(np.int64)
+    cum = np.cumsum(lens)
+    out = []
+    i, base = 0, 0
+    while i < len(r):  # greedy: as many whole ranges as fit (one step per batch, not per range)
+        j = int(np.searchsorted(cum, base + limit, side="right"))
+        out.append(r[i:j])
+        base, i = int(cum[j - 1]), j
+    return out
 
 
 def _sweep(a: np.ndarray, b: np.ndarray, want_b: bool) -> np.ndarray:

@@ -8,7 +8,8 @@ import pathlib
 
 import numpy as np
 import pytest
-from wpdump import chain, images
+from wpdump.images import chain
+from wpdump.images import format as images
 
 PAGE = 4096
 PID = 4242

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from wpdump import uffd
-from wpdump.tracker import classify, classify_many
-from wpdump.uffd import (
+from wpdump.target import uffd
+from wpdump.target.uffd import (
     PAGE_IS_FILE,
     PAGE_IS_GUARD,
     PAGE_IS_HUGE,
@@ -16,7 +15,8 @@ from wpdump.uffd import (
     PAGE_IS_SWAPPED,
     PAGE_IS_WRITTEN,
 )
-from wpdump.vmas import Policy, Vma
+from wpdump.target.vmas import Policy, Vma
+from wpdump.tracking.tracker import classify, classify_many
 
 PAGE = 4096
 BASE = 0x7F00_0000_0000

@@ -10,8 +10,9 @@ import warnings
 import numpy as np
 import pytest
 from google.protobuf.internal import encoder as pb_encoder
-from wpdump import decode, images
 from wpdump.criu_pb import inventory_pb2, pagemap_pb2, stats_pb2
+from wpdump.images import decode
+from wpdump.images import format as images
 
 PAGE = 4096
 U32 = struct.Struct("<I")

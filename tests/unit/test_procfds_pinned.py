@@ -14,8 +14,9 @@ import time
 
 import numpy as np
 import pytest
-from wpdump import iouring, pinned, procfds
-from wpdump.uffd import PAGE_SIZE
+from wpdump.ranges import PAGE as PAGE_SIZE
+from wpdump.target import iouring, procfds
+from wpdump.tracking import pinned
 
 PAGE = PAGE_SIZE
 libc = ctypes.CDLL(None, use_errno=True)

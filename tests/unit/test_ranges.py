@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from wpdump import pagecopy, ranges
+from wpdump import ranges
+from wpdump.target import memory as pagecopy
 
 SPAN = 96  # units of the model's universe
 HIGH = (1 << 64) - (1 << 20)  # a base near the top of the u64 space: no op may go through int64/float
@@ -147,50 +148,40 @@ def test_total_pages_from_pairs() -> None:
         d = random_ranges(rng, sorted_disjoint=True) * np.uint64(4096)
         assert ranges.total(d) == 4096 * len(cover(d // np.uint64(4096)))
         want = sorted(4096 * u for u in cover(d // np.uint64(4096)))
-        got = ranges.pages(d)
+        got = ranges.page_addrs(d)
         assert got.dtype == np.uint64 and got.tolist() == want
     assert ranges.total(ranges.EMPTY) == 0
-    assert ranges.pages(ranges.EMPTY).tolist() == []
-    assert ranges.pages(R([(0, 64)]), page_size=16).tolist() == [0, 16, 32, 48]
+    assert ranges.page_addrs(ranges.EMPTY).tolist() == []
     top = R([(HIGH, HIGH + 2 * 4096)])
-    assert ranges.total(top) == 8192 and ranges.pages(top).tolist() == [HIGH, HIGH + 4096]
+    assert ranges.total(top) == 8192 and ranges.page_addrs(top).tolist() == [HIGH, HIGH + 4096]
     e = ranges.from_pairs([])
     assert e.shape == (0, 2) and e.dtype == np.uint64 and e is not ranges.EMPTY
     assert as_list(ranges.from_pairs([(1, 2), (HIGH, HIGH + 1)])) == [(1, 2), (HIGH, HIGH + 1)]
 
 
-# pagecopy's page/range conversions (the batches a copy is split into)
+# page/range conversions (the batches a copy is split into)
 
 def test_page_addrs_runs_and_in_ranges() -> None:
     rng = np.random.default_rng(16)
     for _ in range(CASES):
         d = random_ranges(rng, sorted_disjoint=True) * np.uint64(4096) + np.uint64(HIGH - (1 << 19))
         want = [4096 * u for u in sorted(cover(d // np.uint64(4096)))]
-        addrs = pagecopy.page_addrs(d)
+        addrs = ranges.page_addrs(d)
         assert addrs.dtype == np.uint64 and addrs.tolist() == want
-        assert as_list(pagecopy.runs(addrs)) == as_list(ranges.merge(d))
+        assert as_list(ranges.from_pages(addrs)) == as_list(ranges.merge(d))
         probe = np.sort(rng.integers(int(d.min()) - 8192, int(d.max()) + 8192, 50, dtype=np.uint64)) if len(d) else \
             np.zeros(0, dtype=np.uint64)
-        assert pagecopy.in_ranges(probe, ranges.merge(d)).tolist() == [
+        assert ranges.in_ranges(probe, ranges.merge(d)).tolist() == [
             any(s <= int(a) < e for s, e in d.tolist()) for a in probe]
     # page_addrs keeps the order of unsorted ranges
-    assert pagecopy.page_addrs(R([(8192, 16384), (0, 4096)])).tolist() == [8192, 12288, 0]
-    assert pagecopy.runs(np.zeros(0, dtype=np.uint64)).shape == (0, 2)
+    assert ranges.page_addrs(R([(8192, 16384), (0, 4096)])).tolist() == [8192, 12288, 0]
+    assert ranges.from_pages(np.zeros(0, dtype=np.uint64)).shape == (0, 2)
 
 
-def test_cover_and_runs_of() -> None:
+def test_runs_of() -> None:
     rng = np.random.default_rng(17)
     P = 4096
     for _ in range(CASES):
-        d = random_ranges(rng, sorted_disjoint=True) * np.uint64(P)
-        gap = int(rng.integers(1, 6)) * P
-        want: list[list[int]] = []
-        for s, e in d.tolist():  # merged across gaps shorter than ``gap``
-            if want and s - want[-1][1] < gap:
-                want[-1][1] = e
-            else:
-                want.append([s, e])
-        assert pagecopy._cover(d, gap).tolist() == want
         addrs = np.sort(rng.choice(64, size=int(rng.integers(0, 40)), replace=False)).astype(np.uint64) * np.uint64(P)
         sel = rng.random(len(addrs)) < 0.7
         got_r, got_i = pagecopy._runs_of(addrs, sel)

@@ -12,7 +12,7 @@ import random
 import re
 
 import pytest
-from wpdump.vmas import (
+from wpdump.target.vmas import (
     EventKind,
     Policy,
     Vma,

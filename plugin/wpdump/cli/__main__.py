@@ -1,0 +1,7 @@
+"""``python -m wpdump.cli``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

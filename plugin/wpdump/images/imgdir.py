@@ -1,0 +1,214 @@
+"""Image directories: written atomically (a private temporary directory beside the destination, files created
+0600 without following symlinks, fsynced, renamed into place only when complete), and the walk down their
+``parent`` links."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+
+from ..errors import ChainError, WpdumpError
+from ..target.process import exists
+
+_STAGING_PARENTS: set[str] = set()  # where this process may have created staging directories
+MAX_DEPTH = 4096  # parent links followed at most
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class ImageDirError(WpdumpError):
+    """An images directory cannot be used or written (exists and not empty, disk full, permission)."""
+
+
+def describe_os_error(e: OSError, what: str) -> ImageDirError:
+    """One line for an OSError met while writing ``what``."""
+    if e.errno == errno.ENOSPC:
+        text = f"disk full while writing {what}"
+    elif e.errno == errno.EDQUOT:
+        text = f"disk quota exceeded while writing {what}"
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        text = f"cannot write {what}: {e.strerror}"
+    else:
+        text = f"cannot write {what}: {e.strerror or e}"
+    return ImageDirError(text, errno=e.errno)
+
+
+def check_destination(dest: str) -> str:
+    """Absolute path of ``dest``; it may not exist yet or be an empty directory (not a symlink)."""
+    dest = os.path.abspath(dest)
+    parent = os.path.dirname(dest)
+    try:
+        if not stat.S_ISDIR(os.stat(parent).st_mode):
+            raise ImageDirError(f"images directory {dest}: {parent} is not a directory", errno=errno.ENOTDIR)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ImageDirError(f"images directory {dest}: parent directory {parent} does not exist",
+                            errno=errno.ENOENT) from None
+    except OSError as e:  # e.g. EACCES: say so, not "does not exist"
+        raise ImageDirError(f"images directory {dest}: {parent}: {e.strerror}", errno=e.errno) from None
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        return dest
+    except OSError as e:
+        raise ImageDirError(f"images directory {dest}: {e.strerror}", errno=e.errno) from None
+    if stat.S_ISLNK(st.st_mode):
+        raise ImageDirError(f"images directory {dest} is a symlink: refusing to follow it", errno=errno.ELOOP)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ImageDirError(f"images directory {dest} exists and is not a directory", errno=errno.EEXIST)
+    if os.listdir(dest):
+        raise ImageDirError(f"images directory {dest} exists and is not empty", errno=errno.ENOTEMPTY)
+    return dest
+
+
+class Staging:
+    """An iteration being written; ``commit()`` renames it to ``dest``, leaving the temp dir removes it."""
+
+    def __init__(self, dest: str) -> None:
+        self.dest = check_destination(dest)
+        parent, base = os.path.split(self.dest)
+        _remove_stale(parent, base)
+        _STAGING_PARENTS.add(parent)  # before mkdtemp: an interrupt right after it must not leak the dir
+        try:
+            self.path = tempfile.mkdtemp(prefix=f".{base}.wpdump-{os.getpid()}-", dir=parent)
+        except OSError as e:
+            raise describe_os_error(e, self.dest) from None
+        self.dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.done = False
+
+    def create(self, name: str) -> int:
+        """A new file (mode 0600) in the staging directory; returns its fd."""
+        try:
+            return os.open(name, _CREATE, 0o600, dir_fd=self.dfd)
+        except OSError as e:
+            raise describe_os_error(e, os.path.join(self.dest, name)) from None
+
+    def write_file(self, name: str, data: bytes) -> None:
+        """Create ``name`` holding ``data``, fsynced."""
+        fd = self.create(name)
+        try:
+            write_all(fd, data, os.path.join(self.dest, name))
+            os.fsync(fd)
+        except OSError as e:
+            raise describe_os_error(e, os.path.join(self.dest, name)) from None
+        finally:
+            os.close(fd)
+
+    def symlink(self, target: str, name: str = "parent") -> None:
+        os.symlink(target, name, dir_fd=self.dfd)
+
+    def commit(self) -> str:
+        """fsync the directory and rename it to ``dest`` (replacing an empty directory); returns dest."""
+        try:
+            os.fsync(self.dfd)
+            os.rename(self.path, self.dest)
+            pfd = os.open(os.path.dirname(self.dest), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(pfd)
+            finally:
+                os.close(pfd)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise ImageDirError(f"images directory {self.dest} exists and is not empty", errno=e.errno) from None
+            raise describe_os_error(e, self.dest) from None
+        self.done = True
+        self.close()
+        return self.dest
+
+    def close(self) -> None:
+        if self.dfd >= 0:
+            os.close(self.dfd)
+            self.dfd = -1
+        if not self.done:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def remove_own_leftovers() -> None:
+    """Remove staging directories this process created and did not finish (called when interrupted:
+    a KeyboardInterrupt can land between mkdtemp and the with-block that would have removed them)."""
+    mark = f".wpdump-{os.getpid()}-"
+    for parent in _STAGING_PARENTS:
+        try:
+            names = os.listdir(parent)
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith(".") and mark in name:
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _remove_stale(parent: str, base: str) -> None:
+    """Remove temporary directories of ``base`` left by writers that were killed (their pid is gone)."""
+    prefix = f".{base}.wpdump-"
+    for name in os.listdir(parent):
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not exists(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def fsync(fd: int, what: str) -> None:
+    """fsync ``fd``; an error (ENOSPC, EIO) becomes one line naming ``what``."""
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        raise describe_os_error(e, what) from None
+
+
+def write_all(fd: int, data: bytes | memoryview, what: str) -> None:
+    """os.write until everything is written (raises OSError, e.g. ENOSPC)."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def stat_dir(path: str, below: str | None = None, pid: int | None = None) -> os.stat_result:
+    """stat an images directory; ChainError saying why it cannot be used (missing, unreadable, not a directory)."""
+    of = f" (parent of {below})" if below else ""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ChainError(f"images directory {path}{of} does not exist", pid=pid, errno=errno.ENOENT) from None
+    except OSError as e:
+        raise ChainError(f"images directory {path}{of}: {e.strerror}", pid=pid, errno=e.errno) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ChainError(f"images directory {path}{of} is not a directory", pid=pid, errno=errno.ENOTDIR)
+    return st
+
+
+def parent_of(path: str) -> str | None:
+    """The directory the ``parent`` link of ``path`` points to, or None when there is no link."""
+    link = os.path.join(path, "parent")
+    if not os.path.islink(link):
+        return None
+    return os.path.normpath(os.path.join(path, os.readlink(link)))
+
+
+def walk_links(path: str, pid: int | None = None) -> Iterator[tuple[str, ChainError | None]]:
+    """The directories from ``path`` down its parent links: (dir, None) for each usable one; the walk ends with
+    (dir, why) at a missing or unusable directory or at a loop."""
+    seen: set[tuple[int, int]] = set()
+    cur: str | None = os.path.normpath(path)
+    child: str | None = None
+    while cur is not None:
+        try:
+            st = stat_dir(cur, child, pid)
+        except ChainError as e:
+            yield cur, e
+            return
+        if (st.st_dev, st.st_ino) in seen or len(seen) >= MAX_DEPTH:
+            yield cur, ChainError(f"{path}: the parent links form a loop at {cur}", pid=pid, errno=errno.ELOOP)
+            return
+        seen.add((st.st_dev, st.st_ino))
+        yield cur, None
+        child, cur = cur, parent_of(cur)

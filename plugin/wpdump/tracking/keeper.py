@@ -1,0 +1,386 @@
+"""The keeper: a small process per tracked pid that holds the userfaultfd between separate invocations.
+
+``wpdump pre-dump`` runs are separate commands (like CRIU's), but write tracking must go on between
+them. The keeper owns the userfaultfd and the tracker's exported state; an invocation checks both out
+over a unix socket (the fd travels with SCM_RIGHTS), harvests, writes its iteration, and checks them
+back in. A keeper exits when the target exits, on ``untrack``, or when an invocation that checked the
+tracker out disappears without checking it back in: its dirty information may be lost, so the next
+iteration must start tracking afresh (a full iteration). Closing the userfaultfd unprotects the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import os
+import select
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..errors import NoSuchProcess, WpdumpError
+from ..ipc import recv_msg, send_msg
+from ..target.process import read_stat
+
+
+class KeeperError(WpdumpError):
+    """The keeper of a pid could not be reached or refused a request."""
+
+
+class RunDirError(KeeperError):
+    """The run directory is missing, not ours, or writable by others: refused."""
+
+
+def default_run_dir() -> str:
+    """/run/wpdump for root; else $XDG_RUNTIME_DIR/wpdump, or /tmp/wpdump-UID without it."""
+    if os.geteuid() == 0:
+        return "/run/wpdump"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isabs(xdg) and os.path.isdir(xdg):
+        return os.path.join(xdg, "wpdump")
+    return f"/tmp/wpdump-{os.geteuid()}"
+
+
+def run_dir() -> str:
+    """Where keepers put their sockets, locks and logs: $WPDUMP_RUN_DIR or :func:`default_run_dir`.
+
+    Created 0700 if missing; refused unless it is a real directory owned by this user and writable by no one
+    else (another user could plant a symlink or a socket of theirs in it)."""
+    d = os.path.abspath(os.environ.get("WPDUMP_RUN_DIR") or default_run_dir())
+    try:
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        st = os.lstat(d)
+    except OSError as e:
+        raise RunDirError(f"run directory {d}: {e.strerror} (set WPDUMP_RUN_DIR to a directory of your own)",
+                          errno=e.errno) from None
+    why = None
+    if not stat.S_ISDIR(st.st_mode):
+        why = "is not a directory" + (" (a symlink)" if stat.S_ISLNK(st.st_mode) else "")
+    elif st.st_uid != os.geteuid():
+        why = f"is owned by uid {st.st_uid}, not by uid {os.geteuid()}"
+    elif st.st_mode & 0o022:
+        why = f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    if why:
+        raise RunDirError(f"run directory {d} {why}: refusing it (WPDUMP_RUN_DIR must name a directory of your "
+                          "own, mode 0700)", errno=errno.EPERM)
+    return d
+
+
+def key(pid: int, start_ticks: int | None = None) -> str:
+    """The name of a process in the run directory: PID-STARTTICKS (a pid alone is reused, and pids of
+    different pid namespaces collide). Raises NoSuchProcess when ``pid`` is gone and no ticks are given."""
+    if start_ticks is None:
+        start_ticks = read_stat(pid).start_ticks
+    return f"{pid}-{start_ticks}"
+
+
+def _path(pid: int, suffix: str, start_ticks: int | None = None) -> str:
+    return os.path.join(run_dir(), key(pid, start_ticks) + suffix)
+
+
+def socket_path(pid: int, start_ticks: int | None = None) -> str:
+    return _path(pid, ".sock", start_ticks)
+
+
+def open_log(path: str) -> int:
+    """Open (append, create 0600) a log file in the run directory, never through a symlink."""
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+# ---- the keeper process ----
+
+
+@dataclass
+class _Held:
+    pid: int
+    start_ticks: int
+    uffd: int
+    state: bytes = b""
+    iteration: str = ""
+    images_dir: str = ""
+    since: float = 0.0
+    checkins: int = 0  # iterations written since tracking started
+    restores: int = 0  # restore-memory runs since
+    holder: socket.socket | None = None
+
+
+def _serve(held: _Held, listener: socket.socket, pidfd: int, path: str) -> str:
+    """Answer requests until the keeper must exit; returns why."""
+    conns: list[socket.socket] = []
+    while True:
+        ready, _, _ = select.select([listener, pidfd, *conns], [], [])
+        if pidfd in ready:
+            return "target exited"
+        if listener in ready:
+            c, _ = listener.accept()
+            uid = struct.unpack("3i", c.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+            if uid not in (0, os.getuid()):
+                c.close()
+            else:
+                c.settimeout(30)
+                conns.append(c)
+        for c in [c for c in conns if c in ready]:
+            try:
+                header, payload, fds = recv_msg(c)
+            except (EOFError, OSError, ValueError):
+                conns.remove(c)
+                c.close()
+                if c is held.holder:
+                    return "the invocation that checked the tracker out ended without checking it in"
+                continue
+            for fd in fds:  # no request carries an fd
+                os.close(fd)
+            why = _handle(held, c, header, payload)
+            if why:
+                return why
+
+
+def _handle(held: _Held, c: socket.socket, header: dict, payload: bytes) -> str:
+    op = header.get("op")
+    if op == "status":
+        send_msg(c, {
+            "ok": True, "pid": held.pid, "start_ticks": held.start_ticks, "iteration": held.iteration,
+            "images_dir": held.images_dir, "since": held.since, "checkins": held.checkins, "restores": held.restores,
+            "busy": held.holder is not None, "keeper": os.getpid(),
+        })
+    elif op == "checkout":
+        if held.holder is not None:
+            send_msg(c, {"ok": False, "error": "the tracker is checked out by another invocation"})
+        else:
+            held.holder = c
+            send_msg(c, {"ok": True, "iteration": held.iteration}, held.state, (held.uffd,))
+    elif op == "checkin":
+        if c is not held.holder and held.state:
+            send_msg(c, {"ok": False, "error": "checkin without checkout"})
+            return ""
+        held.state, held.iteration = payload, header["iteration"]
+        held.images_dir, held.holder = header.get("images_dir", ""), None
+        if header.get("kind") == "restore":
+            held.restores += 1
+        else:
+            held.checkins += 1
+        send_msg(c, {"ok": True})
+    elif op == "untrack":
+        send_msg(c, {"ok": True})
+        return "untracked"
+    else:
+        send_msg(c, {"ok": False, "error": f"unknown request {op!r}"})
+    return ""
+
+
+def keeper_main(argv: list[str] | None = None) -> int:
+    """Entry point of the keeper process (started by :func:`spawn`)."""
+    p = argparse.ArgumentParser(prog="wpdump-keeper")
+    p.add_argument("--pid", type=int, required=True)
+    p.add_argument("--start-ticks", type=int, required=True)
+    p.add_argument("--uffd", type=int, required=True)
+    p.add_argument("--ready", type=int, required=True)
+    a = p.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    path = socket_path(a.pid, a.start_ticks)
+    held = _Held(a.pid, a.start_ticks, a.uffd, since=time.time())
+    try:
+        pidfd = os.pidfd_open(a.pid)
+    except OSError as e:
+        os.write(a.ready, f"pidfd_open: {e.strerror}".encode())
+        return 1
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # stale: the caller holds the pid's lock, so no live keeper owns it
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o077)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old)
+    listener.listen(8)
+    os.write(a.ready, b"ok")
+    os.close(a.ready)
+    why = "?"
+    try:
+        why = _serve(held, listener, pidfd, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(held.uffd)  # the kernel drops every write-protection: the target runs on unprotected
+        print(f"{time.strftime('%F %T')} keeper of pid {a.pid} exits: {why}", file=sys.stderr, flush=True)
+    # a clean exit leaves nothing behind (an exception above leaves its traceback in the log)
+    with contextlib.suppress(OSError):
+        os.unlink(_path(a.pid, ".log", a.start_ticks))
+    return 0
+
+
+# ---- the client side ----
+
+
+@contextlib.contextmanager
+def pid_lock(pid: int) -> Iterator[None]:
+    """Serialise invocations working on one process (an iteration, untrack, verify, restore-memory).
+
+    The lock file exists only while it is held: it is unlinked before it is unlocked, and a locker checks
+    after flock that the path still names the inode it locked (else it locked a file already unlinked by
+    the previous holder, and tries again)."""
+    path = _path(pid, ".lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise KeeperError(
+                f"another wpdump invocation is working on pid {pid}", pid=pid, errno=errno.EBUSY
+            ) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.lstat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+class Keeper:
+    """A connection to the keeper of one pid."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self.sock = sock
+
+    @classmethod
+    def connect(cls, pid: int) -> Keeper | None:
+        """The keeper of ``pid``, or None when there is none (or the process is gone)."""
+        try:
+            path = socket_path(pid)
+        except NoSuchProcess:
+            return None
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s.settimeout(30)
+        try:
+            s.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            s.close()
+            return None
+        return cls(pid, s)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _request(self, header: dict, payload: bytes = b"") -> tuple[dict, bytes, list]:
+        try:
+            send_msg(self.sock, header, payload)
+            reply, data, rfds = recv_msg(self.sock)
+        except (EOFError, OSError) as e:
+            raise KeeperError(f"keeper of pid {self.pid} went away", pid=self.pid, errno=errno.EPIPE) from e
+        if not reply.get("ok"):
+            for fd in rfds:
+                os.close(fd)
+            raise KeeperError(f"keeper of pid {self.pid}: {reply.get('error')}", pid=self.pid, errno=errno.EBUSY)
+        return reply, data, rfds
+
+    def status(self) -> dict:
+        return self._request({"op": "status"})[0]
+
+    def checkout(self) -> tuple[str, int, bytes]:
+        """Take the tracker: (iteration it last wrote, a dup of the userfaultfd, exported state)."""
+        reply, state, fds = self._request({"op": "checkout"})
+        if len(fds) != 1:
+            raise KeeperError(f"keeper of pid {self.pid} sent no userfaultfd", pid=self.pid, errno=errno.EPROTO)
+        return reply["iteration"], fds[0], state
+
+    def checkin(self, state: bytes, iteration: str, images_dir: str, kind: str = "iteration") -> None:
+        """Give the tracker back; ``kind`` "restore" (restore-memory) is not counted as an iteration."""
+        self._request({"op": "checkin", "iteration": iteration, "images_dir": images_dir, "kind": kind}, state)
+
+    def untrack(self) -> None:
+        """End tracking: the keeper closes the userfaultfd (the target runs unprotected) and exits."""
+        self._request({"op": "untrack"})
+        # Wait for the keeper process to end: its exit closes this connection, after the userfaultfd (so that a
+        # new tracker of this pid finds no registration left, and a new keeper can bind the socket).
+        self.sock.settimeout(10)
+        try:
+            while self.sock.recv(4096):
+                pass
+        except OSError:
+            pass
+
+
+def spawn(pid: int, start_ticks: int, uffd_fd: int, state: bytes, iteration: str, images_dir: str) -> Keeper:
+    """Start a keeper for ``pid`` holding a dup of ``uffd_fd`` and check ``state`` in. Call under pid_lock."""
+    r, w = os.pipe()
+    log_path = _path(pid, ".log", start_ticks)
+    try:
+        logfd = open_log(log_path)
+    except OSError as e:
+        raise KeeperError(f"keeper of pid {pid} did not start: cannot open its log {log_path}: {e.strerror}",
+                          pid=pid, errno=e.errno) from None
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "wpdump.tracking.keeper", "--pid", str(pid), "--start-ticks", str(start_ticks),
+             "--uffd", str(uffd_fd), "--ready", str(w)],
+            pass_fds=(uffd_fd, w), start_new_session=True, stdin=subprocess.DEVNULL, stdout=logfd, stderr=logfd,
+        )
+    finally:
+        os.close(logfd)
+    os.close(w)
+    try:
+        msg = os.read(r, 256)
+    finally:
+        os.close(r)
+    if msg != b"ok":
+        proc.wait()
+        raise KeeperError(
+            f"keeper of pid {pid} did not start: {msg.decode(errors='replace') or 'see ' + log_path}",
+            pid=pid, errno=errno.ECHILD,
+        )
+    k = Keeper.connect(pid)
+    if k is None:
+        raise KeeperError(f"keeper of pid {pid} did not start: see {log_path}", pid=pid, errno=errno.ECHILD)
+    k.checkin(state, iteration, images_dir)
+    return k
+
+
+def _alive_key(name: str) -> bool | None:
+    """Whether the process a run-directory name PID-STARTTICKS.* stands for still runs (None: not such a name)."""
+    base = name.split(".", 1)[0]
+    pid, _, ticks = base.partition("-")
+    if not (pid.isdigit() and ticks.isdigit()):
+        return None
+    try:
+        return read_stat(int(pid)).start_ticks == int(ticks)
+    except (NoSuchProcess, OSError, ValueError):
+        return False
+
+
+def tracked_pids() -> list[int]:
+    """Pids that have a keeper socket in the run directory. Sockets and logs left for processes that are gone
+    (a keeper killed with SIGKILL) are removed on the way."""
+    d = run_dir()
+    out = []
+    for name in os.listdir(d):
+        alive = _alive_key(name)
+        if alive is None:
+            continue
+        if not alive and (name.endswith(".sock") or name.endswith(".log")):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(d, name))
+        elif alive and name.endswith(".sock"):
+            out.append(int(name.split("-", 1)[0]))
+    return sorted(out)
+
+
+if __name__ == "__main__":
+    sys.exit(keeper_main())
