@@ -13,12 +13,10 @@ import os
 import signal
 import socket
 
-from .. import errors
+from .. import errors, signals
 from ..errors import TrackerError, WpdumpError
 from ..ipc import recv_msg, send_msg
 from .native import rseq_area
-
-_HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _error(e: BaseException) -> dict:
@@ -113,8 +111,7 @@ class Agent:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # Held across the fork: a Ctrl-C landing in an at-fork handler (logging's) would be swallowed as
         # "Exception ignored", and one reaching the agent before it ignores them would kill it.
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
-        try:
+        with signals.held() as old:
             self.child = os.fork()
             if self.child == 0:  # pragma: no cover - runs in the agent
                 code = 1
@@ -126,8 +123,6 @@ class Agent:
                     os._exit(code)
             theirs.close()
             self.sock = ours
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         try:
             self.request("seize", all=all_threads)
         except BaseException:

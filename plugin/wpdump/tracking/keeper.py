@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .. import signals
 from ..errors import NoSuchProcess, WpdumpError
 from ..ipc import recv_msg, send_msg
 from ..target.process import read_stat
@@ -186,6 +187,7 @@ def keeper_main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.ENDING)  # spawned with them held (see spawn): SIGTERM ends it
     path = socket_path(a.pid, a.start_ticks)
     held = _Held(a.pid, a.start_ticks, a.uffd, since=time.time())
     try:
@@ -328,11 +330,12 @@ def spawn(pid: int, start_ticks: int, uffd_fd: int, state: bytes, iteration: str
         raise KeeperError(f"keeper of pid {pid} did not start: cannot open its log {log_path}: {e.strerror}",
                           pid=pid, errno=e.errno) from None
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "wpdump.tracking.keeper", "--pid", str(pid), "--start-ticks", str(start_ticks),
-             "--uffd", str(uffd_fd), "--ready", str(w)],
-            pass_fds=(uffd_fd, w), start_new_session=True, stdin=subprocess.DEVNULL, stdout=logfd, stderr=logfd,
-        )
+        with signals.held():  # a Ctrl-C in an at-fork handler (logging's) would be swallowed as "Exception ignored"
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "wpdump.tracking.keeper", "--pid", str(pid), "--start-ticks",
+                 str(start_ticks), "--uffd", str(uffd_fd), "--ready", str(w)],
+                pass_fds=(uffd_fd, w), start_new_session=True, stdin=subprocess.DEVNULL, stdout=logfd, stderr=logfd,
+            )
     finally:
         os.close(logfd)
     os.close(w)

@@ -8,10 +8,9 @@ dies never leaves a keeper holding a dirty set someone consumed.
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from typing import TYPE_CHECKING
 
+from .. import signals
 from ..errors import TargetExeced
 from . import keeper
 from .tracker import Harvest, Tracker
@@ -20,9 +19,6 @@ if TYPE_CHECKING:  # the iteration's parent; tracking itself does not read image
     from ..images.chain import Iteration
 
 log = logging.getLogger("wpdump.session")
-
-_HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
 
 class KeeperSession:
     """A connection to the keeper of ``pid``: :meth:`take` checks its tracker out and adopts it."""
@@ -44,14 +40,9 @@ class KeeperSession:
     def take(self) -> Tracker:
         """Check the tracker out and adopt it. Ctrl-C is held back until what was taken is recorded in
         ``checked_out`` (so that a caller's cleanup can check it back in)."""
-        main = threading.current_thread() is threading.main_thread()
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD) if main else None
-        try:
+        with signals.held():
             it_id, fd, state = self.keeper.checkout()
             self.checked_out = (state, it_id)
-        finally:
-            if old is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old)
         self.tracker = Tracker.adopt(self.pid, fd, state)  # owns fd from here, on error too
         return self.tracker
 
