@@ -13,7 +13,7 @@ import time
 
 import pytest
 from chaincheck import compare_with_memory
-from conftest import compile_target, require_kernel
+from conftest import compile_target, default_sigint, require_kernel
 from wpdump.dump import iteration
 
 PAGE = 4096
@@ -194,7 +194,7 @@ def test_killing_wpdump_during_attach_leaves_the_target_running(target, tmp_path
     before = fds(target.pid)
     for _ in range(10):
         p = subprocess.Popen([sys.executable, "-m", "wpdump.cli", "pre-dump", "-t", str(target.pid), "-D",
-                              str(tmp_path / "1")], stderr=subprocess.DEVNULL)
+                              str(tmp_path / "1")], stderr=subprocess.DEVNULL, preexec_fn=default_sigint)
         while not tracer(target.pid) and p.poll() is None:
             pass  # spin: the attach lasts well under a millisecond
         p.send_signal(sig)
@@ -259,6 +259,7 @@ def test_ctrl_c_during_the_agents_fork_is_not_lost(target):
     code = f"""
 import os, signal
 from wpdump.target.agent import Agent
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a script's background job starts with it ignored
 os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGINT))
 try:
     Agent({target.pid}, all_threads=False).close()
