@@ -414,3 +414,18 @@ def test_blocked_syscall_completes_normally_after_attach_and_dump(build_dir, tmp
         iteration.untrack(p.pid)
         p.kill()
         p.wait()
+
+
+def test_process_whose_main_thread_exited_is_named(build_dir, tmp_path):
+    """zdtm's pthread02: main() calls pthread_exit while a thread runs on. Not "target exited": the process is
+    alive, and the message says why it is not supported."""
+    exe = compile_target("mainexit", build_dir)
+    p = subprocess.Popen([str(exe)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        r = wpdump("pre-dump", "-t", p.pid, "-D", tmp_path / "1")
+        assert r.returncode == 1 and "main thread exited" in r.stderr and "not supported" in r.stderr, r.stderr
+        assert p.poll() is None and not (tmp_path / "1").exists()
+    finally:
+        p.kill()
+        p.wait()

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from chaincheck import compare_with_memory
+from chaincheck import compare_with_memory, reconstruct
 from conftest import PAGE, compile_target
 from test_iteration_errors import one_line_error, wpdump
 from test_iterations import stop_and_wait
@@ -140,3 +140,47 @@ def test_direct_io_read_in_flight_is_copied_again(target, tmp_path, slowfuse):
     want = bytes(((k * 7 + 0x5A) & 0xFF) for k in range(16 * PAGE))
     assert target.read_mem(buf, 16 * PAGE) == want
     dump_equals_memory(target, tmp_path / "3", "--prev-images-dir", "../2")
+
+
+@pytest.mark.parametrize("zap", ["dontneed", "truncate"])
+def test_zapped_cow_page_of_a_private_file_mapping_right_after_attach(target, tmp_path, zap):
+    """Pages copied-on-write in a MAP_PRIVATE file mapping, then zapped (MADV_DONTNEED, or the file truncated
+    under them) right after the first pre-dump: the kernel keeps their write-protect markers and never reports
+    them written (docs/kernel.md rule 20). The attach must record the COW set, so the next iteration knows them
+    for file content again (before: the dump kept the old COW data, verify found 4 pages differing)."""
+    f = tmp_path / "data"
+    f.write_bytes(bytes((k * 3) & 0xFF for k in range(16 * PAGE)))
+    a = target.addr("mapfile", f, 16, "private")
+    target.cmd("poke", hex(a), "2,3,9,10")  # copied on write
+    target.wait_idle()
+    assert wpdump("pre-dump", "-t", target.pid, "-D", tmp_path / "1").returncode == 0
+    if zap == "dontneed":
+        target.cmd("madvise", hex(a + 2 * PAGE), 9, "dontneed")
+    else:
+        os.truncate(f, 8 * PAGE)  # pages 8-15 are gone from the file, their COW copies too
+    target.wait_idle()
+    if zap == "dontneed":
+        dump_equals_memory(target, tmp_path / "2", "--prev-images-dir", "../1")
+    else:  # pages past the new end of the file cannot be read (SIGBUS): compare the first half
+        p = wpdump("dump", "-t", target.pid, "-D", tmp_path / "2", "--prev-images-dir", "../1", "--leave-stopped")
+        assert p.returncode == 0, p.stderr
+        try:
+            stop_and_wait(target.pid)
+            image, _ = reconstruct(str(tmp_path / "2"), target.pid)
+            for i in range(16):
+                want = target.read_mem(a + i * PAGE, PAGE) if i < 8 else None
+                assert image.get(a + i * PAGE, want) == want, f"page {i}"
+        finally:
+            os.kill(target.pid, signal.SIGCONT)
+    # restore-memory to the first pre-dump puts the copied-on-write pages back
+    if zap == "dontneed":
+        target.cmd("poke", hex(a), "2,3,9,10")
+        target.wait_idle()
+        assert wpdump("pre-dump", "-t", target.pid, "-D", tmp_path / "3").returncode == 0
+        before = target.read_mem(a, 16 * PAGE)
+        target.cmd("madvise", hex(a + 2 * PAGE), 9, "dontneed")
+        target.wait_idle()
+        assert target.read_mem(a, 16 * PAGE) != before
+        p = wpdump("restore-memory", "-t", target.pid, "-D", tmp_path / "3")
+        assert p.returncode == 0, p.stderr
+        assert target.read_mem(a, 16 * PAGE) == before

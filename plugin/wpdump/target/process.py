@@ -9,7 +9,7 @@ import errno
 import os
 from dataclasses import dataclass
 
-from ..errors import NoSuchProcess, TargetExited, WpdumpError, from_errno, no_such_process
+from ..errors import NoSuchProcess, TargetExited, TrackerError, WpdumpError, from_errno, no_such_process
 
 READ_CHUNK = 1 << 20
 
@@ -115,6 +115,11 @@ def check_alive(pid: int) -> ProcStat:
     """Return the stat of a running pid; raise TargetExited if it is a zombie."""
     st = read_stat(pid)
     if st.state in ("Z", "X", "x"):
+        if st.state == "Z" and any(thread_state(pid, t) not in ("Z", "X", "x") for t in threads(pid)[1:]):
+            raise TrackerError(
+                f"pid {pid}: its main thread exited (pthread_exit) while other threads run on: such a process is "
+                "not supported (CRIU cannot dump it either)", pid=pid, errno=errno.ESRCH,
+            )
         raise TargetExited(f"target {pid} exited", pid=pid, errno=errno.ESRCH)
     return st
 

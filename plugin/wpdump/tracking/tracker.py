@@ -438,11 +438,16 @@ class Tracker:
                     continue
                 track.append(v)
             changed = changed or bool(track)
+            tracked = []
             for v, res in zip(track, self._track_new_many(pagemap, track, fresh), strict=True):
                 if res is None:
                     lost.append((v.start, v.end))
                 else:
                     out.append(res)
+                    tracked.append(res)
+            # their COW sets from now on: a COW page zapped before the next round must show (rule 20)
+            self._find_reverted(pagemap, [r for r in tracked if r.policy is Policy.TRACK and not r.vma.anonymous
+                                          and not r.vma.shared])
         if lost:
             self._check_target()  # an exiting target tears its VMAs down under us
             raise TrackerError(
@@ -548,7 +553,7 @@ class Tracker:
             before = self._cow.pop((v.start, v.end), None)
             if len(now):  # an empty set compares like none: keep the state small with many VMAs
                 self._cow[(v.start, v.end)] = now
-            if before is not None and len(before):
+            if before is not None and len(before) and not res.whole:  # whole: nothing it lists is file content
                 lost = ranges.subtract(ranges.subtract(before, now), res.copy)
                 if len(lost):
                     res.reverted = ranges.merge(np.concatenate((res.reverted, lost)))
