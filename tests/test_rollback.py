@@ -103,3 +103,24 @@ def test_restore_memory_reads_past_a_guard_page(target, tmp_path):
     assert not r.tracked and r.pages_dropped >= 4
     assert t.cmd("hash", hex(a + 4 * PAGE), 12)[0] == want_hi
     assert t.cmd("hash", hex(a), 3)[0] == want_lo
+
+
+@pytest.mark.parametrize("kind", ["shared", "private"])
+def test_restore_memory_of_a_mapping_longer_than_its_file(target, tmp_path, kind):
+    """A file mapped over more pages than it has (zdtm's shmemfd-priv): the pages past its end cannot be read
+    (SIGBUS) and are in no image; restore-memory rolls back the rest (before: 'cannot read', exit 1)."""
+    f = tmp_path / "short"
+    f.write_bytes(bytes((k * 5) & 0xFF for k in range(5 * PAGE)))
+    a = target.addr("mapfile", f, 8, kind)
+    target.cmd("poke", hex(a), "1,3")
+    target.wait_idle()
+    iteration.dump(target.pid, str(tmp_path / "1"), keep_tracking=True)
+    before = target.read_mem(a, 5 * PAGE)
+    target.cmd("poke", hex(a), "0,2,4")
+    target.wait_idle()
+    r = restore_memory(target.pid, str(tmp_path / "1"))
+    assert r.pages_written + r.pages_dropped >= 3
+    assert target.read_mem(a, 5 * PAGE) == before
+    iteration.untrack(target.pid)
+    r = restore_memory(target.pid, str(tmp_path / "1"))  # not tracked: the full compare
+    assert target.read_mem(a, 5 * PAGE) == before

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -149,6 +150,26 @@ def _file_content(pid: int, v: Vma, addrs: np.ndarray) -> np.ndarray:
     return out
 
 
+def _mapped_end(pid: int, v: Vma) -> int:
+    """Where the object behind a file or shared mapping ends inside ``v`` (page-rounded): past it the mapping
+    has no page to read or write (SIGBUS), so the image holds none there either."""
+    if v.anonymous:
+        return v.end
+    try:
+        fd = open_mapped_file(pid, v.start, v.end, v.dev, v.inode, v.path)
+    except OSError:
+        return v.end  # then reading the pages says what is wrong
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(st.st_mode):  # a device: its size says nothing of what it maps
+        return v.end
+    size = st.st_size
+    end = v.start + max(0, -(-(size - v.offset) // PAGE) * PAGE)
+    return min(v.end, end)
+
+
 def _drop(freezer: freeze.Freezer, r: np.ndarray) -> np.ndarray:
     """madvise(MADV_DONTNEED) inside the frozen target on ranges ``r``; returns the ranges where it failed
     (e.g. an mlocked VMA: EINVAL)."""
@@ -163,7 +184,7 @@ def _rollback(pid: int, freezer: freeze.Freezer, chain: list[Iteration], vmas: l
     drop_rows: list[tuple[np.ndarray, np.ndarray]] = []
     try:
         for v in vmas:
-            addrs = page_addrs(ranges.clip_sorted(candidates, v.start, v.end))
+            addrs = page_addrs(ranges.clip_sorted(candidates, v.start, _mapped_end(pid, v)))
             for i in range(0, len(addrs), BATCH_PAGES):
                 a = addrs[i : i + BATCH_PAGES]
                 want = np.zeros((len(a), PAGE), dtype=np.uint8)
