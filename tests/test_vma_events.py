@@ -215,7 +215,7 @@ def test_madv_free_then_pageout(target):
     # Reclaim skips a folio still in a per-CPU batch (lru_add after the fill, lru_lazyfree after MADV_FREE,
     # activate after this test reads it through /proc/PID/mem: the batch's reference makes reclaim take a
     # lazy-free folio for re-dirtied, for good). MADV_FREE and MADV_PAGEOUT drain only the batches of the
-    # CPU they run on: the target and this test run on one CPU, so every batch is drained.
+    # CPU they run on: the target and this test run on one CPU, so every batch is drained (docs/kernel.md rule 32).
     cpu = {min(os.sched_getaffinity(0))}
     mine = os.sched_getaffinity(0)
     os.sched_setaffinity(target.pid, cpu)

@@ -3,7 +3,7 @@
 A direct I/O read (O_DIRECT, FUSE direct_io, network filesystems) pins its buffer's pages when it starts
 and writes them through the kernel's own mapping when the data arrives. A pin taken while a page is
 write-protected counts as a write (the pin faults), but a pin taken *before* a harvest re-protects the
-page is followed by a write that nothing reports (docs/kernel.md rule 7). So a thread blocked in a read-like
+page is followed by a write that nothing reports (docs/kernel.md rules 7, 33). So a thread blocked in a read-like
 syscall at a harvest has its buffer copied at that harvest and again at the next one, by which time the
 read has completed or is still blocked (and is copied again). Asynchronous I/O (AIO, io_uring without fixed
 buffers) does not show its buffers: it is named in a warning.
