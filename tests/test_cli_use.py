@@ -13,6 +13,7 @@ import time
 
 import pytest
 from conftest import Target, default_sigint, require_kernel
+from test_iteration_errors import one_line_error
 from test_rundir import NOBODY, PLUGIN, _python_for_others
 from wpdump.target.process import thread_state, threads
 from wpdump.tracking import keeper
@@ -24,15 +25,6 @@ COMMANDS = ["pre-dump", "dump", "checkpoint", "restore-memory", "criu-hook", "st
 
 def run(*args: object, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([*WPDUMP, *map(str, args)], capture_output=True, text=True, timeout=120, **kw)
-
-
-def one_line_error(p: subprocess.CompletedProcess, *words: str) -> str:
-    assert p.returncode == 1, (p.returncode, p.stdout, p.stderr)
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("wpdump: "), p.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
 
 
 def running(pid: int) -> bool:

@@ -15,6 +15,7 @@ import time
 import pytest
 import wpdump
 from conftest import Target, require_kernel
+from test_iteration_errors import one_line_error
 from wpdump.target.process import read_stat
 from wpdump.tracking import keeper
 
@@ -27,15 +28,6 @@ def wpdump_cli(*args: object, env: dict | None = None, user: int | None = None,
     return subprocess.run([python, "-m", "wpdump.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=120, env=env, user=user, group=user, extra_groups=[] if user else None,
                           cwd="/")
-
-
-def one_line_error(p: subprocess.CompletedProcess, *words: str) -> str:
-    assert p.returncode == 1, (p.returncode, p.stdout, p.stderr)
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("wpdump: "), p.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
 
 
 def wait_gone(pid: int) -> None:
