@@ -395,3 +395,169 @@ int wpd_punch_hole(int fd, int64_t offset, int64_t len)
 {
 	return NEG_ERRNO(fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len));
 }
+
+/* ---- per-region work of an iteration: linear passes over numpy arrays (no kernel call) ---- */
+
+static uint8_t *put_varint(uint8_t *p, uint64_t v)
+{
+	while (v >= 0x80) {
+		*p++ = (uint8_t)(v | 0x80);
+		v >>= 7;
+	}
+	*p++ = (uint8_t)v;
+	return p;
+}
+
+/* n pagemap_entry messages, each u32-length-prefixed, fields vaddr (1), compat_nr_pages (2), flags (4) and
+ * nr_pages (5) as varints, written to out (room for at least 48 bytes an entry). Returns the bytes written. */
+int64_t wpd_pagemap_encode(const uint64_t *vaddr, const uint64_t *compat, const uint64_t *flags,
+			   const uint64_t *nr, uint64_t n, uint8_t *out, uint64_t outlen)
+{
+	uint8_t *p = out;
+
+	if (outlen < n * 48)
+		return -ENOSPC;
+	for (uint64_t i = 0; i < n; i++) {
+		uint8_t *len = p;
+
+		p += 4;
+		*p++ = 0x08;
+		p = put_varint(p, vaddr[i]);
+		*p++ = 0x10;
+		p = put_varint(p, compat[i]);
+		*p++ = 0x20;
+		p = put_varint(p, flags[i]);
+		*p++ = 0x28;
+		p = put_varint(p, nr[i]);
+		len[0] = (uint8_t)(p - len - 4); /* at most 44 bytes */
+		len[1] = len[2] = len[3] = 0;
+	}
+	return p - out;
+}
+
+static int get_varint(const uint8_t **pp, const uint8_t *end, uint64_t *v)
+{
+	const uint8_t *p = *pp;
+	uint64_t x = 0;
+
+	for (int k = 0; k < 10; k++) {
+		if (p >= end)
+			return -1;
+		uint8_t b = *p++;
+		if (k == 9 && b > 1)
+			return -1;
+		x |= (uint64_t)(b & 0x7f) << (7 * k);
+		if (b < 0x80) {
+			*pp = p;
+			*v = x;
+			return 0;
+		}
+	}
+	return -1;
+}
+
+/* Parse the u32-length-prefixed pagemap_entry messages of buf[0, len) laid out as protobuf writes them:
+ * varint fields in field order, vaddr (1) and compat_nr_pages (2) present, in_parent (3), flags (4) and
+ * nr_pages (5) optional, nothing else. Per entry: vaddr, nr (nr_pages, else compat_nr_pages, as u32), flags
+ * (u32; PE_PARENT added for in_parent, PE_PRESENT when absent: CRIU's compat rules) and the payload's
+ * offset in buf. Returns the number of entries, or -EINVAL for anything else (more than cap entries, a
+ * truncated frame, another layout): the caller's protobuf path then parses it and says what is wrong. */
+int64_t wpd_pagemap_decode(const uint8_t *buf, uint64_t len, uint64_t *vaddr, uint64_t *nr, uint64_t *flags,
+			   uint64_t *offs, uint64_t cap)
+{
+	const uint8_t *p = buf, *end = buf + len;
+	uint64_t n = 0;
+
+	while (p < end) {
+		if (end - p < 4 || n >= cap)
+			return -EINVAL;
+		uint64_t size = (uint64_t)p[0] | (uint64_t)p[1] << 8 | (uint64_t)p[2] << 16 | (uint64_t)p[3] << 24;
+		p += 4;
+		if (size > (uint64_t)(end - p))
+			return -EINVAL;
+		const uint8_t *m = p, *mend = p + size;
+		uint64_t v[6] = {0};
+		int seen = 0, last = 0;
+
+		while (m < mend) {
+			int tag = *m++;
+			int field = tag >> 3;
+			if ((tag & 7) != 0 || field < 1 || field > 5 || field <= last)
+				return -EINVAL;
+			if (get_varint(&m, mend, &v[field]) < 0)
+				return -EINVAL;
+			seen |= 1 << field;
+			last = field;
+		}
+		if ((seen & 6) != 6)
+			return -EINVAL;
+		uint64_t f = v[4] & 0xffffffffu;
+		if (v[3])
+			f |= 1; /* PE_PARENT */
+		else if (!(seen & (1 << 4)))
+			f = 4; /* PE_PRESENT */
+		vaddr[n] = v[1];
+		nr[n] = (seen & (1 << 5)) ? v[5] : (v[2] & 0xffffffffu);
+		flags[n] = f;
+		offs[n] = (uint64_t)(p - buf);
+		n++;
+		p = mend;
+	}
+	return n;
+}
+
+static uint64_t put_range(uint64_t *out, uint64_t k, uint64_t lo, uint64_t hi)
+{
+	if (k && out[2 * k - 1] >= lo) {
+		if (out[2 * k - 1] < hi)
+			out[2 * k - 1] = hi;
+		return k;
+	}
+	out[2 * k] = lo;
+	out[2 * k + 1] = hi;
+	return k + 1;
+}
+
+/* a minus b (op 0), a and b (op 1) or a or b (op 2), for na and nb [start, end) ranges (pairs of u64), each
+ * sorted and disjoint. Writes merged, sorted ranges to out (room for na + nb ranges); returns how many. */
+int64_t wpd_ranges_combine(const uint64_t *a, uint64_t na, const uint64_t *b, uint64_t nb, int op,
+			   uint64_t *out)
+{
+	uint64_t j = 0, k = 0;
+	const int intersect = op == 1;
+
+	if (op == 2) {
+		for (uint64_t i = 0; i < na || j < nb;) {
+			const uint64_t *r = (j >= nb || (i < na && a[2 * i] <= b[2 * j])) ? &a[2 * i++] : &b[2 * j++];
+			k = put_range(out, k, r[0], r[1]);
+		}
+		return k;
+	}
+
+	for (uint64_t i = 0; i < na; i++) {
+		uint64_t s = a[2 * i], e = a[2 * i + 1];
+
+		while (j < nb && b[2 * j + 1] <= s)
+			j++;
+		for (uint64_t q = j; s < e; q++) {
+			uint64_t bs = q < nb ? b[2 * q] : e, be = q < nb ? b[2 * q + 1] : e;
+			uint64_t lo, hi;
+
+			if (bs >= e)
+				bs = be = e;
+			if (intersect) {
+				lo = bs > s ? bs : s;
+				hi = be < e ? be : e;
+			} else {
+				lo = s;
+				hi = bs < e ? bs : e;
+			}
+			if (lo < hi)
+				k = put_range(out, k, lo, hi);
+			if (be >= e)
+				break;
+			s = be > s ? be : s;
+		}
+	}
+	return k;
+}

@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 
+from .target.native import ffi, lib
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 EMPTY = np.zeros((0, 2), dtype=np.uint64)
 
@@ -136,24 +138,55 @@ def _sweep(a: np.ndarray, b: np.ndarray, want_b: bool) -> np.ndarray:
     return merge(np.column_stack((p[idx], p[idx + 1])))
 
 
+def _ordered(r: np.ndarray) -> bool:
+    """Sorted and disjoint (touching allowed): what _combine takes."""
+    return len(r) < 2 or bool((r[1:, 0] >= r[:-1, 1]).all())
+
+
+_SUBTRACT, _INTERSECT, _UNION = 0, 1, 2
+
+
+def _combine(a: np.ndarray, b: np.ndarray, op: int) -> np.ndarray:
+    """``a`` minus, and or or ``b`` (sorted, disjoint), merged, in one linear native pass (no sort: at 8 GiB / 10 %
+    random a sweep sorts 800,000 boundaries, ~20 ms)."""
+    a = np.ascontiguousarray(a, dtype=np.uint64)
+    b = np.ascontiguousarray(b, dtype=np.uint64)
+    out = np.empty((len(a) + len(b), 2), dtype=np.uint64)
+    ptr = lambda x: ffi.cast("uint64_t *", x.ctypes.data)  # noqa: E731
+    n = lib.wpd_ranges_combine(ptr(a), len(a), ptr(b), len(b), op, ptr(out))
+    return out[:n]
+
+
 def subtract(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Ranges of ``a`` not covered by ``b`` (a sweep over the boundaries: cost independent of span)."""
+    """Ranges of ``a`` not covered by ``b``, merged (one linear pass for sorted, disjoint inputs, else a sweep
+    over the boundaries: cost independent of span)."""
     if not len(a) or not len(b):
         return a
+    if _ordered(a) and _ordered(b):
+        return _combine(a, b, _SUBTRACT)
     return _sweep(a, b, want_b=False)
 
 
 def intersect(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Ranges covered by both ``a`` and ``b``."""
+    """Ranges covered by both ``a`` and ``b``, merged."""
     if not len(a) or not len(b):
         return EMPTY.copy()
+    if _ordered(a) and _ordered(b):
+        return _combine(a, b, _INTERSECT)
     return _sweep(a, b, want_b=True)
 
 
 def union(*parts: np.ndarray) -> np.ndarray:
-    """Sorted, merged union of range arrays."""
+    """Sorted, merged union of range arrays (sorted, disjoint parts folded in linear native passes)."""
     parts = tuple(p for p in parts if len(p))
-    return merge(np.concatenate(parts).astype(np.uint64)) if parts else EMPTY.copy()
+    if not parts:
+        return EMPTY.copy()
+    if len(parts) <= 8 and all(_ordered(p) for p in parts):
+        out = parts[0]
+        for p in parts[1:]:
+            out = _combine(out, p, _UNION)
+        return out if len(parts) > 1 else merge(np.asarray(out, dtype=np.uint64))
+    return merge(np.concatenate(parts).astype(np.uint64))
 
 
 def overlaps(q: np.ndarray, r: np.ndarray) -> np.ndarray:

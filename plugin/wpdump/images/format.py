@@ -4,8 +4,10 @@ An image file is a head magic (IMG_COMMON_MAGIC, or IMG_SERVICE_MAGIC for servic
 inventory has none), the image's own magic, then protobuf messages each preceded by its length as a
 little-endian u32. The pagemap holds one ``pagemap_head`` then one ``pagemap_entry`` per run of pages.
 
-Pagemap entries are numpy arrays of ENTRY_DTYPE. The pagemap codec is vectorised (varints built and parsed
-with numpy); ``encode_pagemap_pb`` / ``decode_pagemap_pb`` are the slow reference using the protobuf classes
+Pagemap entries are numpy arrays of ENTRY_DTYPE. The pagemap codec runs one native pass over the entries
+(wpd_pagemap_encode / wpd_pagemap_decode: 377,000 entries in a few ms where numpy took 33 and 46 ms); a layout
+the native decoder does not take goes to a numpy parse, then to the protobuf classes; ``encode_pagemap_pb`` /
+``decode_pagemap_pb`` are the slow reference using the protobuf classes
 that protoc generates from proto/*.proto into ``wpdump.criu_pb`` at build time.
 """
 
@@ -20,6 +22,7 @@ from google.protobuf.message import DecodeError, EncodeError
 from ..criu_pb import inventory_pb2, pagemap_pb2, stats_pb2
 from ..errors import WpdumpError
 from ..ranges import PAGE
+from ..target.native import ffi, lib
 
 __all__ = [
     "ENTRY_DTYPE", "IMG_COMMON_MAGIC", "IMG_SERVICE_MAGIC", "INVENTORY_FILE", "INVENTORY_MAGIC", "PAGE",
@@ -263,27 +266,6 @@ def _entry_columns(entries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     return vaddr, compat, flags, nr
 
 
-def _varint_len(v: np.ndarray) -> np.ndarray:
-    n = np.ones(len(v), dtype=np.int64)
-    for k in range(1, 10):
-        n += v >= np.uint64(1 << (7 * k))
-    return n
-
-
-def _put_varints(buf: np.ndarray, pos: np.ndarray, v: np.ndarray, lens: np.ndarray) -> None:
-    """Write varint ``v[i]`` of ``lens[i]`` bytes at ``buf[pos[i]:]``."""
-    full = int(lens.min()) if len(lens) else 0
-    for k in range(int(lens.max()) if len(lens) else 0):
-        if k < full:
-            p, vv, ll = pos, v, lens
-        else:
-            m = lens > k
-            p, vv, ll = pos[m], v[m], lens[m]
-        b = ((vv >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8)
-        b |= (ll > k + 1).astype(np.uint8) << np.uint8(7)
-        buf[p + k] = b
-
-
 def _pagemap_magics(pages_id: int) -> bytes:
     if not 0 <= pages_id <= 0xFFFFFFFF:
         raise ValueError(f"pages_id {pages_id} does not fit in a u32")
@@ -298,28 +280,14 @@ def encode_pagemap(pages_id: int, entries: np.ndarray) -> bytes:
     """
     magics = _pagemap_magics(pages_id)
     head = pagemap_pb2.pagemap_head(pages_id=pages_id).SerializeToString()
-    vaddr, compat, flags, nr = _entry_columns(entries)
-    n = len(vaddr)
-    fields = ((_TAG_VADDR, vaddr), (_TAG_COMPAT, compat), (_TAG_FLAGS, flags), (_TAG_NR, nr))
-    lens = [_varint_len(v) for _, v in fields]
-    payload = 4 + lens[0] + lens[1] + lens[2] + lens[3]
-    rec = 4 + payload
-    start = len(magics) + 4 + len(head)
-    offs = np.empty(n, dtype=np.int64)
-    if n:
-        offs[0] = start
-        np.cumsum(rec[:-1], out=offs[1:])
-        offs[1:] += start
-    total = start + int(rec.sum())
-    buf = np.zeros(total, dtype=np.uint8)
-    buf[:start] = np.frombuffer(magics + _frame(head), dtype=np.uint8)
-    buf[offs] = payload  # the u32 length: payloads are < 45 bytes, the other three bytes stay 0
-    pos = offs + 4
-    for (tag, v), ln in zip(fields, lens, strict=True):
-        buf[pos] = tag
-        _put_varints(buf, pos + 1, v, ln)
-        pos = pos + 1 + ln
-    return buf.tobytes()
+    cols = [np.ascontiguousarray(c, dtype=np.uint64) for c in _entry_columns(entries)]
+    start = magics + _frame(head)
+    buf = np.empty(len(start) + 48 * len(cols[0]), dtype=np.uint8)
+    buf[: len(start)] = np.frombuffer(start, dtype=np.uint8)
+    ptr = [ffi.cast("const uint64_t *", c.ctypes.data) for c in cols]
+    body = buf[len(start) :]
+    n = lib.wpd_pagemap_encode(*ptr, len(cols[0]), ffi.cast("uint8_t *", body.ctypes.data), len(body))
+    return buf[: len(start) + n].tobytes()
 
 
 def encode_pagemap_pb(pages_id: int, entries: np.ndarray) -> bytes:
@@ -474,9 +442,35 @@ def _decode_entries_np(data: bytes, offs: np.ndarray, sizes: np.ndarray):
     return vaddr, nr, flags
 
 
+def _decode_native(data: bytes, name: str, off: int) -> tuple[int, np.ndarray] | None:
+    """The pagemap in one native pass (wpd_pagemap_decode), or None for anything the protobuf paths must
+    parse (and explain): a truncated frame, a field out of order or unknown, a bad head."""
+    if len(data) - off < 4:
+        return None
+    (size,) = _U32.unpack_from(data, off)
+    body = off + 4 + size
+    if body > len(data):
+        return None
+    head = _parse(pagemap_pb2.pagemap_head, data, off + 4, size, name, "pagemap_head")
+    cap = (len(data) - body) // 8 + 1  # a frame is at least 4 + 4 bytes (fields 1 and 2)
+    cols = np.empty((4, cap), dtype=np.uint64)
+    raw = np.frombuffer(data, dtype=np.uint8)[body:]
+    ptr = [ffi.cast("uint64_t *", cols[i].ctypes.data) for i in range(4)]
+    n = lib.wpd_pagemap_decode(ffi.from_buffer("uint8_t[]", raw), len(raw), *ptr, cap)
+    if n < 0:
+        return None
+    vaddr, nr, flags, offs = cols[:, :n]
+    offs = np.concatenate(([off + 4], offs.astype(np.int64) + (body + 4)))  # payloads, for error messages
+    return head.pages_id, _finish(name, offs, vaddr, nr, flags)
+
+
 def _decode_pagemap(data: bytes, name: str, vectorised: bool) -> tuple[int, np.ndarray]:
     data = bytes(data)
     off = _check_magic(data, name, "pagemap", IMG_COMMON_MAGIC, PAGEMAP_MAGIC)
+    if vectorised:
+        done = _decode_native(data, name, off)
+        if done is not None:
+            return done
     fast = _frames_np(np.frombuffer(data, dtype=np.uint8), off) if vectorised else None
     offs, sizes = fast if fast is not None else frames(data, name, off)
     if not len(offs):
