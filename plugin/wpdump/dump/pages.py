@@ -62,14 +62,17 @@ class _Writer:
     EINVAL turns O_DIRECT off and the write is retried buffered.
     """
 
-    def __init__(self, fd: int, what: str) -> None:
+    def __init__(self, fd: int, what: str, threaded: bool = True) -> None:
+        """``threaded=False``: no thread, the caller writes with :meth:`write_now`."""
         self.fd, self.what = fd, what
         self.direct = _set_direct(fd, True)
         self.todo: queue.SimpleQueue = queue.SimpleQueue()
         self.done: queue.SimpleQueue = queue.SimpleQueue()
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="wpdump-writer", daemon=True)
-        self.thread.start()
+        self.thread: threading.Thread | None = None
+        if threaded:
+            self.thread = threading.Thread(target=self._run, name="wpdump-writer", daemon=True)
+            self.thread.start()
 
     def _run(self) -> None:
         while True:
@@ -105,6 +108,13 @@ class _Writer:
                     views[i] = views[i][n:]
                     n = 0
 
+    def write_now(self, views: list[memoryview]) -> None:
+        """Write in the caller's thread; an OSError described."""
+        try:
+            self._write(views)
+        except OSError as e:
+            raise imgdir.describe_os_error(e, self.what) from None
+
     def wait(self) -> int:
         """The next buffer slot written (in submission order); raises the writer's error, described."""
         slot = self.done.get()
@@ -116,9 +126,10 @@ class _Writer:
         return slot
 
     def close(self) -> None:
-        self.error = self.error or _Stopped()  # skip what is still queued
-        self.todo.put(None)
-        self.thread.join()
+        if self.thread is not None:
+            self.error = self.error or _Stopped()  # skip what is still queued
+            self.todo.put(None)
+            self.thread.join()
         if self.direct:
             _set_direct(self.fd, False)
 
@@ -205,11 +216,32 @@ def copy_and_write(
             _arena_lock.release()
 
 
+def _single(
+    reader: Reader, batch: np.ndarray, buf: np.ndarray, anon: np.ndarray, fd: int, what: str,
+    progress: Progress | None, total: int,
+) -> tuple[np.ndarray, int, float, float]:
+    """_pipeline of one batch, without threads."""
+    t0 = time.perf_counter()
+    views, held, zero_pages = _read_batch(reader, batch, buf, anon)
+    t1 = time.perf_counter()
+    writer = _Writer(fd, what, threaded=False)
+    try:
+        writer.write_now(views)
+    finally:
+        writer.close()
+    if progress is not None:
+        progress(total, total)
+    return ranges.merge(held), zero_pages, t1 - t0, time.perf_counter() - t1
+
+
 def _pipeline(
     reader: Reader, batches: list[np.ndarray], bufs: list[np.ndarray], anon: np.ndarray, fd: int, what: str,
     progress: Progress | None, total: int,
 ) -> tuple[np.ndarray, int, float, float]:
-    """copy_and_write's work: READERS threads read ``batches`` into ``bufs`` while a _Writer writes them in order."""
+    """copy_and_write's work: READERS threads read ``batches`` into ``bufs`` while a _Writer writes them in order
+    (one batch: read, then written, in this thread: starting threads would cost more than the overlap saves)."""
+    if len(batches) == 1:
+        return _single(reader, batches[0], bufs[0], anon, fd, what, progress, total)
     free = list(range(len(bufs)))[::-1]
     pending: deque[int] = deque()  # bytes of each batch handed to the writer, in order
     reads: list[Future] = []

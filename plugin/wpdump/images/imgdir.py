@@ -10,6 +10,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import ChainError, WpdumpError
 from ..target.process import exists
@@ -17,6 +18,27 @@ from ..target.process import exists
 _STAGING_PARENTS: set[str] = set()  # where this process may have created staging directories
 MAX_DEPTH = 4096  # parent links followed at most
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_syncer: ThreadPoolExecutor | None = None
+
+
+def _fsync_all(fds: list[tuple[int, str]]) -> None:
+    """fsync every (fd, path) at once, from threads: ext4 commits concurrent fsyncs in one journal transaction
+    (4 small files: 0.5-0.6 ms at once against 3-8 ms one after the other here). Raises the first error."""
+    global _syncer
+    if len(fds) <= 1:
+        for fd, path in fds:
+            fsync(fd, path)
+        return
+    if _syncer is None:
+        _syncer = ThreadPoolExecutor(4, thread_name_prefix="wpdump-fsync")
+    futs = [_syncer.submit(fsync, fd, path) for fd, path in fds[1:]]
+    try:
+        fsync(*fds[0])
+    finally:
+        for f in futs:
+            f.exception()  # wait for all before any fd may be closed
+    for f in futs:
+        f.result()
 
 
 class ImageDirError(WpdumpError):
@@ -77,6 +99,7 @@ class Staging:
             raise describe_os_error(e, self.dest) from None
         self.dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.done = False
+        self.unsynced: list[tuple[int, str]] = []  # files written, fsynced together at commit
 
     def create(self, name: str) -> int:
         """A new file (mode 0600) in the staging directory; returns its fd."""
@@ -86,23 +109,25 @@ class Staging:
             raise describe_os_error(e, os.path.join(self.dest, name)) from None
 
     def write_file(self, name: str, data: bytes) -> None:
-        """Create ``name`` holding ``data``, fsynced."""
+        """Create ``name`` holding ``data`` (fsynced at :meth:`commit`, with the others)."""
         fd = self.create(name)
+        path = os.path.join(self.dest, name)
         try:
-            write_all(fd, data, os.path.join(self.dest, name))
-            os.fsync(fd)
+            write_all(fd, data, path)
         except OSError as e:
-            raise describe_os_error(e, os.path.join(self.dest, name)) from None
-        finally:
             os.close(fd)
+            raise describe_os_error(e, path) from None
+        self.unsynced.append((fd, path))
 
     def symlink(self, target: str, name: str = "parent") -> None:
         os.symlink(target, name, dir_fd=self.dfd)
 
     def commit(self) -> str:
-        """fsync the directory and rename it to ``dest`` (replacing an empty directory); returns dest."""
+        """fsync the files written and the directory, and rename it to ``dest`` (replacing an empty directory);
+        returns dest."""
+        _fsync_all([*self.unsynced, (self.dfd, self.dest)])
+        self._close_files()
         try:
-            os.fsync(self.dfd)
             os.rename(self.path, self.dest)
             pfd = os.open(os.path.dirname(self.dest), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
@@ -117,7 +142,13 @@ class Staging:
         self.close()
         return self.dest
 
+    def _close_files(self) -> None:
+        for fd, _ in self.unsynced:
+            os.close(fd)
+        self.unsynced = []
+
     def close(self) -> None:
+        self._close_files()
         if self.dfd >= 0:
             os.close(self.dfd)
             self.dfd = -1
