@@ -74,6 +74,31 @@ def test_merge_union_subtract_intersect_against_sets(high: bool) -> None:
             assert as_list(sub) == canonical(A - B), (a, b)
 
 
+def touching(rng: np.random.Generator) -> np.ndarray:
+    """Sorted, disjoint ranges some of which touch (end == next start): what the native pass takes."""
+    r = random_ranges(rng, sorted_disjoint=True)
+    if len(r) > 1:
+        glue = rng.random(len(r) - 1) < 0.4
+        r[1:, 0] = np.where(glue, r[:-1, 1], r[1:, 0])
+    return r
+
+
+@pytest.mark.parametrize("high", [False, True], ids=["low", "near-2^64"])
+def test_native_pass_of_sorted_disjoint_ranges_against_sets(high: bool) -> None:
+    """subtract / intersect / union of sorted, disjoint (touching) inputs take the linear native pass: the same
+    merged result as the sets say."""
+    rng = np.random.default_rng(13)
+    mv, back = (shift, unshift) if high else (lambda r: r, lambda r: r)
+    for _ in range(4 * CASES):
+        a, b, c = touching(rng), touching(rng), touching(rng)
+        assert ranges._ordered(a) and ranges._ordered(b)
+        A, B, C = cover(a), cover(b), cover(c)
+        assert as_list(back(ranges.intersect(mv(a), mv(b)))) == canonical(A & B), (a, b)
+        assert as_list(back(ranges.union(mv(a), mv(b), mv(c)))) == canonical(A | B | C), (a, b, c)
+        if len(b):
+            assert as_list(back(ranges.subtract(mv(a), mv(b)))) == canonical(A - B), (a, b)
+
+
 def test_subtract_of_merged_input_is_merged() -> None:
     rng = np.random.default_rng(12)
     for _ in range(CASES):
