@@ -177,13 +177,13 @@ def run(
     t_start = time.perf_counter()
     st_target = check_alive(pid)
     dest = imgdir.check_destination(images_dir)
+    members = read_tree(pid, single)
     parent: TreeParent | None = None
     if prev_images_dir:
-        parent = load_parent_tree(_resolve_prev(dest, prev_images_dir), pid, st_target.start_ticks)
+        parent = load_parent_tree(_resolve_prev(dest, prev_images_dir), pid, st_target.start_ticks, members[0].vpid)
     if keep_tracking is None:
         keep_tracking = not final
     res = IterationResult(dest, "dump" if final else "pre-dump", uuid.uuid4().hex, prev_images_dir, False)
-    members = read_tree(pid, single)
     for m in members:  # before attaching: refuse early
         _check_readable(m.pid, read_maps(m.pid), allow_unreadable, [])
     with keeper.pid_lock(pid), imgdir.Staging(dest) as st:

@@ -258,20 +258,18 @@ class TreeParent:
     members: dict[int, Iteration]
 
 
-def load_parent_tree(path: str, root: int, start_ticks: int) -> TreeParent:
-    """The iteration at ``path`` as the parent of an iteration of the tree rooted at ``root`` (checked to be an
-    image of that very process); each process's image decoded and its pages file checked."""
-    stat_dir(path, pid=root)
-    vpids = tree_vpids(path)
-    if not vpids:
-        load_iteration(path)  # raises the right error (no pagemap, a checkpoint directory, ...)
-    top = load_parent(path, vpids[0])
+def load_parent_tree(path: str, root: int, start_ticks: int, vpid: int) -> TreeParent:
+    """The iteration at ``path`` as the parent of an iteration of the tree rooted at ``root`` (``vpid`` in its pid
+    namespace), checked to be an image of that very process; each process's image decoded and its pages file
+    checked."""
+    top = load_parent(path, vpid)
     check_parent(top, root, start_ticks)
     members = {top.pid: top}
-    for v in vpids[1:]:
-        it = load_iteration(path, v)
-        check_pages_file(it)
-        members[v] = it
+    for v in tree_vpids(path):
+        if v != vpid:
+            it = load_iteration(path, v)
+            check_pages_file(it)
+            members[v] = it
     return TreeParent(top, members)
 
 
