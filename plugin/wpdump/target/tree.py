@@ -8,10 +8,14 @@ its images.
 from __future__ import annotations
 
 import errno
+import logging
 from typing import NamedTuple
 
 from ..errors import NoSuchProcess, TrackerError, WpdumpError
+from .native import same_mm
 from .process import list_proc, read_proc_text, read_stat
+
+log = logging.getLogger("wpdump.tree")
 
 GONE = ("Z", "X", "x")
 
@@ -65,6 +69,13 @@ def _member(pid: int, ppid: int, level: int) -> Member | None:
     return Member(pid, ns[level], ppid, st.start_ticks)
 
 
+def _shares_mm(parent: int, child: int) -> bool:
+    try:
+        return same_mm(parent, child)
+    except NoSuchProcess:
+        return False  # gone: the next read of the tree leaves it out
+
+
 def read_tree(root: int, single: bool = False) -> list[Member]:
     """The live processes of the tree rooted at ``root``, root first then breadth first (``single``: the root
     alone). Raises NoSuchProcess when the root is gone."""
@@ -88,11 +99,11 @@ def read_tree(root: int, single: bool = False) -> list[Member]:
                 m = _member(c, parent, level)
             except WpdumpError:
                 continue
+            if m is not None and _shares_mm(parent, c):
+                # a vfork (CLONE_VM) child runs in its parent's address space until it execs or exits: that
+                # memory is the parent's, tracked and dumped there (a second tracker of it would be refused)
+                log.info("pid %d shares the address space of its parent %d (vfork): dumped with it", c, parent)
+                continue
             if m is not None:
                 out.append(m)
     return out
-
-
-def root_level_vpid(pid: int, root: int) -> int:
-    """``pid``'s pid in the pid namespace of ``root``."""
-    return nspids(pid)[len(nspids(root)) - 1]
