@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import ChainError
 from ..images import format as images
-from ..images.chain import Iteration, checkpoint_iterations, load_iteration, read_image_file, tree_vpids
+from ..images.chain import Iteration, begins_above, checkpoint_iterations, load_iteration, read_image_file, tree_vpids
 from ..images.imgdir import walk_links
 from ..ranges import PAGE
 
@@ -84,13 +84,17 @@ def walk(path: str, pid: int | None = None) -> Iterator[tuple[str, Iteration | N
     A level whose images do not load is yielded with its error and the walk follows its parent link still; the
     walk ends (yielding a last error with no iteration) at a missing directory or a loop.
     """
+    prev: Iteration | None = None
     for cur, err in walk_links(path, pid):
+        if prev is not None and begins_above(prev, cur):
+            return
         if err is not None:
             yield cur, None, err
             return
+        prev = None
         try:
             it = load_iteration(cur, pid)
-            pid = it.pid
+            pid, prev = it.pid, it
             yield cur, it, None
         except ChainError as e:
             yield cur, None, e

@@ -185,7 +185,11 @@ def run(
         keep_tracking = not final
     res = IterationResult(dest, "dump" if final else "pre-dump", uuid.uuid4().hex, prev_images_dir, False)
     for m in members:  # before attaching: refuse early
-        _check_readable(m.pid, read_maps(m.pid), allow_unreadable, [])
+        try:
+            _check_readable(m.pid, read_maps(m.pid), allow_unreadable, [])
+        except NoSuchProcess:
+            if m.pid == pid:
+                raise
     with keeper.pid_lock(pid), imgdir.Staging(dest) as st:
         tracking: Tracking | None = None
         thawed = True

@@ -212,10 +212,19 @@ def missing_in_parent(child: Iteration, parent: Iteration) -> str | None:
             f"{parent.path} (first at {int(missing[0, 0]):#x})")
 
 
+def begins_above(it: Iteration, below: str) -> bool:
+    """Whether the process of ``it`` is absent from the iteration ``below`` it and ``it`` refers to nothing there:
+    a process new since then (its chain begins at ``it``)."""
+    return not len(it.ranges(images.PE_PARENT)) and not os.path.lexists(
+        os.path.join(below, images.pagemap_file_name(it.pid)))
+
+
 def load_chain(path: str, pid: int | None = None) -> list[Iteration]:
     """The iteration in ``path`` and its parents, top first; checks every level's structure."""
     chain: list[Iteration] = []
     for cur, err in walk_links(path, pid):
+        if chain and begins_above(chain[-1], cur):
+            break
         if err is not None:
             raise err
         it = load_iteration(cur, pid)
