@@ -17,6 +17,7 @@ from ..errors import ChainError
 from ..ranges import PAGE, in_ranges
 from . import format as images
 from .imgdir import parent_of, stat_dir, walk_links
+from .shared import SharedImages
 
 META_FILE = "wpdump.json"
 META_FORMAT = "wpdump-iteration/2"  # /2: a tree, one entry per process under "processes"
@@ -66,6 +67,7 @@ class Iteration:
     entries: np.ndarray
     inventory: object | None
     meta: dict | None
+    shared: SharedImages | None = None  # the shared objects the process maps (tree iterations)
 
     def ranges(self, flag: int | None = None) -> np.ndarray:
         """Page ranges of the entries (with ``flag`` if given)."""
@@ -183,7 +185,8 @@ def load_iteration(path: str, pid: int | None = None) -> Iteration:
             inv = images.decode_inventory(read_image_file(path, images.INVENTORY_FILE), inv_name)
     except images.ImageError as e:
         raise ChainError(str(e), pid=pid, errno=errno.EINVAL) from None
-    return Iteration(path, pid, pages_id, entries, inv, member_meta(read_meta(path), pid))
+    meta = member_meta(read_meta(path), pid)
+    return Iteration(path, pid, pages_id, entries, inv, meta, SharedImages.of(path, meta))
 
 
 def check_pages_file(it: Iteration) -> None:
