@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -118,6 +119,11 @@ class Staging:
             os.close(fd)
             raise describe_os_error(e, path) from None
         self.unsynced.append((fd, path))
+
+    def remove(self, name: str) -> None:
+        """Remove ``name`` from the staging directory, if it is there."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=self.dfd)
 
     def symlink(self, target: str, name: str = "parent") -> None:
         os.symlink(target, name, dir_fd=self.dfd)
