@@ -181,11 +181,14 @@ def union(*parts: np.ndarray) -> np.ndarray:
     parts = tuple(p for p in parts if len(p))
     if not parts:
         return EMPTY.copy()
-    if len(parts) <= 8 and all(_ordered(p) for p in parts):
+    if len(parts) == 1:
+        return merge(parts[0].astype(np.uint64))  # a new array, as with several parts
+    if all(_ordered(p) for p in parts):  # smallest first: each fold is linear in what it holds so far
+        parts = sorted(parts, key=len)
         out = parts[0]
         for p in parts[1:]:
             out = _combine(out, p, _UNION)
-        return out if len(parts) > 1 else merge(np.asarray(out, dtype=np.uint64))
+        return out
     return merge(np.concatenate(parts).astype(np.uint64))
 
 
