@@ -223,7 +223,7 @@ def run(
             for i, m in enumerate(members):
                 try:
                     t0 = time.perf_counter()
-                    h = tracking.harvest(m)
+                    h = tracking.harvest(m, full=_member_parent(parent, m) is None)
                     res.harvest_s += time.perf_counter() - t0
                     _check_readable(m.pid, h.unreadable, allow_unreadable, res.warnings)
                 except NoSuchProcess:
