@@ -237,6 +237,28 @@ def test_restore_memory_rolls_back_the_tree_or_refuses_untouched(prefork, tmp_pa
     assert all(read_stat(p).state != "T" for p in t.pids())
 
 
+def test_a_vpid_of_another_process_never_refers_to_its_pages(prefork, tmp_path):
+    """Pid reuse inside the tree: when the parent's image of a vpid is of another process (another start time, as
+    after that process exited and a new one got its pid), the new process is written in full, never PE_PARENT."""
+    t = prefork(workers=2, private=64, shared=0)
+    t.signal_all(signal.SIGUSR2, "paused")
+    pids = t.pids()
+    iteration.pre_dump(t.root, str(tmp_path / "1"))
+    meta = json.loads((tmp_path / "1" / "wpdump.json").read_text())
+    meta["processes"][str(pids[1])]["start_ticks"] -= 1  # the image of pids[1] is now of an older process
+    (tmp_path / "1" / "wpdump.json").write_text(json.dumps(meta))
+    r = iteration.pre_dump(t.root, str(tmp_path / "2"), "../1")
+    assert present(tmp_path / "2", pids[1], PE_PARENT) == 0 and present(tmp_path / "2", pids[1]) > 64
+    assert present(tmp_path / "2", pids[2], PE_PARENT) > 64 and present(tmp_path / "2", pids[2]) < 16
+    assert r.incremental  # of every process the parent holds an image of; the new one is written in full
+    stop_all(pids)
+    try:
+        for p in pids:
+            compare_with_memory(str(tmp_path / "2"), p)
+    finally:
+        cont_all(pids)
+
+
 def test_single_leaves_the_children_out(prefork, tmp_path):
     t = prefork(workers=2, private=16, shared=16)
     r = iteration.pre_dump(t.root, str(tmp_path / "1"), single=True)

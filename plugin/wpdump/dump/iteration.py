@@ -7,7 +7,6 @@ pages file (changed since the parent, or new), PE_PARENT for pages unchanged sin
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import time
@@ -28,6 +27,7 @@ from ..images.chain import (
     TreeParent,
     boot_id,
     load_parent_tree,
+    meta_json,
     same_process,
     uptime_us,
 )
@@ -131,15 +131,6 @@ def _stats_file(st: imgdir.Staging, res: IterationResult) -> dict:
     return stats
 
 
-def meta_json(meta: dict) -> bytes:
-    """wpdump.json, indented, with its "processes" (put last; each process's VMAs) on one line: json's C encoder
-    does not indent, the Python one takes 0.1-0.3 s for 30,000 VMAs."""
-    head = json.dumps({**{k: v for k, v in meta.items() if k != "processes"}, "processes": {}}, indent=1)
-    tail = '"processes": {}\n}'
-    assert head.endswith(tail)
-    return (head[: -len(tail)] + '"processes": ' + json.dumps(meta["processes"]) + "\n}").encode()
-
-
 def _resolve_prev(dest: str, prev: str) -> str:
     """CRIU resolves --prev-images-dir relative to the images directory."""
     return prev if os.path.isabs(prev) else os.path.normpath(os.path.join(dest, prev))
@@ -232,7 +223,7 @@ def run(
             for i, m in enumerate(members):
                 try:
                     t0 = time.perf_counter()
-                    h = tracking.harvest(m)
+                    h = tracking.harvest(m, full=_member_parent(parent, m) is None)
                     res.harvest_s += time.perf_counter() - t0
                     _check_readable(m.pid, h.unreadable, allow_unreadable, res.warnings)
                 except NoSuchProcess:

@@ -115,6 +115,15 @@ def checkpoint_iterations(path: str) -> list[str]:
     return out
 
 
+def meta_json(meta: dict) -> bytes:
+    """wpdump.json, indented, with its "processes" (put last; each process's VMAs) on one line: json's C encoder
+    does not indent, the Python one takes 0.1-0.3 s for 30,000 VMAs."""
+    head = json.dumps({**{k: v for k, v in meta.items() if k != "processes"}, "processes": {}}, indent=1)
+    tail = '"processes": {}\n}'
+    assert head.endswith(tail)
+    return (head[: -len(tail)] + '"processes": ' + json.dumps(meta["processes"]) + "\n}").encode()
+
+
 def read_meta(path: str) -> dict | None:
     """wpdump's metadata of the iteration in ``path`` (None when it is not ours)."""
     if not os.path.lexists(os.path.join(path, META_FILE)):
