@@ -20,6 +20,7 @@ _STAGING_PARENTS: set[str] = set()  # where this process may have created stagin
 MAX_DEPTH = 4096  # parent links followed at most
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _syncer: ThreadPoolExecutor | None = None
+_MAX_UNSYNCED = 64  # files held open for the fsync at commit, at most
 
 
 def _fsync_all(fds: list[tuple[int, str]]) -> None:
@@ -119,6 +120,9 @@ class Staging:
             os.close(fd)
             raise describe_os_error(e, path) from None
         self.unsynced.append((fd, path))
+        if len(self.unsynced) >= _MAX_UNSYNCED:  # a tree of many processes: bounded open files
+            _fsync_all(self.unsynced)
+            self._close_files()
 
     def remove(self, name: str) -> None:
         """Remove ``name`` from the staging directory, if it is there."""
