@@ -346,3 +346,67 @@ def test_cli_pre_dumps_dump_and_restore(rootfs, tmp_path):
             pass
         if proc.poll() is None:
             proc.wait()
+
+
+# ---- podman (finds `criu` through PATH) ----
+
+
+@pytest.fixture(scope="module")
+def podman_image(rootfs, tmp_path_factory):
+    """The rootfs as a podman image (`podman import`, offline); removed at the end."""
+    _need("podman")
+    tar = tmp_path_factory.mktemp("podman") / "rootfs.tar"
+    subprocess.run(["tar", "-C", str(rootfs), "-cf", str(tar), "."], check=True)
+    name = f"localhost/wpdump-selfcheck:test-{os.getpid()}"
+    subprocess.run(["podman", "import", str(tar), name], check=True, capture_output=True, timeout=300)
+    yield name
+    subprocess.run(["podman", "rmi", "-f", name], capture_output=True, timeout=300)
+
+
+def test_podman_pre_checkpoint_with_previous_and_restore(podman_image, tmp_path):
+    """podman container checkpoint --pre-checkpoint, then --with-previous, then restore, with wpdump-criu
+    first in PATH as `criu`. podman 4.3's default rlimits fail here (docs/kernel.md): lowered."""
+    require_kernel()
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    os.symlink(WRAP, bindir / "criu")
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    name = f"wpdump-test-{os.getpid()}"
+
+    def podman(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        p = subprocess.run(["podman", *args], env=env, capture_output=True, text=True, timeout=300,
+                           stdin=subprocess.DEVNULL)
+        assert not check or p.returncode == 0, f"podman {' '.join(args)}: {p.returncode}\n{p.stderr}"
+        return p
+
+    def result() -> list[str]:
+        return podman("exec", name, "/bin/busybox", "cat", "/tmp/result").stdout.splitlines()
+
+    def self_check() -> str:
+        n = len(result())
+        podman("kill", "-s", "USR1", name)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            new = result()[n:]
+            if new:
+                return new[0]
+            time.sleep(0.05)
+        raise AssertionError(f"no self-check answer: {result()}")
+
+    try:
+        podman("run", "-d", "--name", name, "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
+               podman_image, "/selfcheck", str(MIB), "/tmp/result", "4")
+        deadline = time.time() + 30
+        while "ready" not in result() and time.time() < deadline:
+            time.sleep(0.05)
+        podman("container", "checkpoint", "--pre-checkpoint", name)
+        static = pathlib.Path(podman("inspect", name, "--format", "{{.StaticDir}}").stdout.strip())
+        pre = static / "pre-checkpoint"
+        assert stats(pre)["pages_written"] >= MIB * 256
+        assert decode_all(pre, [CRIT, CRIU4_CRIT]) >= 3
+        podman("container", "checkpoint", "--with-previous", name)
+        assert (static / "wpdump-criu.log").exists()  # the DUMP onto the chain went through the hook
+        podman("container", "restore", name)
+        assert self_check().startswith("ok")
+    finally:
+        podman("rm", "-f", name, check=False)

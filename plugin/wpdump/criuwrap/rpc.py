@@ -152,6 +152,27 @@ class RealCriu:
             return self.proc.wait()
 
 
+def _take_parent_link(images: str) -> str | None:
+    """Remove a ``parent`` link the runtime made itself (podman does, before CRIU runs): the hook links the
+    final dump to the chain only if none is there. Its target, or None."""
+    link = os.path.join(images, "parent")
+    try:
+        target = os.readlink(link)
+    except OSError:
+        return None
+    os.unlink(link)
+    return target
+
+
+def _give_back_parent_link(images: str, target: str) -> None:
+    """The runtime's link again, unless the hook linked the dump to the chain (CRIU's images left full
+    never read their parent: the link is harmless)."""
+    try:
+        os.symlink(target, os.path.join(images, "parent"))
+    except FileExistsError:
+        pass
+
+
 class Session:
     """A swrk session this process serves (the first request needed it)."""
 
@@ -240,6 +261,7 @@ class Session:
         from ..dump import criu_hook
 
         chain = wants_chain(req)
+        runtime_link: str | None = None
         asked = req.HasField("opts") and req.opts.notify_scripts
         hook_log = None
         try:
@@ -260,6 +282,7 @@ class Session:
                 images, work = self._dirs(req.opts)
                 env = {"CRTOOLS_IMAGE_DIR": images, "CRTOOLS_INIT_PID": str(o.pid)}
                 hook_log = Log(os.path.join(work, "wpdump-criu.log"))
+                runtime_link = _take_parent_link(images)
             real.conn.send(sent.SerializeToString())
             while True:
                 data, fds = real.conn.recv()
@@ -292,6 +315,8 @@ class Session:
         finally:
             if hook_log is not None:
                 hook_log.flush()
+            if runtime_link is not None:
+                _give_back_parent_link(images, runtime_link)
             real.close()
 
 
