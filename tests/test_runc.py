@@ -228,6 +228,20 @@ def test_runc_pre_dump_fails_without_wpdump_criu(container, tmp_path):
     assert "missing features" in (tmp_path / "runc.log").read_text()
 
 
+def test_runc_pre_dump_onto_a_bogus_parent_fails(container, tmp_path):
+    """runc must not take a failed pre-dump for a good one: its parent is no wpdump iteration."""
+    c = container()
+    c.start()
+    (tmp_path / "bogus").mkdir()
+    p = c.runc("checkpoint", "--pre-dump", "--parent-path", "../bogus", "--image-path", tmp_path / "p1", c.id,
+               check=False)
+    assert p.returncode != 0
+    assert "criu failed" in (tmp_path / "runc.log").read_text()
+    assert "Error (wpdump-criu): pre-dump of pid" in (tmp_path / "p1" / "dump.log").read_text()
+    assert not list((tmp_path / "p1").glob("*.img"))
+    c.self_check()  # the container runs on unharmed
+
+
 # ---- the RPC, spoken directly ----
 
 
@@ -380,7 +394,9 @@ def test_podman_pre_checkpoint_with_previous_and_restore(podman_image, tmp_path)
         return p
 
     def result() -> list[str]:
-        return podman("exec", name, "/bin/busybox", "cat", "/tmp/result").stdout.splitlines()
+        p = podman("exec", name, "/bin/busybox", "cat", "/tmp/result", check=False)
+        assert p.returncode == 0 or "No such file" in p.stderr, p.stderr  # not written before "ready"
+        return p.stdout.splitlines()
 
     def self_check() -> str:
         n = len(result())
@@ -399,6 +415,7 @@ def test_podman_pre_checkpoint_with_previous_and_restore(podman_image, tmp_path)
         deadline = time.time() + 30
         while "ready" not in result() and time.time() < deadline:
             time.sleep(0.05)
+        assert "ready" in result()
         podman("container", "checkpoint", "--pre-checkpoint", name)
         static = pathlib.Path(podman("inspect", name, "--format", "{{.StaticDir}}").stdout.strip())
         pre = static / "pre-checkpoint"

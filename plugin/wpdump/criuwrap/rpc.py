@@ -269,20 +269,20 @@ class Session:
         except OSError as e:
             return failure(req.type, f"wpdump-criu: cannot run {self.real}: {e.strerror}", e.errno)
         try:
+            env: dict[str, str] = {}
             try:
                 sent = real.translate(req)
+                if chain:
+                    o = sent.opts
+                    o.track_mem = False  # no soft-dirty here: wpdump's hook makes the dump incremental
+                    o.ClearField("parent_img")
+                    o.notify_scripts = True
+                    images, work = self._dirs(req.opts)
+                    env = {"CRTOOLS_IMAGE_DIR": images, "CRTOOLS_INIT_PID": str(o.pid)}
+                    hook_log = Log(os.path.join(work, "wpdump-criu.log"))
+                    runtime_link = _take_parent_link(images)
             except (WpdumpError, OSError) as e:
                 return failure(req.type, f"wpdump-criu: {e}", getattr(e, "errno", None) or errno.EINVAL)
-            env: dict[str, str] = {}
-            if chain:
-                o = sent.opts
-                o.track_mem = False  # the kernel has no soft-dirty: wpdump's hook makes the dump incremental
-                o.ClearField("parent_img")
-                o.notify_scripts = True
-                images, work = self._dirs(req.opts)
-                env = {"CRTOOLS_IMAGE_DIR": images, "CRTOOLS_INIT_PID": str(o.pid)}
-                hook_log = Log(os.path.join(work, "wpdump-criu.log"))
-                runtime_link = _take_parent_link(images)
             real.conn.send(sent.SerializeToString())
             while True:
                 data, fds = real.conn.recv()
