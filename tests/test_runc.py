@@ -330,8 +330,13 @@ def test_cli_pre_dumps_dump_and_restore(rootfs, tmp_path):
         for d in ("1", "2", "final"):
             (tmp_path / d).mkdir()
 
+        bindir = tmp_path / "bin"  # as LXC finds it: `criu` in PATH, a link to wpdump-criu
+        bindir.mkdir()
+        os.symlink(WRAP, bindir / "criu")
+        env = {**os.environ, "PATH": f"{bindir}:/usr/sbin:/usr/bin:/sbin:/bin"}
+
         def wrap(*args: object) -> None:
-            p = subprocess.run([str(WRAP), *map(str, args)], capture_output=True, text=True, timeout=300)
+            p = subprocess.run(["criu", *map(str, args)], capture_output=True, text=True, timeout=300, env=env)
             assert p.returncode == 0, (args, p.stderr)
 
         wrap("pre-dump", "-t", proc.pid, "-D", tmp_path / "1", "--track-mem", "-o", "pre.log", "-v4")

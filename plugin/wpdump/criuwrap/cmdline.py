@@ -114,7 +114,10 @@ def _pre_dump(vals: dict[str, list[str]]) -> int:
 
 def _dump(real: str, rest: list[str]) -> None:
     """CRIU's dump without --track-mem / --prev-images-dir, wpdump's hook as action script."""
-    hook = shutil.which("wpdump-criu-hook") or os.path.join(os.path.dirname(sys.argv[0]), "wpdump-criu-hook")
+    # next to the interpreter (a venv's bin): wpdump-criu may run as a `criu` link elsewhere in PATH
+    hook = os.path.join(os.path.dirname(sys.executable), "wpdump-criu-hook")
+    if not os.access(hook, os.X_OK):
+        hook = shutil.which("wpdump-criu-hook") or hook
     out: list[str] = []
     skip = False
     for a in rest:
