@@ -62,7 +62,8 @@ def rootfs(tmp_path_factory) -> pathlib.Path:
 class Container:
     """A runc container running selfcheck; runc's state under the test's own --root."""
 
-    def __init__(self, tmp: pathlib.Path, rootfs: pathlib.Path, netns: bool, mib: int = MIB) -> None:
+    def __init__(self, tmp: pathlib.Path, rootfs: pathlib.Path, netns: bool, mib: int = MIB,
+                 args: list[str] | None = None) -> None:
         self.id = f"wpdump-test-{os.getpid()}-{next(_ids)}"
         self.tmp = tmp
         self.state = tmp / "runc-root"
@@ -71,7 +72,7 @@ class Container:
         subprocess.run(["runc", "spec"], cwd=self.bundle, check=True)
         cfg = json.loads((self.bundle / "config.json").read_text())
         cfg["process"]["terminal"] = False
-        cfg["process"]["args"] = ["/selfcheck", str(mib), "/tmp/result", "4"]
+        cfg["process"]["args"] = args or ["/selfcheck", str(mib), "/tmp/result", "4"]
         cfg["root"]["readonly"] = False
         if not netns:
             nss = cfg["linux"]["namespaces"]
@@ -133,8 +134,8 @@ class Container:
 def container(rootfs, tmp_path):
     made: list[Container] = []
 
-    def make(netns: bool = False, mib: int = MIB) -> Container:
-        made.append(Container(tmp_path, rootfs, netns, mib))
+    def make(netns: bool = False, mib: int = MIB, args: list[str] | None = None) -> Container:
+        made.append(Container(tmp_path, rootfs, netns, mib, args))
         return made[-1]
 
     yield make
@@ -204,6 +205,36 @@ def test_runc_pre_dumps_checkpoint_and_restore(container, tmp_path, netns):
     assert os.path.lexists(final / "parent"), f"the final checkpoint is not incremental:\n{hooklog}"
     assert final_parent >= MIB * 256 - 512, (final_present, final_parent, hooklog)
     assert final_bytes == final_present * PAGE < (written_since_p2 + 512) * PAGE, (final_bytes, written_since_p2)
+
+
+def test_runc_tree_container(container, tmp_path):
+    """A container of three processes (sh, two selfchecks): every process pre-dumped, the final checkpoint
+    rewritten for each against the chain, both workloads pass their self-checks after the restore."""
+    require_kernel()
+    c = container(args=["/bin/sh", "-c", "/selfcheck 16 /tmp/result 4 & /selfcheck 8 /tmp/r2 4 & wait"])
+    c.start()
+    r2 = c.bundle / "rootfs" / "tmp" / "r2"
+    deadline = time.time() + 30
+    while not (r2.exists() and "ready" in r2.read_text()) and time.time() < deadline:
+        time.sleep(0.01)
+    c.runc("checkpoint", "--pre-dump", "--image-path", tmp_path / "p1", c.id)
+    assert len(list((tmp_path / "p1").glob("pagemap-*.img"))) == 3
+    assert decode_all(tmp_path / "p1", [CRIT, CRIU4_CRIT]) >= 5
+    c.runc("checkpoint", "--pre-dump", "--parent-path", "../p1", "--image-path", tmp_path / "p2", c.id)
+    c.runc("checkpoint", "--parent-path", "../p2", "--image-path", tmp_path / "final", c.id)
+    final = tmp_path / "final"
+    in_parent = pagemap_pages(final, PE_PARENT)
+    hooklog = (final / "wpdump-criu.log").read_text()
+    c.runc("restore", "-d", "--image-path", final, "--bundle", c.bundle, c.id)
+    n1, n2 = len(c.lines()), len(r2.read_text().splitlines())
+    c.runc("exec", c.id, "/bin/sh", "-c", "kill -USR1 $(pidof selfcheck)")
+    assert c.wait_line("ok", after=n1).startswith("ok")
+    deadline = time.time() + 30
+    while len(r2.read_text().splitlines()) <= n2 and time.time() < deadline:
+        time.sleep(0.01)
+    assert r2.read_text().splitlines()[n2].startswith("ok"), r2.read_text()
+    assert hooklog.count("now in the parent") == 3, hooklog
+    assert in_parent >= (16 + 8) * 256 - 1024, hooklog
 
 
 def test_runc_plain_checkpoint_and_restore_go_to_the_real_criu(container, tmp_path):
