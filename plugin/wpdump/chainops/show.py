@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -161,6 +162,23 @@ def level_info(it: Iteration, depth: int, regions: bool = False) -> LevelInfo:
     )
 
 
+def _add_shared(lv: LevelInfo, path: str) -> None:
+    """Count the shared objects the iteration stores (pagemap-shmem-SHMID.img: whole, never in a parent) in."""
+    for name in sorted(os.listdir(path)):
+        if not re.fullmatch(r"pagemap-shmem-\d+\.img", name):
+            continue
+        try:
+            pages_id, entries = images.decode_pagemap(read_image_file(path, name), os.path.join(path, name))
+            st = os.lstat(os.path.join(path, images.pages_file_name(pages_id)))
+        except (images.ImageError, ChainError, OSError):
+            continue  # verify -D names what is wrong with it
+        n = int(entries["nr_pages"].astype(np.uint64).sum())
+        lv.pages_present += n
+        lv.pages_listed += n
+        lv.pages_bytes += st.st_size
+        lv.pages_allocated += st.st_blocks * 512
+
+
 def resolve_top(path: str) -> str:
     """``path``, or for the directory ``wpdump checkpoint`` wrote, its highest-numbered iteration (the top)."""
     its = checkpoint_iterations(path)
@@ -188,6 +206,7 @@ def show(path: str, regions: bool = False) -> ChainInfo:
                 continue
             other.pages_zeroed = None
             lv.add(other)
+        _add_shared(lv, it.path)
         info.levels.append(lv)
     return info
 
