@@ -568,3 +568,32 @@ int64_t wpd_ranges_combine(const uint64_t *a, uint64_t na, const uint64_t *b, ui
 	}
 	return k;
 }
+
+/* The [start, end) ranges (pairs of u64, touching ones merged) of the n pagemap entries at entries (packed
+ * {u64 vaddr, u64 nr_pages, u32 flags}, 20 bytes each, in address order) whose flags meet flag (all when
+ * flag is 0), 4 KiB pages. out has room for n ranges; returns how many. */
+int64_t wpd_pagemap_ranges(const void *entries, uint64_t n, uint32_t flag, uint64_t *out)
+{
+	const unsigned char *e = entries;
+	uint64_t k = 0;
+
+	for (uint64_t i = 0; i < n; i++, e += 20) {
+		uint64_t vaddr, nr;
+		uint32_t flags;
+
+		memcpy(&vaddr, e, 8);
+		memcpy(&nr, e + 8, 8);
+		memcpy(&flags, e + 16, 4);
+		if (flag && !(flags & flag))
+			continue;
+		uint64_t end = vaddr + (nr << 12);
+		if (k && out[2 * k - 1] == vaddr)
+			out[2 * k - 1] = end;
+		else {
+			out[2 * k] = vaddr;
+			out[2 * k + 1] = end;
+			k++;
+		}
+	}
+	return k;
+}

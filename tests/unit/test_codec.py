@@ -303,3 +303,23 @@ def test_decode_uses_no_deprecated_protobuf_api() -> None:
             np.array([[0, PAGE]], dtype=np.uint64), np.zeros((0, 2), dtype=np.uint64))))
         images.decode_stats(images.encode_stats(), "stats-dump")
     assert [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)] == []
+
+
+def test_ranges_of_against_pages() -> None:
+    """ranges_of (one native pass over the entries): the pages of the entries with the flag, touching runs merged."""
+    rng = np.random.default_rng(21)
+    for _ in range(500):
+        n = int(rng.integers(0, 30))
+        cuts = np.sort(rng.choice(400, 2 * n, replace=False)).astype(np.uint64) * np.uint64(PAGE)
+        r = cuts.reshape(-1, 2)
+        if len(r) > 1:
+            glue = rng.random(len(r) - 1) < 0.5
+            r[1:, 0] = np.where(glue, r[:-1, 1], r[1:, 0])
+        e = np.zeros(len(r), dtype=images.ENTRY_DTYPE)
+        e["vaddr"], e["nr_pages"] = r[:, 0], (r[:, 1] - r[:, 0]) // np.uint64(PAGE)
+        e["flags"] = rng.choice([images.PE_PARENT, images.PE_PRESENT, images.PE_LAZY], len(r))
+        for flag in (None, images.PE_PARENT, images.PE_PRESENT, images.PE_PARENT | images.PE_PRESENT):
+            got = images.ranges_of(e, flag)
+            pages = {p for v, k, f in e.tolist() if flag is None or f & flag for p in range(v, v + k * PAGE, PAGE)}
+            assert {p for s, t in got.tolist() for p in range(s, t, PAGE)} == pages
+            assert len(got) < 2 or (got[1:, 0] > got[:-1, 1]).all()  # merged: no two ranges touch

@@ -163,6 +163,11 @@ def page_offsets(entries: np.ndarray, addrs: np.ndarray) -> np.ndarray:
 
 def ranges_of(entries: np.ndarray, flag: int | None = None) -> np.ndarray:
     """n×2 uint64 [start, end) ranges covered by the entries having ``flag`` (all if None), merged."""
+    if entries.dtype == ENTRY_DTYPE and entries.flags.c_contiguous and (flag is None or 0 < flag <= 0xFFFFFFFF):
+        out = np.empty((len(entries), 2), dtype=np.uint64)  # one native pass (entries in address order)
+        n = lib.wpd_pagemap_ranges(ffi.from_buffer(entries), len(entries), flag or 0,
+                                   ffi.cast("uint64_t *", out.ctypes.data))
+        return out[:n]
     if flag is not None:
         entries = entries[(entries["flags"] & np.uint32(flag)) != 0]
     if len(entries) == 0:
