@@ -20,6 +20,7 @@ import logging
 import os
 import random
 import re
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -140,10 +141,28 @@ def rewrite(images_dir: str, pid: int, top_dir: str, tracker: Tracker, chain: li
             for p in (tmp_map, new_pages):
                 if os.path.lexists(p):
                     os.unlink(p)
+    trash = _remove_later(pages_path)
     _fsync_dir(images_dir)
-    os.unlink(pages_path)
+    _unlink_detached(trash)
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _remove_later(path: str) -> str:
+    """Move CRIU's pages file out of the way (a rename: microseconds); returns the new name. Unlinking it inside
+    CRIU's frozen window cost 1.3 s for 8 GiB here (ext4 frees every block), 50 ms for 1 GiB."""
+    trash = os.path.join(os.path.dirname(path), f".wpdump-unlink-{os.path.basename(path)}".removesuffix(".img"))
+    os.rename(path, trash)
+    return trash
+
+
+def _unlink_detached(path: str) -> None:
+    """Unlink ``path`` in a process of its own that outlives the hook (CRIU waits for the hook alone)."""
+    try:
+        subprocess.Popen(["rm", "-f", "--", path], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError:
+        os.unlink(path)
 
 
 def _check_sample(src: int, entries: np.ndarray, chain: list, parent: np.ndarray, pid: int) -> None:
