@@ -465,15 +465,19 @@ static int get_varint(const uint8_t **pp, const uint8_t *end, uint64_t *v)
 
 /* Parse the u32-length-prefixed pagemap_entry messages of buf[0, len) laid out as protobuf writes them:
  * varint fields in field order, vaddr (1) and compat_nr_pages (2) present, in_parent (3), flags (4) and
- * nr_pages (5) optional, nothing else. Per entry: vaddr, nr (nr_pages, else compat_nr_pages, as u32), flags
- * (u32; PE_PARENT added for in_parent, PE_PRESENT when absent: CRIU's compat rules) and the payload's
- * offset in buf. Returns the number of entries, or -EINVAL for anything else (more than cap entries, a
- * truncated frame, another layout): the caller's protobuf path then parses it and says what is wrong. */
-int64_t wpd_pagemap_decode(const uint8_t *buf, uint64_t len, uint64_t *vaddr, uint64_t *nr, uint64_t *flags,
-			   uint64_t *offs, uint64_t cap)
+ * nr_pages (5) optional, nothing else. Each entry goes to entries (packed {u64 vaddr, u64 nr_pages, u32 flags},
+ * 20 bytes): nr_pages, else compat_nr_pages as u32; flags as u32 with PE_PARENT added for in_parent and
+ * PE_PRESENT when absent (CRIU's compat rules); offs (if not NULL) gets each payload's offset in buf. With
+ * entries NULL the frames are only counted. Returns the number of entries, -EDOM for an entry breaking the
+ * pagemap's rules (format._validate's: aligned, non-empty, known flags, in address order, not past 2^64), or
+ * -EINVAL for anything else (more than cap entries, a truncated frame, another layout): the caller's protobuf
+ * path then parses it and says what is wrong. */
+int64_t wpd_pagemap_decode(const uint8_t *buf, uint64_t len, void *entries, uint64_t *offs, uint64_t cap)
 {
 	const uint8_t *p = buf, *end = buf + len;
-	uint64_t n = 0;
+	unsigned char *e = entries;
+	const uint64_t max_end = ~(uint64_t)4095; /* the last page-aligned end that fits in a u64 */
+	uint64_t n = 0, prev_end = 0;
 
 	while (p < end) {
 		if (end - p < 4 || n >= cap)
@@ -483,30 +487,41 @@ int64_t wpd_pagemap_decode(const uint8_t *buf, uint64_t len, uint64_t *vaddr, ui
 		if (size > (uint64_t)(end - p))
 			return -EINVAL;
 		const uint8_t *m = p, *mend = p + size;
-		uint64_t v[6] = {0};
-		int seen = 0, last = 0;
 
-		while (m < mend) {
-			int tag = *m++;
-			int field = tag >> 3;
-			if ((tag & 7) != 0 || field < 1 || field > 5 || field <= last)
+		if (e) {
+			uint64_t v[6] = {0};
+			int seen = 0, last = 0;
+
+			while (m < mend) {
+				int tag = *m++;
+				int field = tag >> 3;
+				if ((tag & 7) != 0 || field < 1 || field > 5 || field <= last)
+					return -EINVAL;
+				if (get_varint(&m, mend, &v[field]) < 0)
+					return -EINVAL;
+				seen |= 1 << field;
+				last = field;
+			}
+			if ((seen & 6) != 6)
 				return -EINVAL;
-			if (get_varint(&m, mend, &v[field]) < 0)
-				return -EINVAL;
-			seen |= 1 << field;
-			last = field;
+			uint32_t f = (uint32_t)v[4];
+			if (v[3])
+				f |= 1; /* PE_PARENT */
+			else if (!(seen & (1 << 4)))
+				f = 4; /* PE_PRESENT */
+			uint64_t nr = (seen & (1 << 5)) ? v[5] : (v[2] & 0xffffffffu);
+			/* format._validate's rules (4 KiB pages): any break leaves the message to Python */
+			if ((v[1] & 4095) || !nr || (f & ~7u) || !f || (f & 5) == 5 || v[1] > max_end ||
+			    nr > (max_end - v[1]) >> 12 || v[1] < prev_end)
+				return -EDOM;
+			prev_end = v[1] + (nr << 12);
+			memcpy(e, &v[1], 8);
+			memcpy(e + 8, &nr, 8);
+			memcpy(e + 16, &f, 4);
+			e += 20;
 		}
-		if ((seen & 6) != 6)
-			return -EINVAL;
-		uint64_t f = v[4] & 0xffffffffu;
-		if (v[3])
-			f |= 1; /* PE_PARENT */
-		else if (!(seen & (1 << 4)))
-			f = 4; /* PE_PRESENT */
-		vaddr[n] = v[1];
-		nr[n] = (seen & (1 << 5)) ? v[5] : (v[2] & 0xffffffffu);
-		flags[n] = f;
-		offs[n] = (uint64_t)(p - buf);
+		if (offs)
+			offs[n] = (uint64_t)(p - buf);
 		n++;
 		p = mend;
 	}

@@ -448,8 +448,9 @@ def _decode_entries_np(data: bytes, offs: np.ndarray, sizes: np.ndarray):
 
 
 def _decode_native(data: bytes, name: str, off: int) -> tuple[int, np.ndarray] | None:
-    """The pagemap in one native pass (wpd_pagemap_decode), or None for anything the protobuf paths must
-    parse (and explain): a truncated frame, a field out of order or unknown, a bad head."""
+    """The pagemap in native passes (wpd_pagemap_decode: count the frames, then fill the entries, no array
+    larger than the result: fresh memory is slow to touch in this VM), or None for anything the protobuf paths
+    must parse (and explain): a truncated frame, a field out of order or unknown."""
     if len(data) - off < 4:
         return None
     (size,) = _U32.unpack_from(data, off)
@@ -457,16 +458,16 @@ def _decode_native(data: bytes, name: str, off: int) -> tuple[int, np.ndarray] |
     if body > len(data):
         return None
     head = _parse(pagemap_pb2.pagemap_head, data, off + 4, size, name, "pagemap_head")
-    cap = (len(data) - body) // 8 + 1  # a frame is at least 4 + 4 bytes (fields 1 and 2)
-    cols = np.empty((4, cap), dtype=np.uint64)
-    raw = np.frombuffer(data, dtype=np.uint8)[body:]
-    ptr = [ffi.cast("uint64_t *", cols[i].ctypes.data) for i in range(4)]
-    n = lib.wpd_pagemap_decode(ffi.from_buffer("uint8_t[]", raw), len(raw), *ptr, cap)
+    raw = ffi.from_buffer("uint8_t[]", data)[body : len(data)] if body < len(data) else None
+    if raw is None:
+        return head.pages_id, np.zeros(0, dtype=ENTRY_DTYPE)
+    n = lib.wpd_pagemap_decode(raw, len(raw), ffi.NULL, ffi.NULL, len(raw))
     if n < 0:
         return None
-    vaddr, nr, flags, offs = cols[:, :n]
-    offs = np.concatenate(([off + 4], offs.astype(np.int64) + (body + 4)))  # payloads, for error messages
-    return head.pages_id, _finish(name, offs, vaddr, nr, flags)
+    out = np.empty(n, dtype=ENTRY_DTYPE)
+    if lib.wpd_pagemap_decode(raw, len(raw), ffi.from_buffer(out), ffi.NULL, n) != n:
+        return None  # -EDOM (an entry breaks the rules: the numpy path says which) or -EINVAL
+    return head.pages_id, out
 
 
 def _decode_pagemap(data: bytes, name: str, vectorised: bool) -> tuple[int, np.ndarray]:
