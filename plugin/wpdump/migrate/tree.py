@@ -1,0 +1,45 @@
+"""The source's process tree: its pids, resuming it after ``criu dump --leave-stopped``, ending it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+
+
+def pids(root: int) -> list[int]:
+    """``root`` and its descendants (through /proc/PID/task/TID/children), root first."""
+    out, todo, seen = [], [root], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        out.append(p)
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tids:
+            with contextlib.suppress(OSError), open(f"/proc/{p}/task/{t}/children") as f:
+                todo.extend(int(c) for c in f.read().split())
+    return out
+
+
+def resume(tree: list[int]) -> list[str]:
+    """SIGCONT every process CRIU left stopped (``--leave-stopped`` stops them with SIGSTOP); returns problems."""
+    problems = []
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGCONT)
+        except OSError as e:
+            problems.append(f"pid {p}: {e.strerror}")
+    return problems
+
+
+def kill(root: int) -> None:
+    """End the source tree after the destination confirmed: SIGKILL to its root (a pid-namespace init takes its
+    namespace with it); the other processes too, for a tree without its own pid namespace."""
+    for p in reversed(pids(root)):
+        with contextlib.suppress(OSError):
+            os.kill(p, signal.SIGKILL)
