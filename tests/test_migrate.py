@@ -195,9 +195,14 @@ def test_migrate_restores_a_running_tree_that_passes_its_self_check(hosts, workl
         lines = p.stdout.splitlines()
         assert [ln.split(":")[0] for ln in lines if ln.startswith("pre-dump ")] == ["pre-dump 1", "pre-dump 2",
                                                                                      "pre-dump 3"], p.stdout
-        assert any(ln.startswith("dump 4:") for ln in lines), p.stdout
         first = next(ln for ln in lines if ln.startswith("pre-dump 1:"))
         assert int(first.split(": ")[1].split()[0]) >= 16384, first  # all of the workload's memory
+        # the final dump: criu dump --lazy-pages, only the pages written since pre-dump 3 read and sent
+        lazy = next(ln for ln in lines if "read from the frozen tree" in ln)
+        fetched, lazy_pages = (int(x) for x in lazy.split("lazy pages: ")[1].split(" read")[0].split(" of "))
+        assert lazy_pages >= 16384 and fetched < lazy_pages // 4, lazy
+        final = next(ln for ln in lines if ln.startswith("dump 4:"))
+        assert int(final.split(": ")[1].split()[0]) < 16384 // 4, final
         summary = next(ln for ln in lines if ln.startswith("downtime "))
         assert "criu dump" in summary and "transfer" in summary and "restore" in summary, summary
         assert "MiB sent" in next(ln for ln in lines if ln.startswith("total "))
@@ -208,16 +213,18 @@ def test_migrate_restores_a_running_tree_that_passes_its_self_check(hosts, workl
         chain = tmp_path / "dst" / mig
         assert sorted(os.listdir(chain)) == ["1", "2", "3", "4"]
         assert os.readlink(chain / "2" / "parent") == "../1"
+        assert os.readlink(chain / "4" / "parent") == "../3"  # CRIU's final dump, rewritten onto the chain
         assert f"restored pid {new}" in out
     finally:
         os.kill(new, signal.SIGKILL)
 
 
-def test_migrate_json_and_lxd_policy(hosts, workload, tmp_path):
+def test_migrate_without_lazy_pages_json_and_lxd_policy(hosts, workload, tmp_path):
+    """The final dump by plain criu dump + wpdump's hook (full until the hook names pagemaps by vpid)."""
     w = workload(mib=16, per_tick=1)
     srv = Server(hosts, tmp_path / "dst")
     try:
-        p = migrate(hosts, w.pid, "--policy", "lxd", "--max-iterations", 2, "--json")
+        p = migrate(hosts, w.pid, "--policy", "lxd", "--max-iterations", 2, "--json", "--no-lazy-pages")
         srv.finish()
     finally:
         srv.kill()
@@ -226,6 +233,7 @@ def test_migrate_json_and_lxd_policy(hosts, workload, tmp_path):
     try:
         assert s["pid"] == w.pid and len(s["iterations"]) <= 3 and s["bytes"] >= 16 << 20
         assert s["downtime_s"] >= s["criu_dump_s"] > 0 and s["restore_s"] > 0
+        assert "wpdump criu-hook" in s["hook"], s["hook"]
         w.proc.wait(timeout=30)
         w.runs_on(s["restored_pid"])
     finally:

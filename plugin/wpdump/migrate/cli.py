@@ -20,7 +20,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     policy = (LXDPolicy(max_iterations=args.max_iterations) if args.policy == "lxd"
               else PHaulPolicy(max_iterations=args.max_iterations))
     out = (lambda s: None) if args.json else (lambda s: print(s, flush=True))
-    s = migrate(args.tree, args.address, args.port, policy, work_dir=args.work_dir, timeout=args.timeout, out=out)
+    s = migrate(args.tree, args.address, args.port, policy, work_dir=args.work_dir, timeout=args.timeout,
+                lazy_pages=not args.no_lazy_pages, out=out)
     if args.json:
         print(json.dumps(s.as_dict()))
     else:
@@ -61,5 +62,8 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     mg.add_argument("--max-iterations", type=int, default=8, metavar="N", help="pre-dumps at most (8)")
     mg.add_argument("--timeout", type=float, default=600.0, metavar="SEC",
                     help="give up when the destination says nothing for SEC seconds (600)")
+    mg.add_argument("--no-lazy-pages", action="store_true",
+                    help="final dump by plain criu dump + wpdump's hook instead of criu dump --lazy-pages + fetching "
+                    "only the dirty pages")
     mg.add_argument("--work-dir", metavar="DIR", help="local staging of the iterations (/var/tmp)")
     mg.set_defaults(func=cmd_migrate)

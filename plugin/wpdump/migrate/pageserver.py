@@ -6,8 +6,8 @@ endian here); ``cmd`` carries the pagemap flags in its high 16 bits (``PS_IOV_AD
 pagemap: ``id << 8 | type`` with type 1 = a task's ``pagemap-ID.img``, 2 = ``pagemap-shmem-ID.img``.
 ``PS_IOV_OPEN2`` is answered with one byte (1 when the receiver has a parent iteration), ``PS_IOV_ADD_F`` with
 ``PE_PRESENT`` is followed by ``nr_pages`` pages of data, ``PS_IOV_CLOSE`` is answered with an s32 status (0).
-``PS_IOV_GET`` (lazy pages) asks a dumping CRIU for pages; it answers ``PS_IOV_ADD_F`` + the data, or
-``nr_pages`` 0 when it has none.
+``PS_IOV_GET`` (lazy pages; its dst_id is the bare pid) asks a dumping CRIU for pages; CRIU 4.1.1 fails it on
+this kernel (see lazy.py).
 """
 
 from __future__ import annotations
@@ -179,20 +179,3 @@ def close(sk: socket.socket) -> None:
     (status,) = STATUS.unpack(recv_exact(sk, STATUS.size, "the answer to PS_IOV_CLOSE"))
     if status:
         raise ProtocolError(f"the page server answered PS_IOV_CLOSE with status {status}", errno=errno.EPROTO)
-
-
-def get_pages(sk: socket.socket, dst_id: int, vaddr: int, nr_pages: int, out: memoryview) -> int:
-    """``PS_IOV_GET`` from a dumping CRIU (``criu dump --lazy-pages``): up to ``nr_pages`` pages at ``vaddr`` into
-    ``out``; returns the pages received (CRIU answers fewer at the end of a page-pipe buffer, 0 if it has none)."""
-    send_iov(sk, PS_IOV_GET, nr_pages, vaddr, dst_id)
-    iov = recv_iov(sk)
-    if iov.cmd != PS_IOV_ADD_F or iov.nr_pages > nr_pages or (iov.nr_pages and iov.vaddr != vaddr):
-        raise ProtocolError(f"unexpected answer to PS_IOV_GET at {vaddr:#x}: {iov}", errno=errno.EPROTO)
-    n = iov.nr_pages * PAGE
-    got = 0
-    while got < n:
-        k = sk.recv_into(out[got:n])
-        if k == 0:
-            raise ProtocolError("the page server closed in the middle of pages", errno=errno.ECONNRESET)
-        got += k
-    return iov.nr_pages

@@ -23,9 +23,9 @@ from ..dump.convergence import Convergence, PHaulPolicy
 from ..errors import MigrationError, WpdumpError
 from ..images import format as images
 from ..images.chain import read_image_file
+from . import lazy, tree
 from . import pageserver as ps
 from . import protocol as wp
-from . import tree
 from .serve import find_tool, last_error
 
 DUMP_TIMEOUT = 600.0
@@ -74,9 +74,10 @@ class Summary:
         return {**asdict(self), "bytes": self.bytes}
 
 
-def send_iteration(sk: socket.socket, path: str, n: int, final: bool) -> Sent:
+def send_iteration(sk: socket.socket, path: str, n: int, final: bool, rename: dict[int, int] | None = None) -> Sent:
     """One images directory: its pagemaps as page-server IOVs (pages from the pages files), then every other
-    regular file as a FILE frame, then COMMIT."""
+    regular file as a FILE frame, then COMMIT. ``rename`` maps host pids to the pids CRIU names the pagemaps by
+    (inside the tree's pid namespace), so that the final dump's PE_PARENT entries find their parent's pagemap."""
     sent = Sent(n, "dump" if final else "pre-dump")
     t0 = time.perf_counter()
     parent = n - 1 if os.path.islink(os.path.join(path, "parent")) else 0
@@ -86,6 +87,9 @@ def send_iteration(sk: socket.socket, path: str, n: int, final: bool) -> Sent:
         dst_id = ps.dst_id_of(name)
         if dst_id is None:
             continue
+        kind, ident = ps.decode_dst_id(dst_id)
+        if kind == ps.PS_TYPE_PID and rename and ident in rename:
+            dst_id = ps.encode_dst_id(kind, rename[ident])
         pages_id, entries = images.decode_pagemap(read_image_file(path, name), os.path.join(path, name))
         pages_path = os.path.join(path, images.pages_file_name(pages_id))
         fd = os.open(pages_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -148,7 +152,7 @@ def criu_dump(root: int, final: str, log_path: str) -> tuple[float, str]:
 
 def migrate(
     pid: int, address: str, port: int, policy: Convergence | None = None, *, work_dir: str | None = None,
-    timeout: float = 600.0, out: Callable[[str], None] = print,
+    timeout: float = 600.0, lazy_pages: bool = True, out: Callable[[str], None] = print,
 ) -> Summary:
     """Migrate the tree rooted at ``pid``; on success it is gone here and runs on the destination."""
     policy = policy or PHaulPolicy()
@@ -158,13 +162,14 @@ def migrate(
     sk: socket.socket | None = None
     try:
         sk = connect(address, port, timeout)
+        rename = {pid: lazy.vpid(pid)}
         history, sent = [], []
         reason = None
         while reason is None:
             n = len(history) + 1
             res = iteration.pre_dump(pid, os.path.join(local, str(n)), f"../{n - 1}" if history else None)
             history.append(res)
-            s = send_iteration(sk, os.path.join(local, str(n)), n, final=False)
+            s = send_iteration(sk, os.path.join(local, str(n)), n, final=False, rename=rename)
             s.dump_s = res.total_s
             sent.append(s)
             reason = policy.stop_reason(history)
@@ -175,9 +180,20 @@ def migrate(
         os.mkdir(final, 0o700)
         members = tree.pids(pid)
         t_freeze = time.perf_counter()
-        dump_s, hook = criu_dump(pid, final, os.path.join(local, "dump.log"))  # a failed dump resumes the tree
-        stopped = sorted(set(members) | set(tree.pids(pid)))  # from here on, a failure resumes these
-        s = send_iteration(sk, final, n, final=True)
+        stopped = members  # from here on, a failure resumes those CRIU left stopped (a failed dump resumes them)
+        rewrite_s = 0.0
+        if lazy_pages:
+            lz = lazy.final_dump(find_tool("criu"), pid, final, os.path.join(local, "dump.log"), local, f"../{n - 1}")
+            dump_s, rewrite_s = lz.dump_s + lz.finish_s, lz.harvest_s + lz.fetch_s
+            hook = (f"lazy pages: {lz.pages_fetched} of {lz.pages_lazy} read from the frozen tree, {lz.pages_parent} "
+                    f"in the parent" + (f" ({lz.note})" if lz.note else ""))
+        else:
+            dump_s, hook = criu_dump(pid, final, os.path.join(local, "dump.log"))
+            m = _HOOK_DONE.search(hook)
+            rewrite_s = float(m.group(3)) / 1e3 if m else 0.0
+        out(f"wpdump migrate: final dump: {hook or 'no hook output'}")
+        stopped = sorted(set(members) | set(tree.pids(pid)))
+        s = send_iteration(sk, final, n, final=True, rename=rename)
         s.dump_s = dump_s
         sent.append(s)
         ps.send_iov(sk, wp.WP_RESTORE)
@@ -186,11 +202,9 @@ def migrate(
         stopped = []  # the destination runs the tree now: the source must not resume
         tree.kill(pid)
         out(_line(s))
-        m = _HOOK_DONE.search(hook)
         summary = Summary(
             pid, int(answer["pid"]), str(answer.get("images_dir", "")), sent, reason, t_done - t_start,
-            t_done - t_freeze, dump_s, float(m.group(3)) / 1e3 if m else 0.0, s.send_s, float(answer["restore_s"]),
-            hook,
+            t_done - t_freeze, dump_s, rewrite_s, s.send_s, float(answer["restore_s"]), hook,
         )
         return summary
     except (WpdumpError, OSError, ValueError, KeyError, subprocess.TimeoutExpired) as e:
@@ -221,6 +235,6 @@ def summary_lines(s: Summary) -> list[str]:
     return [
         f"wpdump migrate: pid {s.pid} runs on the destination as pid {s.restored_pid} ({s.images_dir})",
         f"total {s.total_s:.2f} s, {s.bytes / 2**20:.1f} MiB sent in {len(s.iterations)} iterations",
-        f"downtime {s.downtime_s * 1e3:.0f} ms: criu dump {s.criu_dump_s * 1e3:.0f} ms (hook rewrite "
-        f"{s.rewrite_s * 1e3:.0f} ms), transfer {s.transfer_s * 1e3:.0f} ms, restore {s.restore_s * 1e3:.0f} ms",
+        f"downtime {s.downtime_s * 1e3:.0f} ms: criu dump {s.criu_dump_s * 1e3:.0f} ms, rewrite "
+        f"{s.rewrite_s * 1e3:.0f} ms, transfer {s.transfer_s * 1e3:.0f} ms, restore {s.restore_s * 1e3:.0f} ms",
     ]

@@ -31,6 +31,9 @@ def resume(tree: list[int]) -> list[str]:
     problems = []
     for p in tree:
         try:
+            with open(f"/proc/{p}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "T":  # only what is stopped: no stray SIGCONT
+                    continue
             os.kill(p, signal.SIGCONT)
         except OSError as e:
             problems.append(f"pid {p}: {e.strerror}")

@@ -1,0 +1,242 @@
+"""The final dump without CRIU's full memory copy in the frozen window: ``criu dump --lazy-pages`` leaves private
+anonymous pages in its page pipes (``PE_LAZY`` entries, no copy) and then keeps the tree frozen while its page
+server waits. We harvest the tracker's dirty set (everything written since the last pre-dump), read only those
+pages from the frozen tree, and rewrite the pagemap: unchanged lazy pages become ``PE_PARENT`` (in the pre-dump
+chain). Whenever the chain cannot be vouched for, every lazy page is read (a full final dump, still correct).
+
+CRIU's own way to hand out lazy pages, ``PS_IOV_GET``, fails here (CRIU 4.1.1, Linux 6.18): its page_pipe_read
+``tee()``s from the page pipe and gets EPERM, logs "page-pipe: tee: 65536: Operation not permitted" and drops the
+connection; so the pages are read from the frozen tree, which CRIU leaves untouched meanwhile.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shlex
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import ranges
+from ..errors import MigrationError, WpdumpError
+from ..images import format as images
+from ..images.chain import load_chain, read_image_file, read_pages, same_process
+from ..ranges import PAGE, page_addrs
+from ..target.memory import Reader, aligned_buffer
+from ..target.process import check_alive
+from ..tracking.session import KeeperSession
+from . import pageserver as ps
+from . import tree
+from .serve import find_tool, last_error
+
+BATCH = 64 << 20  # bytes read from the frozen process at a time
+SAMPLE_PAGES = 256  # PE_PARENT pages compared byte for byte between the frozen tree and the chain
+# CRIU execs its action script at every step, post-dump inside the frozen window: a shell that exits at once
+# unless the step is pre-dump (then the hook takes the markers off empty pages, docs/kernel.md rule 17). The hook's
+# post-dump rewrite is not wanted: the pages are still in CRIU's pipes, and tracking must live on until we harvest.
+SCRIPT = """#!/bin/sh
+[ "$CRTOOLS_SCRIPT_ACTION" = pre-dump ] || exit 0
+exec {hook}
+"""
+
+
+@dataclass
+class LazyResult:
+    dump_s: float = 0.0  # criu's dump phase (freeze to page server up)
+    harvest_s: float = 0.0
+    fetch_s: float = 0.0  # reading the dirty pages, rewriting the pagemap
+    finish_s: float = 0.0  # CRIU's end after its page server is closed
+    pages_lazy: int = 0
+    pages_fetched: int = 0
+    pages_parent: int = 0
+    note: str = ""
+
+
+def vpid(pid: int) -> int:
+    """The pid of ``pid`` inside its own (innermost) pid namespace: the name CRIU gives its pagemap."""
+    with open(f"/proc/{pid}/status") as f:
+        for ln in f:
+            if ln.startswith("NSpid:"):
+                return int(ln.split()[-1])
+    return pid
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _unchanged(root: int) -> tuple[np.ndarray, str]:
+    """Page ranges of ``root`` unchanged since the chain's top (tree frozen), and a note; tracking ends.
+    Empty ranges (fetch everything) when the chain cannot be vouched for."""
+    st = check_alive(root)
+    ks = KeeperSession.connect(root)
+    if ks is None:
+        return ranges.EMPTY, f"pid {root} is not tracked: every lazy page fetched"
+    with ks:
+        status = ks.status()
+        top_dir = status.get("images_dir") or ""
+        if not top_dir or not os.path.isdir(top_dir):
+            return ranges.EMPTY, f"the last iteration {top_dir!r} is gone: every lazy page fetched"
+        chain = load_chain(top_dir, root)
+        meta = chain[0].meta or {}
+        if meta.get("iteration") != status.get("iteration") or not same_process(meta, st.start_ticks):
+            return ranges.EMPTY, f"{top_dir} is not the iteration tracked since: every lazy page fetched"
+        h = ks.take().harvest()
+        ks.untrack()
+        unchanged = h.unchanged(chain[0].ranges())
+    bad = _sample_differs(root, chain, unchanged)
+    if bad is not None:
+        return ranges.EMPTY, f"the chain's page {bad:#x} differs from the frozen tree: every lazy page read"
+    return unchanged, ""
+
+
+def _sample_differs(pid: int, chain: list, unchanged: np.ndarray) -> int | None:
+    """Compare a random sample of would-be PE_PARENT pages between the frozen tree and the chain (as the hook
+    does with CRIU's pages); the address of the first that differs, else None."""
+    if not len(unchanged):
+        return None
+    total = ranges.total(unchanged) // PAGE
+    pick = np.sort(np.random.default_rng().choice(total, min(SAMPLE_PAGES, total), replace=False))
+    addrs = page_addrs(unchanged)[pick]
+    want = read_pages(chain, addrs)
+    got = aligned_buffer(len(addrs) * PAGE)
+    with Reader(pid) as reader:
+        if reader.read_into(ranges.from_pages(addrs), got) is not None:
+            return int(addrs[0])
+    diff = np.flatnonzero((got.reshape(len(addrs), PAGE) != want).any(axis=1))
+    return int(addrs[diff[0]]) if len(diff) else None
+
+
+def _read_write(reader: Reader, r: np.ndarray, out_fd: int, buf: np.ndarray, what: str) -> None:
+    """Read ranges ``r`` of the frozen process and append them to ``out_fd``; a page that cannot be read fails."""
+    for batch in ranges.batches(r, len(buf)):
+        n = ranges.total(batch)
+        if reader.read_into(batch, buf) is not None:
+            raise MigrationError(f"{what}: pages of the frozen process vanished", errno=errno.EIO)
+        view = memoryview(buf[:n])
+        while len(view):
+            view = view[os.write(out_fd, view):]
+
+
+def _rewrite(final: str, name: str, pid: int, parent_ok: np.ndarray, res: LazyResult) -> None:
+    """Read what ``name`` needs from the frozen process ``pid`` and write its pagemap anew: CRIU's present pages +
+    the lazy pages not in ``parent_ok`` as PE_PRESENT, lazy pages in ``parent_ok`` as PE_PARENT."""
+    pages_id, entries = images.decode_pagemap(read_image_file(final, name), os.path.join(final, name))
+    lazy = images.ranges_of(entries[(entries["flags"] & images.PE_PRESENT) == 0], images.PE_LAZY)
+    present = images.ranges_of(entries, images.PE_PRESENT)
+    parent = ranges.intersect(lazy, parent_ok) if len(parent_ok) else ranges.EMPTY
+    fetch = ranges.subtract(lazy, parent)
+    res.pages_lazy += ranges.total(lazy) // PAGE
+    res.pages_fetched += ranges.total(fetch) // PAGE
+    res.pages_parent += ranges.total(parent) // PAGE
+    old_path = os.path.join(final, images.pages_file_name(pages_id))
+    used = [int(n[6:-4]) for n in os.listdir(final) if n.startswith("pages-") and n[6:-4].isdigit()]
+    new_id = max(used) + 1
+    src = os.open(old_path, os.O_RDONLY | os.O_CLOEXEC)
+    dst = os.open(os.path.join(final, images.pages_file_name(new_id)), os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                  | os.O_CLOEXEC, 0o600)
+    buf = aligned_buffer(min(BATCH, max(PAGE, ranges.total(fetch))))
+    try:
+        with Reader(pid) as reader:
+            offs = images.page_offsets(entries, present[:, 0]) if len(present) else np.zeros(0, np.int64)
+            parts = [(s, e, int(o)) for (s, e), o in zip(present.tolist(), offs.tolist(), strict=True)]
+            parts += [(s, e, -1) for s, e in fetch.tolist()]
+            pending: list[tuple[int, int]] = []
+            for s, e, off in [*sorted(parts), (0, 0, -2)]:
+                if off != -1 and pending:  # the lazy pages read so far, in address order
+                    _read_write(reader, ranges.from_pairs(pending), dst, buf, name)
+                    pending = []
+                if off == -1:
+                    pending.append((s, e))
+                n, pos = e - s, off
+                while off >= 0 and n:
+                    k = os.copy_file_range(src, dst, n, pos)
+                    if k <= 0:
+                        raise MigrationError(f"short copy from {old_path}", errno=errno.EIO)
+                    n, pos = n - k, pos + k
+            os.fsync(dst)
+    finally:
+        os.close(src)
+        os.close(dst)
+    data = images.encode_pagemap(new_id, images.entries_from_ranges(ranges.union(present, fetch), parent))
+    tmp = os.path.join(final, f".{name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    os.rename(tmp, os.path.join(final, name))
+    os.unlink(old_path)
+
+
+def final_dump(criu: str, root: int, final: str, log_path: str, staging: str, parent: str | None) -> LazyResult:
+    """``criu dump --lazy-pages --leave-stopped`` of the tree at ``root`` into ``final``, only the dirty lazy pages
+    fetched; ``parent`` (the last pre-dump, relative to ``final``) becomes the ``parent`` link when pages stay there.
+    CRIU exits after we close its page server; the tree is then left stopped. On an error CRIU is
+    killed, which leaves the tree running (docs/kernel.md, CRIU and test hosts)."""
+    res = LazyResult()
+    script = os.path.join(staging, "lazy-action")
+    with open(script, "w") as f:
+        f.write(SCRIPT.format(hook=shlex.quote(find_tool("wpdump-criu-hook"))))
+    os.chmod(script, 0o700)
+    port = _free_port()
+    t0 = time.perf_counter()
+    p = subprocess.Popen([criu, "dump", "-t", str(root), "-D", final, "-o", log_path, "-v4", "--leave-stopped",
+                          "--lazy-pages", "--address", "127.0.0.1", "--port", str(port), "--action-script", script],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sk = None
+    try:
+        while sk is None:  # the page server listens once the dump phase is complete
+            try:
+                sk = socket.create_connection(("127.0.0.1", port), timeout=600)
+            except ConnectionRefusedError:
+                if p.poll() is not None:
+                    raise MigrationError(f"criu dump --lazy-pages failed (exit {p.returncode}): "
+                                         f"{last_error(log_path)}", pid=root, errno=errno.EIO) from None
+                time.sleep(0.002)
+        res.dump_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        try:
+            unchanged, res.note = _unchanged(root)
+        except WpdumpError as e:
+            unchanged, res.note = ranges.EMPTY, f"tracking lost ({e}): every lazy page fetched"
+        res.harvest_s = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        hosts = {vpid(p): p for p in tree.pids(root)}
+        for name in sorted(os.listdir(final)):
+            dst_id = ps.dst_id_of(name)
+            if dst_id is None:
+                continue
+            kind, ident = ps.decode_dst_id(dst_id)
+            if kind != ps.PS_TYPE_PID:
+                continue
+            if ident not in hosts:
+                raise MigrationError(f"{name}: no process of the tree has pid {ident} in its namespace",
+                                     pid=root, errno=errno.ESRCH)
+            _rewrite(final, name, hosts[ident], unchanged if hosts[ident] == root and parent else ranges.EMPTY, res)
+        if res.pages_parent:
+            if parent is None:
+                raise MigrationError("PE_PARENT pages without a parent iteration", pid=root, errno=errno.EINVAL)
+            os.symlink(parent, os.path.join(final, "parent"))
+        res.fetch_s = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        ps.close(sk)
+        sk.close()
+        sk = None
+        if p.wait(timeout=600) != 0:
+            raise MigrationError(f"criu dump --lazy-pages failed (exit {p.returncode}): {last_error(log_path)}",
+                                 pid=root, errno=errno.EIO)
+        res.finish_s = time.perf_counter() - t3
+        return res
+    except BaseException:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        raise
+    finally:
+        if sk is not None:
+            sk.close()
