@@ -188,6 +188,13 @@ int wpd_pidfd_getfd(int pidfd, int targetfd)
 	return NEG_ERRNO((int)syscall(WPD_NR_PIDFD_GETFD, pidfd, targetfd, 0));
 }
 
+/* ---- kcmp ---- */
+
+int wpd_kcmp(int pid1, int pid2, int type)
+{
+	return NEG_ERRNO((int)syscall(SYS_kcmp, pid1, pid2, type, 0, 0));
+}
+
 /* ---- userfaultfd ---- */
 
 int wpd_userfaultfd(int flags)

@@ -39,6 +39,7 @@ long wpd_nr_madvise(void);
 const char *wpd_arch_name(void);
 
 int wpd_pidfd_getfd(int pidfd, int targetfd);
+int wpd_kcmp(int pid1, int pid2, int type);
 
 int wpd_userfaultfd(int flags);
 int wpd_uffd_api(int fd, uint64_t features, uint64_t *features_out, uint64_t *ioctls_out);

@@ -103,7 +103,8 @@ def test_secret_memory_fails_the_dump_unless_allowed(target, tmp_path):
     p = dump_equals_memory(target, tmp_path / "lost", "--allow-unreadable")  # every readable page
     assert "memfd_secret" in p.stderr and "lost" in p.stderr
     with open(tmp_path / "lost" / "wpdump.json") as f:
-        assert [tuple(x[:2]) for x in json.load(f)["lost"]] == [(s, s + 4 * PAGE)]
+        lost = json.load(f)["processes"][str(target.pid)]["lost"]  # per process of the tree
+        assert [tuple(x[:2]) for x in lost] == [(s, s + 4 * PAGE)]
 
 
 @pytest.fixture

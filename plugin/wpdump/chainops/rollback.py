@@ -19,14 +19,16 @@ import numpy as np
 
 from .. import ranges
 from ..errors import UnreadableMemory, WpdumpError, from_errno
-from ..images.chain import Iteration, load_chain, read_pages_into, same_process
+from ..images.chain import Iteration, load_chain, read_pages_into, same_process, tree_vpids
 from ..ranges import PAGE, from_pages, page_addrs
 from ..target import freeze
 from ..target.memory import Reader, pread_into
 from ..target.process import check_alive, open_mapped_file, open_proc
+from ..target.tree import Member
 from ..target.vmas import KERNEL_VMAS, Vma, read_maps
 from ..tracking import keeper
 from ..tracking.session import KeeperSession
+from ..tracking.tracker import Tracker
 
 log = logging.getLogger("wpdump.rollback")
 
@@ -45,6 +47,7 @@ class RollbackResult:
     pid: int
     images_dir: str
     tracked: bool  # only the pages dirtied since the checkpoint were examined
+    processes: int = 0
     pages_examined: int = 0
     pages_written: int = 0
     pages_dropped: int = 0
@@ -223,40 +226,65 @@ def _rollback(pid: int, freezer: freeze.Freezer, chain: list[Iteration], vmas: l
         mem.close()
 
 
-def restore_memory(pid: int, images_dir: str) -> RollbackResult:
-    """Roll ``pid``'s memory back to the checkpoint in ``images_dir`` (the top of its chain)."""
+def _check_processes(images_dir: str, members: list[Member]) -> list[tuple[Member, list[Iteration]]]:
+    """Each process of the frozen tree with its chain; LayoutMismatch when the set of processes differs from the
+    checkpoint's (by vpid and identity)."""
+    vpids = tree_vpids(images_dir)
+    now = {m.vpid: m for m in members}
+    if sorted(now) != sorted(vpids):
+        gone, new = sorted(set(vpids) - set(now)), sorted(set(now) - set(vpids))
+        what = "; ".join(x for x in (gone and f"gone since: {gone}", new and f"new since: {new}") if x)
+        raise LayoutMismatch(f"the tree's processes changed ({what} (vpids)): memory cannot be rolled back in "
+                             "place", pid=members[0].pid, errno=errno.ESRCH)
+    out = []
+    for v in vpids:
+        m = now[v]
+        chain = load_chain(images_dir, v)
+        if chain[0].meta is not None and not same_process(chain[0].meta, m.start_ticks):
+            raise LayoutMismatch(f"{images_dir} is a checkpoint of another process, not of pid {m.pid} (vpid {v})",
+                                 pid=m.pid, errno=errno.ESRCH)
+        out.append((m, chain))
+    return out
+
+
+def restore_memory(pid: int, images_dir: str, single: bool = False) -> RollbackResult:
+    """Roll the memory of every process of the tree rooted at ``pid`` (``single``: that process alone) back to
+    the checkpoint in ``images_dir`` (the top of its chain). Every check passes before any page is written."""
     t0 = time.perf_counter()
-    st = check_alive(pid)
-    chain = load_chain(images_dir, pid)
-    top = chain[0]
-    if top.meta is not None and not same_process(top.meta, st.start_ticks):
-        raise LayoutMismatch(f"{images_dir} is a checkpoint of another process, not of pid {pid}", pid=pid,
-                             errno=errno.ESRCH)
+    check_alive(pid)
     res = RollbackResult(pid, os.path.abspath(images_dir), False)
     with keeper.pid_lock(pid):
         t_frozen = time.perf_counter()
-        freezer = freeze.Freezer(pid)  # an already stopped target stays stopped
+        fr = freeze.TreeFreezer(pid, single)  # an already stopped process stays stopped
         ks: KeeperSession | None = None
         try:
-            vmas = check_layout(pid, top, read_maps(pid))
+            todo = [(m, chain, check_layout(m.pid, chain[0], read_maps(m.pid)))
+                    for m, chain in _check_processes(images_dir, fr.members)]
+            top_id = todo[0][1][0].iteration_id
+            trackers: dict[str, Tracker] = {}
             ks = KeeperSession.connect(pid)
-            if ks is not None and top.iteration_id and ks.status().get("iteration") == top.iteration_id:
-                tr = ks.take()
-                candidates = tr.harvest().changed()
-                res.tracked = True
-            else:
-                if ks is not None:
-                    ks.close()
-                    ks = None
-                candidates = ranges.from_pairs([(v.start, v.end) for v in vmas])
-            _rollback(pid, freezer, chain, vmas, candidates, res)
-            if ks is not None and ks.tracker is not None:
-                ks.tracker.harvest()  # our own writes and drops: the memory equals the checkpoint again
-                ks.checkin(ks.tracker.export_state(), top.iteration_id, top.path, kind="restore")
+            if ks is not None and top_id and ks.status().get("iteration") == top_id:
+                trackers = ks.take()
+                res.tracked = all(m.key in trackers for m, _, _ in todo)
+            elif ks is not None:
+                ks.close()
+                ks = None
+            for m, chain, vmas in todo:
+                tr = trackers.get(m.key)
+                if tr is not None:
+                    candidates = tr.harvest().changed()
+                else:
+                    candidates = ranges.from_pairs([(v.start, v.end) for v in vmas])
+                _rollback(m.pid, fr.frozen[m.pid], chain, vmas, candidates, res)
+            if ks is not None:
+                for tr in trackers.values():
+                    tr.harvest()  # our own writes and drops: the memory equals the checkpoint again
+                ks.checkin(list(trackers.values()), top_id, todo[0][1][0].path, kind="restore")
+            res.processes = len(todo)
         finally:
             if ks is not None:
                 ks.close()  # a checkout without checkin: the keeper ends tracking
-            freezer.thaw()
+            fr.thaw()
             res.frozen_s = time.perf_counter() - t_frozen
     res.total_s = time.perf_counter() - t0
     return res

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import ChainError
 from ..images import format as images
-from ..images.chain import Iteration, checkpoint_iterations, load_iteration, read_image_file
+from ..images.chain import Iteration, checkpoint_iterations, load_iteration, read_image_file, tree_vpids
 from ..images.imgdir import walk_links
 from ..ranges import PAGE
 
@@ -50,6 +50,16 @@ class LevelInfo:
     incremental: bool | None
     parent: str | None  # the directory the parent link points to
     regions: list[Region] | None = None
+    processes: list[int] = field(default_factory=list)  # vpids of the processes it holds, the root first
+
+    def add(self, other: LevelInfo) -> None:
+        """Count another process of the same iteration in."""
+        self.pages_present += other.pages_present
+        self.pages_parent += other.pages_parent
+        self.pages_listed += other.pages_listed
+        self.pages_bytes += other.pages_bytes
+        self.pages_allocated += other.pages_allocated
+        self.processes.append(other.pid)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -143,7 +153,7 @@ def level_info(it: Iteration, depth: int, regions: bool = False) -> LevelInfo:
         pages_present=_pages(it, images.PE_PRESENT), pages_parent=_pages(it, images.PE_PARENT),
         pages_listed=_pages(it, None), pages_zeroed=zeroed, pages_bytes=size, pages_allocated=alloc,
         frozen_us=frozen, iteration=meta.get("iteration"), incremental=meta.get("incremental"),
-        parent=it.parent_path, regions=regions_of(it.entries) if regions else None,
+        parent=it.parent_path, regions=regions_of(it.entries) if regions else None, processes=[it.pid],
     )
 
 
@@ -154,8 +164,9 @@ def resolve_top(path: str) -> str:
 
 
 def show(path: str, regions: bool = False) -> ChainInfo:
-    """The chain from ``path`` down through its parents, top first. A level that does not load ends the list and
-    is named in ``problem`` (ChainError if even the top does not load)."""
+    """The chain from ``path`` down through its parents, top first; a level of a tree counts every process it holds
+    (``processes``). A level that does not load ends the list and is named in ``problem`` (ChainError if even
+    the top does not load)."""
     info = ChainInfo(top=os.path.normpath(path))
     for depth, (_d, it, err) in enumerate(walk(path)):
         if err is not None:
@@ -164,7 +175,16 @@ def show(path: str, regions: bool = False) -> ChainInfo:
             info.problem = str(err)
             break
         assert it is not None
-        info.levels.append(level_info(it, depth, regions))
+        lv = level_info(it, depth, regions)
+        for v in tree_vpids(it.path)[1:] if (it.meta or {}).get("processes") else ():
+            try:
+                other = level_info(load_iteration(it.path, v), depth)
+            except ChainError as e:
+                info.problem = str(e)
+                continue
+            other.pages_zeroed = None
+            lv.add(other)
+        info.levels.append(lv)
     return info
 
 

@@ -14,6 +14,7 @@ byte. Those fields (found with PTRACE_GET_RSEQ_CONFIGURATION) are left out of th
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,9 +22,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import ranges
-from ..errors import WpdumpError
+from ..errors import ChainError, WpdumpError
 from ..images import format as images
-from ..images.chain import Iteration, load_chain, locate_pages, read_pages_into
+from ..images.chain import Iteration, load_chain, load_iteration, locate_pages, read_pages_into, tree_vpids
 from ..ranges import PAGE, in_ranges, page_addrs
 from ..target import freeze, uffd
 from ..target.memory import pread_into, read_mem_span
@@ -317,6 +318,7 @@ def _compare_stopped(cmp: _Comparer, pm_fd: int) -> int:
 
 def verify_process(
     pid: int, path: str, max_report: int = 10, batch_bytes: int = BATCH_BYTES, rseq: bool = True,
+    vpid: int | None = None, frozen_by: freeze.Freezer | None = None,
 ) -> VerifyResult:
     """Compare the chain whose top is ``path`` with the memory of ``pid``, every page.
 
@@ -327,10 +329,10 @@ def verify_process(
     t0 = time.perf_counter()
     max_report = max(1, max_report)
     check_alive(pid)
-    chain = load_chain(path, _pid_in(path, pid))
+    chain = load_chain(path, vpid if vpid is not None else _pid_in(path, pid))
     notes = []
     meta = chain[0].meta
-    if chain[0].pid != pid or (meta and meta.get("pid") not in (None, pid)):
+    if (vpid is None and chain[0].pid != pid) or (meta and meta.get("pid") not in (None, pid)):
         notes.append(f"{path} is an image of pid {meta.get('pid') if meta else chain[0].pid}, compared with pid {pid}")
     with contextlib.ExitStack() as stack:
         mem_fd = open_proc(pid, "mem")
@@ -340,11 +342,14 @@ def verify_process(
             stack.callback(os.close, pm_fd)
         except WpdumpError:
             pm_fd = -1
-        stack.enter_context(keeper.pid_lock(pid))  # no iteration may stop or resume the target meanwhile
-        was_stopped = all_stopped(pid)
+        if frozen_by is None:
+            stack.enter_context(keeper.pid_lock(pid))  # no iteration may stop or resume the target meanwhile
+            was_stopped = all_stopped(pid)
+            freezer = freeze.Freezer(pid)  # an already stopped target stays stopped
+            stack.callback(freezer.thaw)
+        else:
+            freezer, was_stopped = frozen_by, False
         t_frozen = time.perf_counter()
-        freezer = freeze.Freezer(pid)  # an already stopped target stays stopped
-        stack.callback(freezer.thaw)
         vmas = read_maps(pid)
         cmp = _Comparer(pid, chain, vmas, [_kind(v) for v in vmas], max_report)
         stack.callback(cmp.close)
@@ -364,3 +369,29 @@ def verify_process(
         seconds=time.perf_counter() - t0, frozen_s=0.0 if was_stopped else frozen, was_stopped=was_stopped,
         notes=notes, rseq_bytes_ignored=cmp.masked_bytes,
     )
+
+
+def verify_tree(
+    root: int, path: str, max_report: int = 10, single: bool = False,
+) -> list[VerifyResult]:
+    """Compare every process of the iteration at ``path`` with the live process it names (wpdump.json maps each
+    vpid to a host pid and start time), the whole tree frozen at once; one result per process, root first.
+    A process of the image that no longer runs, or runs as another, is a ChainError naming it."""
+    vpids = tree_vpids(path)
+    top = load_iteration(path, vpids[0]) if vpids else load_iteration(path)
+    if single or top.meta is None or "processes" not in top.meta:
+        return [verify_process(root, path, max_report)]
+    procs = top.meta["processes"]
+    check_alive(root)
+    with keeper.pid_lock(root), freeze.TreeFreezer(root) as fr:
+        live = {m.vpid: m for m in fr.members}
+        out = []
+        for v in vpids:
+            want = procs.get(str(v))
+            m = live.get(v)
+            if want is None or m is None or m.start_ticks != want.get("start_ticks"):
+                what = "is not running in the tree" if m is None else f"is now pid {m.pid}, another process"
+                raise ChainError(f"process {v} of {path} (pid {want and want.get('pid')}) {what}", pid=root,
+                                 errno=errno.ESRCH)
+            out.append(verify_process(m.pid, path, max_report, vpid=v, frozen_by=fr.frozen[m.pid]))
+    return out

@@ -151,7 +151,8 @@ def cmd_pre_dump(args: argparse.Namespace, final: bool = False) -> int:
 
 
 def _safety_kw(args: argparse.Namespace) -> dict:
-    return {"allow_userfaultfd_target": args.allow_userfaultfd_target, "allow_unreadable": args.allow_unreadable}
+    return {"allow_userfaultfd_target": args.allow_userfaultfd_target, "allow_unreadable": args.allow_unreadable,
+            "single": args.single}
 
 
 def safety_args(q: argparse.ArgumentParser) -> None:
@@ -161,6 +162,8 @@ def safety_args(q: argparse.ArgumentParser) -> None:
                    "while tracked; what it registered is dumped whole every round)")
     q.add_argument("--allow-unreadable", action="store_true",
                    help="dump a process with memfd_secret memory, recording that memory as lost (warning)")
+    q.add_argument("--single", action="store_true",
+                   help="the process PID alone, not the tree rooted at it (its children are left out)")
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
@@ -209,11 +212,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not rows:
         print("no process is tracked")
         return 0
-    print(f"{'pid':>8} {'keeper':>8} {'since':<19} {'iterations':>10} {'restores':>8}  last iteration")
+    print(f"{'pid':>8} {'procs':>5} {'keeper':>8} {'since':<19} {'iterations':>10} {'restores':>8}  last iteration")
     for r in rows:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["since"]))
-        print(f"{r['pid']:>8} {r['keeper']:>8} {since:<19} {r['checkins']:>10} {r.get('restores', 0):>8}  "
-              f"{r['images_dir']}")
+        print(f"{r['pid']:>8} {len(r.get('members', [])):>5} {r['keeper']:>8} {since:<19} {r['checkins']:>10} "
+              f"{r.get('restores', 0):>8}  {r['images_dir']}")
     return 0
 
 
@@ -229,12 +232,13 @@ def cmd_untrack(args: argparse.Namespace) -> int:
 def cmd_restore_memory(args: argparse.Namespace) -> int:
     from ..chainops.rollback import restore_memory
 
-    r = restore_memory(args.tree, args.images_dir)
+    r = restore_memory(args.tree, args.images_dir, single=args.single)
     if args.json:
         print(json.dumps(r.as_dict()))
     else:
         how = "pages dirtied since the checkpoint (tracked)" if r.tracked else "every page (not tracked since)"
-        print(f"pid {r.pid} rolled back to {r.images_dir}: examined {r.pages_examined} {how}, wrote "
+        procs = f" ({r.processes} processes)" if r.processes > 1 else ""
+        print(f"pid {r.pid}{procs} rolled back to {r.images_dir}: examined {r.pages_examined} {how}, wrote "
               f"{r.pages_written}, dropped {r.pages_dropped}; frozen {r.frozen_s * 1e3:.1f} ms")
     return 0
 
@@ -262,6 +266,9 @@ def add_command(sub: argparse._SubParsersAction, name: str, summary: str, descri
     ex = "\n".join(f"  {line}" for line in examples.strip().splitlines())
     return sub.add_parser(name, parents=list(parents), help=summary, description=f"{summary}.\n\n{description}",
                           epilog=f"example:\n{ex}", formatter_class=_Formatter)
+
+
+TREE_HELP = "root of the process tree to dump: PID and all its descendants, as in CRIU (--single: PID alone)"
 
 
 def add_tree(q: argparse.ArgumentParser, help_text: str, required: bool = True) -> None:
@@ -298,7 +305,7 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="machine-readable output: one JSON object per line")
 
     def iteration_args(q: argparse.ArgumentParser) -> None:
-        add_tree(q, "process to dump")
+        add_tree(q, TREE_HELP)
         q.add_argument("-D", "--images-dir", required=True, metavar="DIR", help="new or empty directory for the images")
         q.add_argument("--prev-images-dir", metavar="PATH",
                        help="previous iteration, relative to DIR as in CRIU (e.g. ../1); becomes the parent link")
@@ -306,16 +313,18 @@ def parser() -> argparse.ArgumentParser:
 
     pd = add_command(
         sub, "pre-dump", "write one iteration; the target keeps running",
-        "The first pre-dump of a process writes everything and starts tracking its writes (a keeper process holds\n"
-        "the tracking between invocations); the next, with --prev-images-dir, writes only what changed.",
+        "The first pre-dump of a process tree writes everything and starts tracking its writes (a keeper process\n"
+        "holds the tracking between invocations); the next, with --prev-images-dir, writes only what changed.\n"
+        "As in CRIU, -t PID is PID and all its descendants: one pagemap-VPID.img per process, named by its pid\n"
+        "inside the tree's pid namespace; a process new since the parent is written in full.",
         "wpdump pre-dump -t 1234 -D img/1\nwpdump pre-dump -t 1234 -D img/2 --prev-images-dir ../1", [common])
     iteration_args(pd)
     pd.set_defaults(func=cmd_pre_dump)
 
     du = add_command(
         sub, "dump", "the final iteration, with the target frozen",
-        "Stops every thread (SIGSTOP) for the harvest and the copy, then resumes the target (unless\n"
-        "--leave-stopped). Ends tracking unless --keep-tracking.",
+        "Freezes every thread of every process of the tree (ptrace, until no new process appears) for the\n"
+        "harvest and the copy, then resumes them (unless --leave-stopped). Ends tracking unless --keep-tracking.",
         "wpdump dump -t 1234 -D img/3 --prev-images-dir ../2 --leave-stopped", [common])
     iteration_args(du)
     du.add_argument("--leave-stopped", action="store_true", help="leave the target stopped (SIGSTOP) afterwards")
@@ -328,7 +337,7 @@ def parser() -> argparse.ArgumentParser:
         "--keep-tracking), the iterations completed stay in DIR, and one line says so.",
         "wpdump checkpoint -t 1234 -D ckpt --max-iterations 5 --leave-stopped\n"
         "wpdump checkpoint -t 1234 -D ckpt --policy lxd --skipped 80 --json", [common])
-    add_tree(cp, "process to dump")
+    add_tree(cp, TREE_HELP)
     cp.add_argument("-D", "--images-dir", required=True, metavar="DIR", help="new or empty directory")
     cp.add_argument("--policy", choices=POLICY_NAMES, default="phaul", help="convergence policy (phaul)")
     cp.add_argument("--max-iterations", type=int, default=8, metavar="N", help="pre-dumps at most (8)")
@@ -345,10 +354,12 @@ def parser() -> argparse.ArgumentParser:
 
     rm = add_command(
         sub, "restore-memory", "roll a live process's memory back to a checkpoint, in place",
-        "Freezes the process, checks its VMA layout is the checkpoint's (refuses otherwise), writes back the\n"
-        "pages that differ, drops the pages the image lacks, resumes it. Memory only, not registers.",
+        "Freezes the tree, checks its processes and each one's VMA layout are the checkpoint's (refuses\n"
+        "otherwise, untouched), writes back the pages that differ, drops the pages the image lacks, resumes it.\n"
+        "Memory only, not registers.",
         "wpdump restore-memory -t 1234 -D ckpt/3", [common])
-    add_tree(rm, "process to roll back")
+    add_tree(rm, "root of the process tree to roll back")
+    rm.add_argument("--single", action="store_true", help="the process PID alone, not its tree")
     rm.add_argument("-D", "--images-dir", required=True, metavar="DIR", help="the checkpoint (top of its chain)")
     rm.set_defaults(func=cmd_restore_memory)
 
@@ -360,16 +371,17 @@ def parser() -> argparse.ArgumentParser:
         'criu dump -t 1234 -D img/final --action-script "$PWD/.venv/bin/wpdump-criu-hook"')
     ch.set_defaults(func=cmd_criu_hook)
 
-    stp = add_command(sub, "status", "list the tracked processes",
-                      "Per tracked process: its keeper, since when, iterations written and restore-memory runs\n"
-                      "since, and the iteration tracking is relative to.", "wpdump status\nwpdump status --json",
+    stp = add_command(sub, "status", "list the tracked process trees",
+                      "Per tracked tree (its root pid): processes tracked, its keeper, since when, iterations\n"
+                      "written and restore-memory runs since, and the iteration tracking is relative to.",
+                      "wpdump status\nwpdump status --json",
                       [common])
     stp.set_defaults(func=cmd_status)
 
-    ut = add_command(sub, "untrack", "end tracking of a process (it runs on unprotected)",
-                     "The keeper closes the userfaultfd: every write-protection is dropped. The next pre-dump of\n"
-                     "the process is a full one.", "wpdump untrack -t 1234", [common])
-    add_tree(ut, "tracked process")
+    ut = add_command(sub, "untrack", "end tracking of a process tree (it runs on unprotected)",
+                     "The keeper closes the userfaultfds: every write-protection is dropped. The next pre-dump of\n"
+                     "the tree is a full one.", "wpdump untrack -t 1234", [common])
+    add_tree(ut, "root of the tracked process tree")
     ut.set_defaults(func=cmd_untrack)
 
     from .chain import add_commands

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -35,14 +36,17 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info.as_dict()))
     else:
-        print(f"{'#':>2} {'kind':<8} {'created':<19} {'present':>9} {'parent':>9} {'listed':>9} {'zeroed':>7} "
-              f"{'MiB':>8} {'alloc MiB':>9} {'frozen ms':>9}  dir")
+        print(f"{'#':>2} {'kind':<8} {'created':<19} {'procs':>5} {'present':>9} {'parent':>9} {'listed':>9} "
+              f"{'zeroed':>7} {'MiB':>8} {'alloc MiB':>9} {'frozen ms':>9}  dir")
         for lv in info.levels:
             frozen = f"{lv.frozen_us / 1e3:9.1f}" if lv.frozen_us is not None else f"{'-':>9}"
             zeroed = f"{lv.pages_zeroed:>7}" if lv.pages_zeroed is not None else f"{'-':>7}"
-            print(f"{lv.depth:>2} {lv.kind:<8} {_when(lv.created):<19} {lv.pages_present:>9} {lv.pages_parent:>9} "
+            print(f"{lv.depth:>2} {lv.kind:<8} {_when(lv.created):<19} {len(lv.processes):>5} {lv.pages_present:>9} "
+                  f"{lv.pages_parent:>9} "
                   f"{lv.pages_listed:>9} {zeroed} {_mib(lv.pages_bytes):>8} {_mib(lv.pages_allocated):>9} "
                   f"{frozen}  {lv.path}")
+            if args.verbose and len(lv.processes) > 1:
+                print(f"     processes (vpids): {' '.join(map(str, lv.processes))}")
             for r in lv.regions or []:
                 lazy = f" lazy {r.lazy}" if r.lazy else ""
                 print(f"     {r.start:#014x}-{r.end:#014x} {r.pages:>9} pages: present {r.present:>9} "
@@ -68,44 +72,59 @@ def cmd_decode(args: argparse.Namespace) -> int:
 # ---- verify ----
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
+def _verify_structure(top: str, args: argparse.Namespace) -> int:
     from ..chainops.check import check_chain
+    from ..chainops.verify import VerifyFailed
+    from ..images.chain import tree_vpids
+
+    vpids = tree_vpids(top) if os.path.isdir(top) else []
+    reps = [check_chain(top, v) for v in vpids] if len(vpids) > 1 else [check_chain(top)]
+    problems = [p for r in reps for p in r.problems]
+    many = len(problems) > 1
+    if args.json:
+        print(json.dumps(reps[0].as_dict() if len(reps) == 1 else {"processes": [r.as_dict() for r in reps]}))
+    else:
+        for p in problems if many else ():  # one problem is the error line itself
+            print(f"problem: {p}")
+        if not problems:
+            procs = f" of {len(reps)} processes" if len(reps) > 1 else ""
+            print(f"{reps[0].top}: chain{procs} of {len(reps[0].levels)} iterations is sound "
+                  f"({sum(r.pages_listed for r in reps)} pages listed)")
+    if problems:
+        raise VerifyFailed(f"{reps[0].top}: {len(problems)} problems in the chain (listed above)" if many
+                           else problems[0])
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
     from ..chainops.show import resolve_top
-    from ..chainops.verify import VerifyFailed, verify_process
+    from ..chainops.verify import VerifyFailed, verify_tree
 
     top = resolve_top(args.images_dir)
     if args.tree is None:
-        rep = check_chain(top)
-        many = len(rep.problems) > 1
+        return _verify_structure(top, args)
+    results = verify_tree(args.tree, top, max_report=args.max_report, single=args.single)
+    for res in results:
         if args.json:
-            print(json.dumps(rep.as_dict()))
-        else:
-            for p in rep.problems if many else ():  # one problem is the error line itself
-                print(f"problem: {p}")
-            if rep.ok:
-                print(f"{rep.top}: chain of {len(rep.levels)} iterations is sound ({rep.pages_listed} pages listed)")
-        if not rep.ok:
-            raise VerifyFailed(f"{rep.top}: {len(rep.problems)} problems in the chain (listed above)" if many
-                               else rep.problems[0])
-        return 0
-    res = verify_process(args.tree, top, max_report=args.max_report)
-    if args.json:
-        print(json.dumps(res.as_dict()))
-    else:
+            print(json.dumps(res.as_dict()))
+            continue
+        who = f"pid {res.pid}: " if len(results) > 1 else ""
         for n in res.notes:
-            print(f"note: {n}")
+            print(f"{who}note: {n}")
         for m in res.first:
-            print(f"mismatch: {m}")
+            print(f"{who}mismatch: {m}")
         if res.mismatches > len(res.first):
-            print(f"... {res.mismatches - len(res.first)} more mismatching pages")
+            print(f"{who}... {res.mismatches - len(res.first)} more mismatching pages")
         frozen = "left stopped" if res.was_stopped else f"frozen {res.frozen_s * 1e3:.1f} ms"
-        print(f"compared {res.pages_compared} pages ({res.pages_listed} listed in {res.levels} levels), skipped "
+        print(f"{who}compared {res.pages_compared} pages ({res.pages_listed} listed in {res.levels} levels), skipped "
               f"{res.pages_skipped} unpopulated, {res.pages_unreadable} unreadable; {res.mismatches} mismatching; "
               f"{res.seconds * 1e3:.0f} ms, {frozen}")
-    if not res.ok:
-        raise VerifyFailed(res.summary())
+    bad = [r for r in results if not r.ok]
+    if bad:
+        raise VerifyFailed(bad[0].summary() + (f" (and {len(bad) - 1} more processes differ)" if len(bad) > 1 else ""))
     if not args.json:
-        print(res.summary())
+        for res in results:
+            print(res.summary())
     return 0
 
 
@@ -173,13 +192,16 @@ def add_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
 
     ve = add_command(
         sub, "verify", "check a chain's structure, or compare it with a process",
-        "Without -t: a structural check of the chain (exit 1 naming every problem). With -t: stop the process\n"
-        "(unless it is stopped already: then it stays stopped), compare every page with the chain's top, resume\n"
-        "it. DIR may be the directory checkpoint wrote (its highest-numbered iteration is the top).",
+        "Without -t: a structural check of the chain of every process (exit 1 naming every problem). With -t:\n"
+        "freeze the tree (a process already stopped stays stopped), compare every page of every process of the\n"
+        "images with the live process it names, resume it. DIR may be the directory checkpoint wrote (its\n"
+        "highest-numbered iteration is the top).",
         "wpdump verify -D ckpt\nwpdump verify -t 1234 -D ckpt/3", [common])
-    ve.add_argument("-t", "--tree", type=int, metavar="PID", help="process to compare with (default: structure only)")
+    ve.add_argument("-t", "--tree", type=int, metavar="PID",
+                    help="root of the process tree to compare with (default: structure only)")
     ve.add_argument("-D", "--images-dir", required=True, metavar="DIR", help="the chain's top, or a checkpoint dir")
     ve.add_argument("--max-report", type=int, default=10, metavar="N", help="mismatching pages to list (10)")
+    ve.add_argument("--single", action="store_true", help="-t PID alone, not every process of the images")
     ve.set_defaults(func=cmd_verify)
 
     sq = add_command(sub, "squash", "one self-contained images dir equal to the chain's top",

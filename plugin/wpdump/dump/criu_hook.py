@@ -1,14 +1,16 @@
 """``wpdump criu-hook``: CRIU's action script for ``criu dump`` of a process wpdump tracks.
 
-At ``pre-dump`` (before CRIU freezes the tree) it removes the tracker's write-protect markers from empty
+At ``pre-dump`` (before CRIU freezes the tree) it removes the trackers' write-protect markers from empty
 pages: CRIU would read each as a swapped page and dump it (docs/kernel.md rule 17). At ``post-dump``
-(the tree still frozen) it harvests the tracker's final dirty set and rewrites CRIU's final
-``pagemap-PID.img``/``pages-N.img`` so that pages unchanged since wpdump's last pre-dump become
+(the tree still frozen) it harvests each process's final dirty set and rewrites CRIU's final
+``pagemap-VPID.img``/``pages-N.img`` of every process of the tree (CRIU names them by the pid inside the
+tree's pid namespace, as wpdump does) so that pages unchanged since wpdump's last pre-dump become
 ``PE_PARENT`` entries pointing into the wpdump chain (``parent`` link added): the final directory then
 holds, for memory, only what changed since.
 
-It fails safe: whenever it cannot vouch for the result (no tracker, tracking lost, chain broken,
-CRIU's pages disagree with the chain) it leaves CRIU's full images untouched, says why, exits 0.
+It fails safe, per process: whenever it cannot vouch for a process's result (not tracked, tracking lost,
+chain broken, CRIU's pages disagree with the chain) it leaves that process's full images untouched, says
+why, exits 0.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .. import ranges
 from ..errors import ChainError, WpdumpError
 from ..images import format as images
 from ..images import imgdir
-from ..images.chain import load_chain, read_image_file, read_pages, same_process
+from ..images.chain import load_chain, member_meta, read_image_file, read_meta, read_pages, same_process
 from ..ranges import PAGE, page_addrs
 from ..target.process import check_alive
 from ..tracking.session import KeeperSession
@@ -67,9 +69,10 @@ def _fsync_dir(path: str) -> None:
 
 
 def rewrite(images_dir: str, pid: int, top_dir: str, tracker: Tracker, chain: list | None = None) -> HookResult:
-    """Turn CRIU's final images of ``pid`` in ``images_dir`` into an increment on the chain at ``top_dir``.
+    """Turn CRIU's final images of process ``pid`` (its vpid, as CRIU names it) in ``images_dir`` into an
+    increment on the chain at ``top_dir``, which the ``parent`` link of ``images_dir`` must lead to.
 
-    ``tracker`` must have tracked ``pid`` since that iteration; the target must be frozen.
+    ``tracker`` must have tracked the process since that iteration; the tree must be frozen.
     """
     t0 = time.perf_counter()
     name = images.pagemap_file_name(pid)
@@ -79,8 +82,6 @@ def rewrite(images_dir: str, pid: int, top_dir: str, tracker: Tracker, chain: li
         raise HookSkipped(f"cannot read CRIU's {name}: {e}", pid=pid, errno=errno.EINVAL) from None
     if ((entries["flags"] & images.PE_PARENT) != 0).any():
         raise HookSkipped("CRIU's dump already refers to a parent", pid=pid, errno=errno.EEXIST)
-    if os.path.lexists(os.path.join(images_dir, "parent")):
-        raise HookSkipped(f"{images_dir} already has a parent link", pid=pid, errno=errno.EEXIST)
     chain = chain or load_chain(top_dir, pid)
     top = chain[0]
     pages_path = os.path.join(images_dir, images.pages_file_name(pages_id))
@@ -121,8 +122,10 @@ def rewrite(images_dir: str, pid: int, top_dir: str, tracker: Tracker, chain: li
         os.close(dst)
     finally:
         os.close(src)
-    parent_link = os.path.join(images_dir, "parent")
-    linked = committed = False
+    if os.path.realpath(os.path.join(images_dir, "parent")) != os.path.realpath(top.path):
+        os.unlink(new_pages)
+        raise HookSkipped(f"{images_dir}/parent does not lead to {top.path}", pid=pid, errno=errno.EINVAL)
+    committed = False
     try:
         fd = os.open(tmp_map, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
@@ -130,17 +133,13 @@ def rewrite(images_dir: str, pid: int, top_dir: str, tracker: Tracker, chain: li
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.symlink(os.path.relpath(top.path, os.path.realpath(images_dir)), parent_link)
-        linked = True
         os.rename(tmp_map, os.path.join(images_dir, name))  # the commit point
         committed = True
     finally:
-        if not committed:  # CRIU's own pagemap and pages are still in place and need no parent
+        if not committed:  # CRIU's own pagemap and pages are still in place
             for p in (tmp_map, new_pages):
                 if os.path.lexists(p):
                     os.unlink(p)
-            if linked:
-                os.unlink(parent_link)
     _fsync_dir(images_dir)
     os.unlink(pages_path)
     res.seconds = time.perf_counter() - t0
@@ -182,15 +181,18 @@ def run_hook(env: dict[str, str] | None = None, out=sys.stderr) -> int:
     if action == "pre-dump":
         return _pre_dump(root, out)
     try:
-        res = _hook_pid(images_dir, root)
+        results, skipped = hook_tree(images_dir, root)
     except (WpdumpError, OSError) as e:
         print(f"wpdump criu-hook: pid {root}: left CRIU's full images as they are: {e}", file=out, flush=True)
         return 0
-    print(
-        f"wpdump criu-hook: pid {root}: {res.pages_parent} of {res.pages_criu} pages now in the parent "
-        f"{res.parent}, {res.pages_present} kept ({res.bytes_after / 2**20:.1f} of {res.bytes_before / 2**20:.1f} "
-        f"MiB) in {res.seconds * 1e3:.1f} ms", file=out, flush=True,
-    )
+    for vpid, why in skipped:
+        print(f"wpdump criu-hook: process {vpid}: left CRIU's full images as they are: {why}", file=out, flush=True)
+    for res in results:
+        print(
+            f"wpdump criu-hook: process {res.pid}: {res.pages_parent} of {res.pages_criu} pages now in the parent "
+            f"{res.parent}, {res.pages_present} kept ({res.bytes_after / 2**20:.1f} of "
+            f"{res.bytes_before / 2**20:.1f} MiB) in {res.seconds * 1e3:.1f} ms", file=out, flush=True,
+        )
     return 0
 
 
@@ -201,7 +203,7 @@ def _pre_dump(pid: int, out) -> int:
         n = unmark(pid)
     except (WpdumpError, OSError) as e:
         # Past the checkout the keeper sees it end without a checkin and ends tracking: closing the
-        # userfaultfd drops every marker (docs/kernel.md rule 10); post-dump then keeps CRIU's full images.
+        # userfaultfds drops every marker (docs/kernel.md rule 10); post-dump then keeps CRIU's full images.
         print(f"wpdump criu-hook: pid {pid}: markers not removed (CRIU reads them as swapped pages): {e}",
               file=out, flush=True)
         return 0
@@ -212,39 +214,71 @@ def _pre_dump(pid: int, out) -> int:
 
 
 def unmark(pid: int) -> int | None:
-    """Remove the tracker's markers from the empty pages of ``pid`` (bytes), tracking going on; None if
-    ``pid`` is not tracked. On an error the tracker is not checked back in: tracking ends."""
+    """Remove the trackers' markers from the empty pages of every process of the tree rooted at ``pid`` (bytes),
+    tracking going on; None if ``pid`` is not tracked. On an error nothing is given back: tracking ends."""
     ks = KeeperSession.connect(pid)
     if ks is None:
         return None
     with ks:
-        tr = ks.take()
-        images_dir = ks.status().get("images_dir") or ""
-        n = tr.unmark_empty()
-        state, iteration = ks.checked_out
-        ks.checkin(state, iteration, images_dir)  # the dirty set is unconsumed: the state is unchanged
+        trackers = ks.take()
+        n = sum(tr.unmark_empty() for tr in trackers.values())
+        ks.giveback()  # the dirty sets are unconsumed: the states are unchanged
         return n
 
 
-def _hook_pid(images_dir: str, pid: int) -> HookResult:
-    st = check_alive(pid)
-    ks = KeeperSession.connect(pid)
+def hook_tree(images_dir: str, root: int) -> tuple[list[HookResult], list[tuple[int, str]]]:
+    """Rewrite CRIU's pagemap of every process of the tree rooted at ``root`` that wpdump tracked since its last
+    iteration; returns the results and the (vpid, why) of the processes left as CRIU wrote them."""
+    st = check_alive(root)
+    ks = KeeperSession.connect(root)
     if ks is None:
-        raise HookSkipped(f"pid {pid} is not tracked by wpdump (no keeper)", pid=pid, errno=errno.ENOENT)
+        raise HookSkipped(f"pid {root} is not tracked by wpdump (no keeper)", pid=root, errno=errno.ENOENT)
+    results: list[HookResult] = []
+    skipped: list[tuple[int, str]] = []
     with ks:
         status = ks.status()
         top_dir = status.get("images_dir") or ""
         if not top_dir or not os.path.isdir(top_dir):
-            raise HookSkipped(f"the last wpdump iteration {top_dir!r} is gone", pid=pid, errno=errno.ENOENT)
-        chain = load_chain(top_dir, pid)
-        meta = chain[0].meta or {}
+            raise HookSkipped(f"the last wpdump iteration {top_dir!r} is gone", pid=root, errno=errno.ENOENT)
+        meta = read_meta(top_dir) or {}
         if meta.get("iteration") != status.get("iteration"):
-            raise HookSkipped(f"{top_dir} is not the iteration tracked since", pid=pid, errno=errno.ESTALE)
-        if not same_process(meta, st.start_ticks):
-            raise HookSkipped(f"{top_dir} is an image of another process", pid=pid, errno=errno.ESRCH)
-        res = rewrite(images_dir, pid, top_dir, ks.take(), chain)
-        ks.untrack()  # the final dump: tracking ends (the harvest above consumed the dirty set)
-        return res
+            raise HookSkipped(f"{top_dir} is not the iteration tracked since", pid=root, errno=errno.ESTALE)
+        root_meta = member_meta(meta, meta.get("vpid", root)) or {}
+        if not same_process(root_meta, st.start_ticks):
+            raise HookSkipped(f"{top_dir} is an image of another process", pid=root, errno=errno.ESRCH)
+        link = os.path.join(images_dir, "parent")
+        if os.path.lexists(link):
+            raise HookSkipped(f"{images_dir} already has a parent link", pid=root, errno=errno.EEXIST)
+        trackers = ks.take()
+        by_process = {(int(p["pid"]), int(p["start_ticks"])): int(v) for v, p in meta.get("processes", {}).items()}
+        if "processes" not in meta:  # an iteration of one process (format 1)
+            by_process = {(root, st.start_ticks): int(meta.get("pid", root))}
+        criu_vpids = set(_pagemap_vpids(images_dir))
+        os.symlink(os.path.relpath(top_dir, images_dir), link)  # before any PE_PARENT entry can appear
+        try:
+            for tr in trackers.values():
+                vpid = by_process.get((tr.pid, tr.start_ticks))
+                if vpid is None:
+                    continue  # a process that appeared after the last iteration: CRIU's full pages stay
+                if vpid not in criu_vpids:
+                    skipped.append((vpid, f"CRIU's dump holds no {images.pagemap_file_name(vpid)}"))
+                    continue
+                criu_vpids.discard(vpid)
+                try:
+                    results.append(rewrite(images_dir, vpid, top_dir, tr, load_chain(top_dir, vpid)))
+                except (HookSkipped, ChainError) as e:
+                    skipped.append((vpid, str(e)))
+        finally:
+            if not results:
+                os.unlink(link)
+                _fsync_dir(images_dir)
+        skipped.extend((v, "not tracked by wpdump since its last iteration") for v in sorted(criu_vpids))
+        ks.untrack()  # the final dump: tracking ends (the harvests above consumed the dirty sets)
+    return results, skipped
+
+
+def _pagemap_vpids(images_dir: str) -> list[int]:
+    return [int(m.group(1)) for n in os.listdir(images_dir) if (m := re.fullmatch(r"pagemap-(\d+)\.img", n))]
 
 
 def main() -> int:

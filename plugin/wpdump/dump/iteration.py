@@ -18,13 +18,23 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import ranges
-from ..errors import UnreadableMemory, WpdumpError
+from ..errors import NoSuchProcess, UnreadableMemory, WpdumpError
 from ..images import format as images
 from ..images import imgdir
-from ..images.chain import META_FILE, META_FORMAT, Iteration, boot_id, check_parent, load_parent, uptime_us
+from ..images.chain import (
+    META_FILE,
+    META_FORMAT,
+    Iteration,
+    TreeParent,
+    boot_id,
+    load_parent_tree,
+    same_process,
+    uptime_us,
+)
 from ..ranges import PAGE
 from ..target import freeze
 from ..target.process import check_alive
+from ..target.tree import Member, read_tree
 from ..target.vmas import Policy, Vma, read_maps
 from ..tracking import keeper
 from ..tracking.session import Tracking
@@ -51,6 +61,7 @@ class IterationResult:
     pages_parent: int = 0
     pages_zeroed: int = 0
     bytes_written: int = 0
+    processes: int = 0
     harvest_s: float = 0.0
     copy_s: float = 0.0
     write_s: float = 0.0
@@ -67,33 +78,45 @@ class IterationResult:
 
 
 def _write_images(
-    st: imgdir.Staging, pid: int, h: Harvest, res: IterationResult, parent: np.ndarray | None,
+    st: imgdir.Staging, m: Member, pages_id: int, h: Harvest, res: IterationResult, parent: np.ndarray | None,
     progress: Progress | None, frozen: Callable[[], None] | None,
 ) -> dict:
-    """Write pages, pagemap, inventory and stats into the staging directory; returns the stats."""
+    """Write the pages and pagemap of one process into the staging directory; returns its stats."""
     copy = h.copy_ranges()
     anon = ranges.from_pairs([(v.vma.start, v.vma.end) for v in h.vmas if v.vma.anonymous])
     unreadable = ranges.from_pairs([(v.vma.start, v.vma.end) for v in h.vmas if v.vma.perms[0] != "r"])
-    pages_name = images.pages_file_name(PAGES_ID)
+    pages_name = images.pages_file_name(pages_id)
     fd = st.create(pages_name)
     try:
-        written, zero_dropped, res.copy_s, res.write_s = pages.copy_and_write(
-            pid, ranges.merge(copy), anon, fd, os.path.join(st.dest, pages_name), progress, unreadable
+        written, zero_dropped, copy_s, write_s = pages.copy_and_write(
+            m.pid, ranges.merge(copy), anon, fd, os.path.join(st.dest, pages_name), progress, unreadable
         )
         if frozen is not None:
-            frozen()  # every page is read: the target may run again while we fsync
+            frozen()  # every page is read: the tree may run again while we fsync
         t0 = time.perf_counter()
         imgdir.fsync(fd, os.path.join(st.dest, pages_name))
     finally:
         os.close(fd)
     keep = h.unchanged(parent, written) if parent is not None and len(parent) else ranges.EMPTY
     entries = images.entries_from_ranges(written, keep)
-    st.write_file(images.pagemap_file_name(pid), images.encode_pagemap(PAGES_ID, entries))
-    res.pages_scanned = sum(v.vma.size for v in h.vmas) // PAGE
-    res.pages_written = ranges.total(written) // PAGE
-    res.pages_parent = ranges.total(keep) // PAGE
-    res.pages_zeroed = ranges.total(h.zero_ranges()) // PAGE + zero_dropped
-    res.bytes_written = ranges.total(written)
+    st.write_file(images.pagemap_file_name(m.vpid), images.encode_pagemap(pages_id, entries))
+    stats = {
+        "pages_scanned": sum(v.vma.size for v in h.vmas) // PAGE, "pages_written": ranges.total(written) // PAGE,
+        "pages_skipped_parent": ranges.total(keep) // PAGE,
+        "pages_zeroed": ranges.total(h.zero_ranges()) // PAGE + zero_dropped,
+    }
+    res.pages_scanned += stats["pages_scanned"]
+    res.pages_written += stats["pages_written"]
+    res.pages_parent += stats["pages_skipped_parent"]
+    res.pages_zeroed += stats["pages_zeroed"]
+    res.bytes_written += ranges.total(written)
+    res.copy_s += copy_s
+    res.write_s += write_s + time.perf_counter() - t0
+    return stats
+
+
+def _stats_file(st: imgdir.Staging, res: IterationResult) -> dict:
+    """stats-dump, as CRIU fills it for the whole tree."""
     stats = {
         "freezing_time": int(res.freezing_s * 1e6), "frozen_time": int(res.frozen_s * 1e6),
         "memdump_time": int((res.harvest_s + res.copy_s) * 1e6), "memwrite_time": int(res.write_s * 1e6),
@@ -101,17 +124,16 @@ def _write_images(
         "pages_written": res.pages_written,
     }
     st.write_file(images.STATS_FILE, images.encode_stats(**stats))
-    res.write_s += time.perf_counter() - t0
     return stats
 
 
-def _meta_json(meta: dict) -> bytes:
-    """meta.json, indented, with its "vmas" list (put last) on one line: json's C encoder does not indent,
-    the Python one takes 0.1-0.3 s for 30,000 VMAs."""
-    head = json.dumps({**{k: v for k, v in meta.items() if k != "vmas"}, "vmas": []}, indent=1)
-    tail = '"vmas": []\n}'
+def meta_json(meta: dict) -> bytes:
+    """wpdump.json, indented, with its "processes" (put last; each process's VMAs) on one line: json's C encoder
+    does not indent, the Python one takes 0.1-0.3 s for 30,000 VMAs."""
+    head = json.dumps({**{k: v for k, v in meta.items() if k != "processes"}, "processes": {}}, indent=1)
+    tail = '"processes": {}\n}'
     assert head.endswith(tail)
-    return (head[: -len(tail)] + '"vmas": ' + json.dumps(meta["vmas"]) + "\n}").encode()
+    return (head[: -len(tail)] + '"processes": ' + json.dumps(meta["processes"]) + "\n}").encode()
 
 
 def _resolve_prev(dest: str, prev: str) -> str:
@@ -133,29 +155,42 @@ def _check_readable(pid: int, vmas: list[Vma], allow_unreadable: bool, warnings:
         warnings.append(f"{text}: left out of the images, its content is lost")
 
 
+def _member_parent(parent: TreeParent | None, m: Member) -> Iteration | None:
+    """The parent's image of ``m``: None when the parent holds none of this very process (a new process, or
+    its vpid reused by another: never refer to the old one's pages)."""
+    if parent is None:
+        return None
+    it = parent.members.get(m.vpid)
+    if it is None or it.meta is None or not same_process(it.meta, m.start_ticks, m.pid):
+        return None
+    return it
+
+
 @gc_paused()
 def run(
     pid: int, images_dir: str, prev_images_dir: str | None = None, *, final: bool = False,
     leave_stopped: bool = False, keep_tracking: bool | None = None, progress: Progress | None = None,
-    allow_userfaultfd_target: bool = False, allow_unreadable: bool = False,
+    allow_userfaultfd_target: bool = False, allow_unreadable: bool = False, single: bool = False,
 ) -> IterationResult:
-    """Write one iteration of ``pid`` into ``images_dir`` (a pre-dump, or with ``final`` the frozen dump)."""
+    """Write one iteration of the tree rooted at ``pid`` (``single``: that process alone) into ``images_dir``:
+    a pre-dump, or with ``final`` the dump with the whole tree frozen."""
     t_start = time.perf_counter()
     st_target = check_alive(pid)
     dest = imgdir.check_destination(images_dir)
-    parent: Iteration | None = None
+    members = read_tree(pid, single)
+    parent: TreeParent | None = None
     if prev_images_dir:
-        parent = load_parent(_resolve_prev(dest, prev_images_dir), pid)
-        check_parent(parent, pid, st_target.start_ticks)
+        parent = load_parent_tree(_resolve_prev(dest, prev_images_dir), pid, st_target.start_ticks, members[0].vpid)
     if keep_tracking is None:
         keep_tracking = not final
     res = IterationResult(dest, "dump" if final else "pre-dump", uuid.uuid4().hex, prev_images_dir, False)
-    _check_readable(pid, read_maps(pid), allow_unreadable, [])  # before attaching: refuse early
+    for m in members:  # before attaching: refuse early
+        _check_readable(m.pid, read_maps(m.pid), allow_unreadable, [])
     with keeper.pid_lock(pid), imgdir.Staging(dest) as st:
         tracking: Tracking | None = None
         thawed = True
         t_frozen = 0.0
-        freezer: freeze.Freezer | None = None
+        freezer: freeze.TreeFreezer | None = None
 
         def thaw(done: bool = True) -> None:
             nonlocal thawed
@@ -173,39 +208,63 @@ def run(
                     log.warning("%s", e)
 
         try:
-            tracking = Tracking(pid, st_target.start_ticks, parent, res.warnings, allow_userfaultfd_target)
+            tracking = Tracking(pid, st_target.start_ticks, parent.top if parent else None, res.warnings,
+                                allow_userfaultfd_target)
             if final:
                 t_frozen = time.perf_counter()
                 thawed = False
-                freezer = freeze.Freezer(pid)
+                freezer = freeze.TreeFreezer(pid, single)
                 res.freezing_s = freezer.seconds
-            t0 = time.perf_counter()
-            h = tracking.harvest()
-            res.harvest_s = time.perf_counter() - t0
-            _check_readable(pid, h.unreadable, allow_unreadable, res.warnings)
-            res.warnings.extend(h.warnings)
-            res.incremental = tracking.incremental and parent is not None
+                members = freezer.members
             dump_uptime = uptime_us()
-            stats = _write_images(
-                st, pid, h, res, parent.ranges() if res.incremental else None, progress,
-                thaw if final else None,
-            )
+            procs: dict[str, dict] = {}
+            done: list[Member] = []
+            incremental = parent is not None
+            for i, m in enumerate(members):
+                last = i == len(members) - 1
+                try:
+                    t0 = time.perf_counter()
+                    h = tracking.harvest(m)
+                    res.harvest_s += time.perf_counter() - t0
+                    _check_readable(m.pid, h.unreadable, allow_unreadable, res.warnings)
+                    res.warnings.extend(h.warnings)
+                    mp = _member_parent(parent, m)
+                    inc = tracking.incremental(m) and mp is not None
+                    stats = _write_images(st, m, i + 1, h, res, mp.ranges() if inc and mp else None, progress,
+                                          thaw if final and last else None)
+                except NoSuchProcess:
+                    if final or m.pid == pid:
+                        raise
+                    log.info("pid %d exited during the iteration: left out", m.pid)  # not part of the tree now
+                    st.remove(images.pages_file_name(i + 1))
+                    continue
+                incremental = incremental and (inc or mp is None)  # a process new since the parent is full
+                done.append(m)
+                procs[str(m.vpid)] = {
+                    "pid": m.pid, "vpid": m.vpid, "ppid": m.ppid, "start_ticks": m.start_ticks, "pages_id": i + 1,
+                    "incremental": inc, "stats": stats,
+                    # the dumped VMAs at harvest time: restore-memory checks the layout against them
+                    "vmas": [[v.vma.start, v.vma.end, v.vma.perms, v.vma.offset, v.vma.path, _POLICY_NAMES[v.policy]]
+                             for v in h.vmas],
+                    "lost": [[v.start, v.end, v.path] for v in h.unreadable],
+                }
             thaw()
+            res.incremental = incremental
+            res.processes = len(done)
+            stats = _stats_file(st, res)
             st.write_file(images.INVENTORY_FILE, images.encode_inventory(dump_uptime, pre_dump=not final))
             if prev_images_dir:
                 st.symlink(prev_images_dir)
             res.total_s = time.perf_counter() - t_start
+            root = procs[str(members[0].vpid)]
             meta = {
-                "format": META_FORMAT, "pid": pid, "start_ticks": st_target.start_ticks, "boot_id": boot_id(),
-                "iteration": res.iteration, "parent_iteration": parent.iteration_id if parent else None,
+                "format": META_FORMAT, "pid": pid, "vpid": root["vpid"], "start_ticks": st_target.start_ticks,
+                "boot_id": boot_id(), "single": single, "iteration": res.iteration,
+                "parent_iteration": parent.top.iteration_id if parent else None,
                 "kind": res.kind, "incremental": res.incremental, "created": time.time(), "stats": stats,
-                "result": res.as_dict(),
-                # the dumped VMAs at harvest time: restore-memory checks the layout against them
-                "vmas": [[v.vma.start, v.vma.end, v.vma.perms, v.vma.offset, v.vma.path, _POLICY_NAMES[v.policy]]
-                         for v in h.vmas],
-                "lost": [[v.start, v.end, v.path] for v in h.unreadable],
+                "result": res.as_dict(), "processes": procs,
             }
-            st.write_file(META_FILE, _meta_json(meta))
+            st.write_file(META_FILE, meta_json(meta))
             st.commit()
         except BaseException:
             thaw(done=False)
@@ -213,7 +272,7 @@ def run(
                 tracking.abandon()
             raise
         try:
-            tracking.hand_back(res.iteration, dest, keep_tracking)
+            tracking.hand_back(done, res.iteration, dest, keep_tracking)
         except WpdumpError as e:  # the iteration itself is complete; the next one will be full
             res.warnings.append(f"tracking of pid {pid} ends: {e}")
     res.total_s = time.perf_counter() - t_start

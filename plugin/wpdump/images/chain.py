@@ -19,7 +19,8 @@ from . import format as images
 from .imgdir import parent_of, stat_dir, walk_links
 
 META_FILE = "wpdump.json"
-META_FORMAT = "wpdump-iteration/1"
+META_FORMAT = "wpdump-iteration/2"  # /2: a tree, one entry per process under "processes"
+META_FORMATS = ("wpdump-iteration/1", META_FORMAT)
 
 
 def uptime_us() -> int:
@@ -112,8 +113,50 @@ def checkpoint_iterations(path: str) -> list[str]:
     return out
 
 
+def read_meta(path: str) -> dict | None:
+    """wpdump's metadata of the iteration in ``path`` (None when it is not ours)."""
+    if not os.path.lexists(os.path.join(path, META_FILE)):
+        return None
+    try:
+        meta = json.loads(read_image_file(path, META_FILE))
+        if not isinstance(meta, dict) or meta.get("format") not in META_FORMATS:
+            raise ValueError("unknown format")
+        if not isinstance(meta.get("processes", {}), dict):
+            raise ValueError("bad processes")
+    except ValueError as e:
+        raise ChainError(f"{os.path.join(path, META_FILE)} is corrupt: {e}", errno=errno.EINVAL) from None
+    return meta
+
+
+def member_meta(meta: dict | None, vpid: int) -> dict | None:
+    """The metadata of process ``vpid`` of an iteration: the tree's, with that process's own entry over it
+    (its host pid, start time, VMAs); None when the iteration does not list it."""
+    if meta is None:
+        return None
+    procs = meta.get("processes")
+    if procs is None:  # one process (format 1)
+        return meta
+    own = procs.get(str(vpid))
+    return None if own is None else {**meta, **own}
+
+
+def tree_vpids(path: str) -> list[int]:
+    """The processes (vpids) of the iteration in ``path``, its root first."""
+    vpids = sorted(_pagemap_pids(_listdir(path)))
+    meta = read_meta(path)
+    root = meta.get("vpid") if meta else None
+    if root in vpids:
+        vpids.remove(root)
+        vpids.insert(0, root)
+    return vpids
+
+
 def _find_pid(path: str) -> int:
     pids = _pagemap_pids(_listdir(path))
+    if len(pids) > 1:
+        meta = read_meta(path)
+        if meta and meta.get("vpid") in pids:
+            return meta["vpid"]  # a tree: its root
     if len(pids) != 1:
         what = "no pagemap-PID.img" if not pids else f"pagemaps of several pids {sorted(pids)}; name the pid"
         its = checkpoint_iterations(path) if not pids else []
@@ -140,15 +183,7 @@ def load_iteration(path: str, pid: int | None = None) -> Iteration:
             inv = images.decode_inventory(read_image_file(path, images.INVENTORY_FILE), inv_name)
     except images.ImageError as e:
         raise ChainError(str(e), pid=pid, errno=errno.EINVAL) from None
-    meta = None
-    if os.path.lexists(os.path.join(path, META_FILE)):
-        try:
-            meta = json.loads(read_image_file(path, META_FILE))
-            if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
-                raise ValueError("unknown format")
-        except ValueError as e:
-            raise ChainError(f"{os.path.join(path, META_FILE)} is corrupt: {e}", pid=pid, errno=errno.EINVAL) from None
-    return Iteration(path, pid, pages_id, entries, inv, meta)
+    return Iteration(path, pid, pages_id, entries, inv, member_meta(read_meta(path), pid))
 
 
 def check_pages_file(it: Iteration) -> None:
@@ -213,6 +248,29 @@ def load_parent(path: str, pid: int) -> Iteration:
             raise ChainError(f"{cur} (parent of {below}) holds no {name}", pid=pid, errno=errno.ENOENT)
         below = cur
     return it
+
+
+@dataclass
+class TreeParent:
+    """The parent iteration of a tree: the root's image (``top``) and every process's, by vpid."""
+
+    top: Iteration
+    members: dict[int, Iteration]
+
+
+def load_parent_tree(path: str, root: int, start_ticks: int, vpid: int) -> TreeParent:
+    """The iteration at ``path`` as the parent of an iteration of the tree rooted at ``root`` (``vpid`` in its pid
+    namespace), checked to be an image of that very process; each process's image decoded and its pages file
+    checked."""
+    top = load_parent(path, vpid)
+    check_parent(top, root, start_ticks)
+    members = {top.pid: top}
+    for v in tree_vpids(path):
+        if v != vpid:
+            it = load_iteration(path, v)
+            check_pages_file(it)
+            members[v] = it
+    return TreeParent(top, members)
 
 
 def same_process(meta: dict, start_ticks: int, pid: int | None = None) -> bool:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -95,6 +96,11 @@ class Staging:
             raise describe_os_error(e, os.path.join(self.dest, name)) from None
         finally:
             os.close(fd)
+
+    def remove(self, name: str) -> None:
+        """Remove ``name`` from the staging directory, if it is there."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=self.dfd)
 
     def symlink(self, target: str, name: str = "parent") -> None:
         os.symlink(target, name, dir_fd=self.dfd)

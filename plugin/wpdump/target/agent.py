@@ -61,7 +61,7 @@ def _serve(sock: socket.socket, pid: int, mask: set[signal.Signals]) -> None:
     keep = sock.fileno()
     os.closerange(3, keep)  # the command's fds (its userfaultfd, keeper sockets, locks) are not ours to hold
     os.closerange(keep + 1, 1 << 16)
-    sz = None
+    seized: dict[int, Seizure] = {}
     try:
         while True:
             try:
@@ -71,23 +71,34 @@ def _serve(sock: socket.socket, pid: int, mask: set[signal.Signals]) -> None:
             for fd in fds:
                 os.close(fd)
             op, reply, out = header["op"], {"ok": True}, -1
+            tp = header.get("pid", pid)
             try:
+                sz = seized.get(tp)
                 if op == "seize":
-                    sz = Seizure(pid)
-                    sz.seize_all() if header["all"] else sz.seize_one()
+                    if sz is None:
+                        sz = Seizure(tp)
+                        seized[tp] = sz  # released below even when the seize fails half-way
+                        sz.seize_all() if header["all"] else sz.seize_one()
+                elif op == "release":
+                    leave = header["leave_stopped"]
+                    for p in [tp] if "pid" in header else list(seized):
+                        s = seized.pop(p, None)
+                        if s is not None:
+                            s.release(leave)
                 elif sz is None:
-                    raise TrackerError(f"pid {pid}: not seized", pid=pid, errno=errno.EINVAL)
+                    raise TrackerError(f"pid {tp}: not seized", pid=tp, errno=errno.EINVAL)
                 elif op == "userfaultfd":
                     out = inject_userfaultfd(sz)
                 elif op == "madvise":
                     reply["failed"] = inject_madvise(sz, header["ranges"], header["advice"])
                 elif op == "rseq":
                     reply["areas"] = _rseq(sz)
-                elif op == "release":
-                    s, sz = sz, None
-                    s.release(header["leave_stopped"])
             except BaseException as e:  # noqa: BLE001 - every failure goes back to the command
                 reply = _error(e)
+                if op == "seize":
+                    s = seized.pop(tp, None)
+                    if s is not None:
+                        s.release()
             try:
                 send_msg(sock, reply, fds=(out,) if out >= 0 else ())
             except OSError:
@@ -95,18 +106,20 @@ def _serve(sock: socket.socket, pid: int, mask: set[signal.Signals]) -> None:
             finally:
                 if out >= 0:
                     os.close(out)
-            if op == "release" or (op == "seize" and "error" in reply):
+            if (op == "release" or op == "seize") and not seized:
                 return
     finally:
-        if sz is not None:
-            sz.release()
+        for s in seized.values():
+            s.release()
 
 
 class Agent:
-    """The command's handle on its ptrace agent for ``pid``: every thread seized (``all_threads``) or one."""
+    """The command's handle on its ptrace agent for ``pid``: every thread seized (``all_threads``) or one.
+    More processes can be seized by the same agent (:meth:`seize`): a tree is frozen by one agent."""
 
     def __init__(self, pid: int, *, all_threads: bool) -> None:
         self.pid = pid
+        self.pids = [pid]
         self.released = False
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         # Held across the fork: a Ctrl-C landing in an at-fork handler (logging's) would be swallowed as
@@ -144,22 +157,27 @@ class Agent:
             _raise(header)
         return header, fds
 
-    def userfaultfd(self) -> int:
+    def seize(self, pid: int, *, all_threads: bool) -> None:
+        """Seize one more process (of a tree frozen by this agent); a failure leaves the others seized."""
+        self.request("seize", pid=pid, all=all_threads)
+        self.pids.append(pid)
+
+    def userfaultfd(self, pid: int | None = None) -> int:
         """A userfaultfd created inside the target (the target keeps no copy)."""
-        _, fds = self.request("userfaultfd")
+        _, fds = self.request("userfaultfd", pid=pid or self.pid)
         return fds[0]
 
-    def madvise(self, ranges: list[tuple[int, int]], advice: int) -> list[tuple[int, int]]:
+    def madvise(self, ranges: list[tuple[int, int]], advice: int, pid: int | None = None) -> list[tuple[int, int]]:
         """madvise(advice) inside the target on each range; returns the ranges where it failed."""
-        h, _ = self.request("madvise", ranges=ranges, advice=advice)
+        h, _ = self.request("madvise", ranges=ranges, advice=advice, pid=pid or self.pid)
         return [tuple(r) for r in h["failed"]]
 
-    def rseq_areas(self) -> list[tuple[int, int]]:
-        h, _ = self.request("rseq")
+    def rseq_areas(self, pid: int | None = None) -> list[tuple[int, int]]:
+        h, _ = self.request("rseq", pid=pid or self.pid)
         return [tuple(a) for a in h["areas"]]
 
     def release(self, leave_stopped: bool = False) -> None:
-        """Detach from the target (left in a group stop with ``leave_stopped``); the agent exits."""
+        """Detach from every seized process (left in a group stop with ``leave_stopped``); the agent exits."""
         if not self.released:
             self.released = True
             self.request("release", leave_stopped=leave_stopped)

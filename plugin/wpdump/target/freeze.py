@@ -12,20 +12,23 @@ import os
 import signal
 import time
 
-from ..errors import TrackerError, no_such_process
+from ..errors import NoSuchProcess, TrackerError, no_such_process
 from .agent import Agent
 from .process import all_stopped, thread_states
+from .tree import Member, read_tree
 
 _active: dict[int, Freezer] = {}
 
 
 class Freezer:
-    """``pid`` frozen by a ptrace agent until :meth:`thaw` (or this process's death)."""
+    """``pid`` frozen by a ptrace agent until :meth:`thaw` (or this process's death); ``agent``: one that
+    freezes a whole tree, thawed with it (:class:`TreeFreezer`)."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, agent: Agent | None = None) -> None:
         t0 = time.perf_counter()
         self.pid = pid
-        self.agent = Agent(pid, all_threads=True)
+        self.own = agent is None
+        self.agent = Agent(pid, all_threads=True) if agent is None else agent
         self.seconds = time.perf_counter() - t0
         _active[pid] = self
 
@@ -33,18 +36,69 @@ class Freezer:
         """Resume the target (``leave_stopped``: leave it in a group stop, state T); idempotent."""
         if _active.get(self.pid) is self:
             del _active[self.pid]
+        if not self.own:
+            return
         try:
             self.agent.release(leave_stopped)
         finally:
             self.agent.close()
 
     def rseq_areas(self) -> list[tuple[int, int]]:
-        return self.agent.rseq_areas()
+        return self.agent.rseq_areas(self.pid)
 
     def madvise(self, ranges: list[tuple[int, int]], advice: int) -> list[tuple[int, int]]:
-        return self.agent.madvise(ranges, advice)
+        return self.agent.madvise(ranges, advice, self.pid)
 
     def __enter__(self) -> Freezer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.thaw()
+
+
+class TreeFreezer:
+    """Every process of the tree rooted at ``root`` frozen by one ptrace agent. The tree is read again after each
+    round of seizing until no new process appears, so a fork racing the freeze is caught (as CRIU does)."""
+
+    def __init__(self, root: int, single: bool = False) -> None:
+        t0 = time.perf_counter()
+        self.root = root
+        self.agent: Agent | None = None
+        self.frozen: dict[int, Freezer] = {}
+        try:
+            while True:
+                members = read_tree(root, single)
+                new = [m for m in members if m.pid not in self.frozen]
+                if not new:
+                    break
+                for m in new:
+                    if self.agent is None:
+                        self.agent = Agent(m.pid, all_threads=True)  # the root: its failure is the freeze's
+                    else:
+                        try:
+                            self.agent.seize(m.pid, all_threads=True)
+                        except NoSuchProcess:  # exited before it could be seized: not part of the tree any more
+                            continue
+                    self.frozen[m.pid] = Freezer(m.pid, self.agent)
+        except BaseException:
+            self.thaw()
+            raise
+        self.members: list[Member] = [m for m in members if m.pid in self.frozen]
+        self.seconds = time.perf_counter() - t0
+
+    def thaw(self, leave_stopped: bool = False) -> None:
+        """Resume every process (``leave_stopped``: each left in a group stop); idempotent."""
+        for f in self.frozen.values():
+            f.thaw()
+        self.frozen = {}
+        if self.agent is not None:
+            ag, self.agent = self.agent, None
+            try:
+                ag.release(leave_stopped)
+            finally:
+                ag.close()
+
+    def __enter__(self) -> TreeFreezer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -92,6 +146,6 @@ def open_userfaultfd(pid: int, pidfd: int = -1) -> int:
     Injected by the freezing agent when ``pid`` is frozen, else by an agent that seizes one thread for it."""
     fr = active(pid)
     if fr is not None:
-        return fr.agent.userfaultfd()
+        return fr.agent.userfaultfd(pid)
     with Agent(pid, all_threads=False) as ag:
         return ag.userfaultfd()

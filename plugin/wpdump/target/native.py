@@ -33,3 +33,11 @@ def rseq_area(tid: int) -> tuple[int, int] | None:
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """fallocate(PUNCH_HOLE | KEEP_SIZE) of [offset, offset + length) of ``fd``."""
     check(lib.wpd_punch_hole(fd, offset, length), None, "fallocate(PUNCH_HOLE)")
+
+
+KCMP_VM = 1
+
+
+def same_mm(pid1: int, pid2: int) -> bool:
+    """Whether two processes share one address space (a vfork or CLONE_VM child and its parent): kcmp(KCMP_VM)."""
+    return check(lib.wpd_kcmp(pid1, pid2, KCMP_VM), pid2, "kcmp(KCMP_VM)") == 0

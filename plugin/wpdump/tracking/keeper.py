@@ -1,11 +1,12 @@
-"""The keeper: a small process per tracked pid that holds the userfaultfd between separate invocations.
+"""The keeper: a small process per tracked tree that holds its userfaultfds between separate invocations.
 
 ``wpdump pre-dump`` runs are separate commands (like CRIU's), but write tracking must go on between
-them. The keeper owns the userfaultfd and the tracker's exported state; an invocation checks both out
-over a unix socket (the fd travels with SCM_RIGHTS), harvests, writes its iteration, and checks them
-back in. A keeper exits when the target exits, on ``untrack``, or when an invocation that checked the
-tracker out disappears without checking it back in: its dirty information may be lost, so the next
-iteration must start tracking afresh (a full iteration). Closing the userfaultfd unprotects the target.
+them. The keeper of a tree (named by its root) owns one userfaultfd and the tracker's exported state per
+process of the tree; an invocation checks them all out over a unix socket (the fds travel with
+SCM_RIGHTS), harvests, writes its iteration, and checks the tree's new set of processes back in. A keeper
+exits when the root exits, on ``untrack``, or when an invocation that checked the trackers out
+disappears without checking them back in: their dirty information may be lost, so the next iteration
+must start tracking afresh (a full iteration). Closing a userfaultfd unprotects its process.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import signals
 from ..errors import NoSuchProcess, WpdumpError
@@ -100,11 +101,20 @@ def open_log(path: str) -> int:
 
 
 @dataclass
-class _Held:
+class Member:
+    """The tracker of one process of the tree, as the keeper holds it."""
+
     pid: int
     start_ticks: int
     uffd: int
-    state: bytes = b""
+    state: bytes
+
+
+@dataclass
+class _Held:
+    pid: int  # the root
+    start_ticks: int
+    members: list[Member] = field(default_factory=list)
     iteration: str = ""
     images_dir: str = ""
     since: float = 0.0
@@ -137,32 +147,60 @@ def _serve(held: _Held, listener: socket.socket, pidfd: int, path: str) -> str:
                 if c is held.holder:
                     return "the invocation that checked the tracker out ended without checking it in"
                 continue
-            for fd in fds:  # no request carries an fd
-                os.close(fd)
-            why = _handle(held, c, header, payload)
+            why = _handle(held, c, header, payload, fds)
             if why:
                 return why
 
 
-def _handle(held: _Held, c: socket.socket, header: dict, payload: bytes) -> str:
+def _members_of(header: dict, payload: bytes, fds: list[int]) -> list[Member] | None:
+    """The members a checkin sends (states cut from the payload), or None when it does not add up."""
+    rows = header.get("members")
+    if not isinstance(rows, list) or len(rows) != len(fds):
+        return None
+    out, pos = [], 0
+    for r, fd in zip(rows, fds, strict=True):
+        n = int(r["size"])
+        out.append(Member(int(r["pid"]), int(r["start_ticks"]), fd, payload[pos : pos + n]))
+        pos += n
+    return out if pos == len(payload) else None
+
+
+def _handle(held: _Held, c: socket.socket, header: dict, payload: bytes, fds: list[int]) -> str:
     op = header.get("op")
+    if op != "checkin":
+        for fd in fds:  # only a checkin carries fds
+            os.close(fd)
     if op == "status":
         send_msg(c, {
             "ok": True, "pid": held.pid, "start_ticks": held.start_ticks, "iteration": held.iteration,
             "images_dir": held.images_dir, "since": held.since, "checkins": held.checkins, "restores": held.restores,
             "busy": held.holder is not None, "keeper": os.getpid(),
+            "members": [[m.pid, m.start_ticks] for m in held.members],
         })
     elif op == "checkout":
         if held.holder is not None:
             send_msg(c, {"ok": False, "error": "the tracker is checked out by another invocation"})
         else:
             held.holder = c
-            send_msg(c, {"ok": True, "iteration": held.iteration}, held.state, (held.uffd,))
+            rows = [{"pid": m.pid, "start_ticks": m.start_ticks, "size": len(m.state)} for m in held.members]
+            send_msg(c, {"ok": True, "iteration": held.iteration, "members": rows},
+                     b"".join(m.state for m in held.members), tuple(m.uffd for m in held.members))
+    elif op == "giveback":  # the checkout changed nothing
+        if c is held.holder:
+            held.holder = None
+        send_msg(c, {"ok": True})
     elif op == "checkin":
-        if c is not held.holder and held.state:
-            send_msg(c, {"ok": False, "error": "checkin without checkout"})
+        members = _members_of(header, payload, fds)
+        if (c is not held.holder and held.members) or members is None:
+            for fd in fds:
+                os.close(fd)
+            send_msg(c, {"ok": False, "error": "checkin without checkout" if members is not None
+                         else "malformed checkin"})
             return ""
-        held.state, held.iteration = payload, header["iteration"]
+        for m in held.members:
+            os.close(m.uffd)
+        held.members = members
+        held.iteration = header["iteration"]
         held.images_dir, held.holder = header.get("images_dir", ""), None
         if header.get("kind") == "restore":
             held.restores += 1
@@ -182,14 +220,13 @@ def keeper_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="wpdump-keeper")
     p.add_argument("--pid", type=int, required=True)
     p.add_argument("--start-ticks", type=int, required=True)
-    p.add_argument("--uffd", type=int, required=True)
     p.add_argument("--ready", type=int, required=True)
     a = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, signals.ENDING)  # spawned with them held (see spawn): SIGTERM ends it
     path = socket_path(a.pid, a.start_ticks)
-    held = _Held(a.pid, a.start_ticks, a.uffd, since=time.time())
+    held = _Held(a.pid, a.start_ticks, since=time.time())
     try:
         pidfd = os.pidfd_open(a.pid)
     except OSError as e:
@@ -212,7 +249,8 @@ def keeper_main(argv: list[str] | None = None) -> int:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        os.close(held.uffd)  # the kernel drops every write-protection: the target runs on unprotected
+        for m in held.members:
+            os.close(m.uffd)  # the kernel drops every write-protection: the process runs on unprotected
         print(f"{time.strftime('%F %T')} keeper of pid {a.pid} exits: {why}", file=sys.stderr, flush=True)
     # a clean exit leaves nothing behind (an exception above leaves its traceback in the log)
     with contextlib.suppress(OSError):
@@ -281,9 +319,9 @@ class Keeper:
     def close(self) -> None:
         self.sock.close()
 
-    def _request(self, header: dict, payload: bytes = b"") -> tuple[dict, bytes, list]:
+    def _request(self, header: dict, payload: bytes = b"", fds: tuple[int, ...] = ()) -> tuple[dict, bytes, list]:
         try:
-            send_msg(self.sock, header, payload)
+            send_msg(self.sock, header, payload, fds)
             reply, data, rfds = recv_msg(self.sock)
         except (EOFError, OSError) as e:
             raise KeeperError(f"keeper of pid {self.pid} went away", pid=self.pid, errno=errno.EPIPE) from e
@@ -296,16 +334,26 @@ class Keeper:
     def status(self) -> dict:
         return self._request({"op": "status"})[0]
 
-    def checkout(self) -> tuple[str, int, bytes]:
-        """Take the tracker: (iteration it last wrote, a dup of the userfaultfd, exported state)."""
+    def checkout(self) -> tuple[str, list[Member]]:
+        """Take the trackers: (iteration they last wrote, one Member per process with a dup of its userfaultfd)."""
         reply, state, fds = self._request({"op": "checkout"})
-        if len(fds) != 1:
-            raise KeeperError(f"keeper of pid {self.pid} sent no userfaultfd", pid=self.pid, errno=errno.EPROTO)
-        return reply["iteration"], fds[0], state
+        members = _members_of(reply, state, fds)
+        if members is None:
+            for fd in fds:
+                os.close(fd)
+            raise KeeperError(f"keeper of pid {self.pid} sent a malformed checkout", pid=self.pid, errno=errno.EPROTO)
+        return reply["iteration"], members
 
-    def checkin(self, state: bytes, iteration: str, images_dir: str, kind: str = "iteration") -> None:
-        """Give the tracker back; ``kind`` "restore" (restore-memory) is not counted as an iteration."""
-        self._request({"op": "checkin", "iteration": iteration, "images_dir": images_dir, "kind": kind}, state)
+    def giveback(self) -> None:
+        """Give back what :meth:`checkout` took, unchanged (tracking goes on as before)."""
+        self._request({"op": "giveback"})
+
+    def checkin(self, members: list[Member], iteration: str, images_dir: str, kind: str = "iteration") -> None:
+        """Give the trackers of the tree's processes back; ``kind`` "restore" (restore-memory) is not counted as
+        an iteration."""
+        rows = [{"pid": m.pid, "start_ticks": m.start_ticks, "size": len(m.state)} for m in members]
+        self._request({"op": "checkin", "iteration": iteration, "images_dir": images_dir, "kind": kind,
+                       "members": rows}, b"".join(m.state for m in members), tuple(m.uffd for m in members))
 
     def untrack(self) -> None:
         """End tracking: the keeper closes the userfaultfd (the target runs unprotected) and exits."""
@@ -320,8 +368,8 @@ class Keeper:
             pass
 
 
-def spawn(pid: int, start_ticks: int, uffd_fd: int, state: bytes, iteration: str, images_dir: str) -> Keeper:
-    """Start a keeper for ``pid`` holding a dup of ``uffd_fd`` and check ``state`` in. Call under pid_lock."""
+def spawn(pid: int, start_ticks: int, members: list[Member], iteration: str, images_dir: str) -> Keeper:
+    """Start a keeper for the tree rooted at ``pid`` and check ``members`` in. Call under pid_lock."""
     r, w = os.pipe()
     log_path = _path(pid, ".log", start_ticks)
     try:
@@ -333,8 +381,8 @@ def spawn(pid: int, start_ticks: int, uffd_fd: int, state: bytes, iteration: str
         with signals.held():  # a Ctrl-C in an at-fork handler (logging's) would be swallowed as "Exception ignored"
             proc = subprocess.Popen(
                 [sys.executable, "-m", "wpdump.tracking.keeper", "--pid", str(pid), "--start-ticks",
-                 str(start_ticks), "--uffd", str(uffd_fd), "--ready", str(w)],
-                pass_fds=(uffd_fd, w), start_new_session=True, stdin=subprocess.DEVNULL, stdout=logfd, stderr=logfd,
+                 str(start_ticks), "--ready", str(w)],
+                pass_fds=(w,), start_new_session=True, stdin=subprocess.DEVNULL, stdout=logfd, stderr=logfd,
             )
     finally:
         os.close(logfd)
@@ -352,7 +400,7 @@ def spawn(pid: int, start_ticks: int, uffd_fd: int, state: bytes, iteration: str
     k = Keeper.connect(pid)
     if k is None:
         raise KeeperError(f"keeper of pid {pid} did not start: see {log_path}", pid=pid, errno=errno.ECHILD)
-    k.checkin(state, iteration, images_dir)
+    k.checkin(members, iteration, images_dir)
     return k
 
 

@@ -1,5 +1,5 @@
-"""The keeper session, used by every command that works with a pid's tracker: check the tracker out of the
-pid's keeper and adopt it, then check it back in (tracking goes on) or end tracking.
+"""The keeper session, used by every command that works with a tree's trackers: check them out of the
+tree's keeper and adopt them, then check them back in (tracking goes on) or end tracking.
 
 A checkout without a check-in makes the keeper end tracking when the connection closes, so a command that
 dies never leaves a keeper holding a dirty set someone consumed.
@@ -8,10 +8,12 @@ dies never leaves a keeper holding a dirty set someone consumed.
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from .. import signals
-from ..errors import TargetExeced
+from ..errors import NoSuchProcess, TargetExeced, WpdumpError
+from ..target.tree import Member
 from . import keeper
 from .tracker import Harvest, Tracker
 
@@ -21,12 +23,12 @@ if TYPE_CHECKING:  # the iteration's parent; tracking itself does not read image
 log = logging.getLogger("wpdump.session")
 
 class KeeperSession:
-    """A connection to the keeper of ``pid``: :meth:`take` checks its tracker out and adopts it."""
+    """A connection to the keeper of the tree rooted at ``pid``: :meth:`take` checks its trackers out."""
 
     def __init__(self, pid: int, k: keeper.Keeper) -> None:
         self.pid, self.keeper = pid, k
-        self.tracker: Tracker | None = None
-        self.checked_out: tuple[bytes, str] | None = None  # (state, iteration) as the keeper gave them
+        self.trackers: dict[str, Tracker] = {}  # adopted, keyed PID-STARTTICKS
+        self.checked_out: str | None = None  # the iteration the keeper tracked since, while checked out
 
     @classmethod
     def connect(cls, pid: int) -> KeeperSession | None:
@@ -37,18 +39,32 @@ class KeeperSession:
     def status(self) -> dict:
         return self.keeper.status()
 
-    def take(self) -> Tracker:
-        """Check the tracker out and adopt it. Ctrl-C is held back until what was taken is recorded in
-        ``checked_out`` (so that a caller's cleanup can check it back in)."""
+    def take(self) -> dict[str, Tracker]:
+        """Check the trackers out and adopt them, keyed PID-STARTTICKS; a process that is gone (or whose pid now
+        names another) is left out. Ctrl-C is held back until the checkout is recorded in ``checked_out`` (so
+        that a caller's cleanup can give it back)."""
         with signals.held():
-            it_id, fd, state = self.keeper.checkout()
-            self.checked_out = (state, it_id)
-        self.tracker = Tracker.adopt(self.pid, fd, state)  # owns fd from here, on error too
-        return self.tracker
+            it_id, members = self.keeper.checkout()
+            self.checked_out = it_id
+        for i, m in enumerate(members):
+            try:
+                self.trackers[f"{m.pid}-{m.start_ticks}"] = Tracker.adopt(m.pid, m.uffd, m.state)  # owns the fd
+            except NoSuchProcess:
+                continue
+            except BaseException:
+                for rest in members[i + 1 :]:
+                    os.close(rest.uffd)
+                raise
+        return self.trackers
 
-    def checkin(self, state: bytes, iteration: str, images_dir: str, kind: str = "iteration") -> None:
-        """Give the tracker back with ``state``: tracking goes on."""
-        self.keeper.checkin(state, iteration, images_dir, kind=kind)
+    def giveback(self) -> None:
+        """Give the checkout back unchanged: tracking goes on as before it."""
+        self.keeper.giveback()
+        self.checked_out = None
+
+    def checkin(self, trackers: list[Tracker], iteration: str, images_dir: str, kind: str = "iteration") -> None:
+        """Give ``trackers`` (the tree's processes now) back: tracking goes on."""
+        self.keeper.checkin(_members(trackers), iteration, images_dir, kind=kind)
         self.checked_out = None
 
     def untrack(self, quiet: bool = False) -> None:
@@ -60,11 +76,11 @@ class KeeperSession:
                 raise
 
     def close(self) -> None:
-        """Close the tracker and the connection (a checkout not checked in: the keeper ends tracking)."""
+        """Close the trackers and the connection (a checkout not checked in: the keeper ends tracking)."""
         try:
-            if self.tracker is not None:
-                self.tracker.close()
-                self.tracker = None
+            for tr in self.trackers.values():
+                tr.close()
+            self.trackers = {}
         finally:
             self.keeper.close()
 
@@ -75,21 +91,26 @@ class KeeperSession:
         self.close()
 
 
+def _members(trackers: list[Tracker]) -> list[keeper.Member]:
+    return [keeper.Member(t.pid, t.start_ticks, t.uffd_fd, t.export_state()) for t in trackers]
+
+
 class Tracking:
-    """The tracker for one iteration: taken from the pid's keeper when it has tracked since the parent,
-    else attached afresh (a full iteration). Handed back to a keeper when the iteration is complete."""
+    """The trackers of a tree for one iteration: taken from the tree's keeper when it has tracked since the
+    parent, else attached afresh per process (a full iteration of that process). Handed back to a keeper when
+    the iteration is complete."""
 
     def __init__(
-        self, pid: int, start_ticks: int, parent: Iteration | None, warnings: list[str],
+        self, root: int, start_ticks: int, parent: Iteration | None, warnings: list[str],
         allow_userfaultfd_target: bool = False,
     ) -> None:
-        self.pid, self.start_ticks, self.warnings = pid, start_ticks, warnings
+        self.pid, self.start_ticks, self.warnings = root, start_ticks, warnings
         self.allow_userfaultfd_target = allow_userfaultfd_target
-        self.tracker: Tracker | None = None
-        self.fresh = False
+        self.trackers: dict[str, Tracker] = {}
+        self.fresh: set[str] = set()
         self.harvested = False  # once a harvest began, the dirty information since the parent is this run's
         self.since = ""  # the images directory the keeper tracked since
-        self.session = KeeperSession.connect(pid)
+        self.session = KeeperSession.connect(root)
         status = None
         if self.session is not None:
             try:
@@ -99,25 +120,26 @@ class Tracking:
         if self.session is not None and status is not None:
             if parent is not None and parent.iteration_id and parent.iteration_id == status["iteration"]:
                 self._take(status)
-                log.info("pid %d: tracking taken over from its keeper (tracked since %s)", pid, status["images_dir"])
+                log.info("pid %d: tracking taken over from its keeper (tracked since %s)", root, status["images_dir"])
             else:
                 if parent is not None:
                     self._warn(
-                        f"pid {pid} has been tracked since {status['images_dir'] or 'another iteration'}, not since "
+                        f"pid {root} has been tracked since {status['images_dir'] or 'another iteration'}, not since "
                         f"the parent {parent.path}: writing a full iteration"
                     )
                 self._drop_keeper(untrack=True)
         elif parent is not None:
-            self._warn(f"pid {pid} is not tracked since the parent {parent.path} (no keeper): writing a full iteration")
+            self._warn(f"pid {root} is not tracked since the parent {parent.path} (no keeper): writing a full "
+                       "iteration")
 
     def _take(self, status: dict) -> None:
-        """Check the tracker out of the keeper; an interrupt or failure after that hands it back (abandon), so
-        tracking never ends by accident."""
+        """Check the trackers out of the keeper; an interrupt or failure after that gives them back, so tracking
+        never ends by accident."""
         assert self.session is not None
         self.since = status["images_dir"]
         try:
-            self.tracker = self.session.take()
-            self.session.tracker = None  # closed by this object
+            self.trackers = self.session.take()
+            self.session.trackers = {}  # closed by this object
         except BaseException:
             self.abandon()
             raise
@@ -134,60 +156,63 @@ class Tracking:
         self.session.close()
         self.session = None
 
-    @property
-    def incremental(self) -> bool:
-        return not self.fresh
+    def incremental(self, m: Member) -> bool:
+        """Whether ``m``'s harvest held only what it wrote since the parent (not a fresh attach)."""
+        return m.key in self.trackers and m.key not in self.fresh
 
-    def harvest(self) -> Harvest:
-        """The pages written since the parent (incremental), or all content after a fresh attach."""
+    def harvest(self, m: Member) -> Harvest:
+        """The pages ``m`` wrote since the parent (incremental), or all its content after a fresh attach."""
         self.harvested = True
-        if self.tracker is not None:
+        tr = self.trackers.get(m.key)
+        if tr is not None:
             try:
-                return self.tracker.harvest()
+                return tr.harvest()
             except TargetExeced as e:
-                self._warn(f"{e}: tracking again from scratch, writing a full iteration")
-                self.tracker.close()
-                self.tracker = None
-                self._drop_keeper(untrack=True)
-        log.info("pid %d: attaching (a full iteration)", self.pid)
-        self.tracker = Tracker(self.pid, allow_userfaultfd_target=self.allow_userfaultfd_target)
-        self.fresh = True
-        return self.tracker.initial
+                self._warn(f"{e}: tracking it again from scratch, writing it in full")
+                tr.close()
+                del self.trackers[m.key]
+        log.info("pid %d: attaching (a full iteration of it)", m.pid)
+        tr = Tracker(m.pid, allow_userfaultfd_target=self.allow_userfaultfd_target)
+        self.trackers[m.key] = tr
+        self.fresh.add(m.key)
+        return tr.initial
 
-    def hand_back(self, iteration: str, images_dir: str, keep: bool) -> None:
-        """After a complete iteration: give the tracker to the keeper (or start one), or end tracking."""
-        tr = self.tracker
-        assert tr is not None
+    def _close(self) -> None:
+        for tr in self.trackers.values():
+            tr.close()
+        self.trackers = {}
+
+    def hand_back(self, members: list[Member], iteration: str, images_dir: str, keep: bool) -> None:
+        """After a complete iteration of ``members``: give their trackers to the keeper (or start one), or end
+        tracking. Trackers of processes that left the tree are closed."""
         try:
             if not keep:
                 self._drop_keeper(untrack=True)
                 log.info("pid %d: tracking ends", self.pid)
                 return
-            state = tr.export_state()
+            trs = [self.trackers[m.key] for m in members if m.key in self.trackers]
             if self.session is not None:
-                self.session.checkin(state, iteration, images_dir)
+                self.session.checkin(trs, iteration, images_dir)
                 self._drop_keeper(untrack=False)
             else:
-                keeper.spawn(self.pid, self.start_ticks, tr.uffd_fd, state, iteration, images_dir).close()
+                keeper.spawn(self.pid, self.start_ticks, _members(trs), iteration, images_dir).close()
         finally:
-            tr.close()
+            self._close()
 
     def abandon(self) -> None:
-        """After a failure or an interrupt: before any harvest the keeper gets its tracker back unchanged (tracking
-        goes on); after one the dirty information since the parent is gone, so tracking ends (the keeper is told,
-        not left to notice, so that the state is settled when the command reports it)."""
-        if self.tracker is not None:
-            self.tracker.close()
+        """After a failure or an interrupt: before any harvest the keeper gets its trackers back unchanged
+        (tracking goes on); after one the dirty information since the parent is gone, so tracking ends (the
+        keeper is told, not left to notice, so that the state is settled when the command reports it)."""
+        self._close()
         if self.session is None:
             return
         if not self.harvested and self.session.checked_out is not None:
-            state, it_id = self.session.checked_out
             try:
-                self.session.checkin(state, it_id, self.since)
+                self.session.giveback()
                 log.info("pid %d: nothing harvested: the keeper tracks on since %s", self.pid, self.since)
                 self._drop_keeper(untrack=False)
                 return
-            except keeper.KeeperError:
+            except (keeper.KeeperError, WpdumpError):
                 pass
         log.info("pid %d: tracking ends with the failed iteration", self.pid)
         self._drop_keeper(untrack=True)
