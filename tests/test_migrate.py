@@ -233,7 +233,7 @@ def test_migrate_without_lazy_pages_json_and_lxd_policy(hosts, workload, tmp_pat
     try:
         assert s["pid"] == w.pid and len(s["iterations"]) <= 3 and s["bytes"] >= 16 << 20
         assert s["downtime_s"] >= s["criu_dump_s"] > 0 and s["restore_s"] > 0
-        assert "wpdump criu-hook" in s["hook"], s["hook"]
+        assert "now in the parent" in s["hook"], s["hook"]  # the hook rewrote CRIU's final dump onto the chain
         w.proc.wait(timeout=30)
         w.runs_on(s["restored_pid"])
     finally:
@@ -298,7 +298,7 @@ def test_criu_page_server_receives_our_pre_dump_as_wpdump_serve_stores_it(hosts,
             cps.kill()
             cps.wait()
     ours = store_with_wpdump_receiver(local / "1", tmp_path / "dst")
-    name = f"pagemap-{w.pid}.img"
+    name = "pagemap-1.img"  # the workload is its pid namespace's init: CRIU's and wpdump's name for it
     criu_id, criu_entries = crit_pagemap(criu_dir / name)
     our_id, our_entries = crit_pagemap(ours / name)
     local_id, local_entries = crit_pagemap(local / "1" / name)

@@ -24,13 +24,13 @@ import numpy as np
 from .. import ranges
 from ..errors import MigrationError, WpdumpError
 from ..images import format as images
-from ..images.chain import load_chain, read_image_file, read_pages, same_process
+from ..images.chain import load_chain, member_meta, read_image_file, read_meta, read_pages, same_process
 from ..ranges import PAGE, page_addrs
 from ..target.memory import Reader, aligned_buffer
 from ..target.process import check_alive
+from ..target.tree import read_tree
 from ..tracking.session import KeeperSession
 from . import pageserver as ps
-from . import tree
 from .serve import find_tool, last_error
 
 BATCH = 64 << 20  # bytes read from the frozen process at a time
@@ -56,44 +56,52 @@ class LazyResult:
     note: str = ""
 
 
-def vpid(pid: int) -> int:
-    """The pid of ``pid`` inside its own (innermost) pid namespace: the name CRIU gives its pagemap."""
-    with open(f"/proc/{pid}/status") as f:
-        for ln in f:
-            if ln.startswith("NSpid:"):
-                return int(ln.split()[-1])
-    return pid
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _unchanged(root: int) -> tuple[np.ndarray, str]:
-    """Page ranges of ``root`` unchanged since the chain's top (tree frozen), and a note; tracking ends.
-    Empty ranges (fetch everything) when the chain cannot be vouched for."""
+def _unchanged(root: int, top_want: str) -> tuple[dict[int, np.ndarray], list[str]]:
+    """Per vpid, the pages unchanged since the chain's top ``top_want`` of every process of the tree wpdump tracked
+    since (the tree is frozen), checked on a sample against the frozen tree; notes on what is read whole.
+    Tracking ends."""
     st = check_alive(root)
     ks = KeeperSession.connect(root)
     if ks is None:
-        return ranges.EMPTY, f"pid {root} is not tracked: every lazy page fetched"
+        return {}, [f"pid {root} is not tracked"]
+    out: dict[int, tuple[np.ndarray, list, int]] = {}
+    notes: list[str] = []
     with ks:
         status = ks.status()
         top_dir = status.get("images_dir") or ""
-        if not top_dir or not os.path.isdir(top_dir):
-            return ranges.EMPTY, f"the last iteration {top_dir!r} is gone: every lazy page fetched"
-        chain = load_chain(top_dir, root)
-        meta = chain[0].meta or {}
-        if meta.get("iteration") != status.get("iteration") or not same_process(meta, st.start_ticks):
-            return ranges.EMPTY, f"{top_dir} is not the iteration tracked since: every lazy page fetched"
-        h = ks.take().harvest()
+        if not top_dir or os.path.realpath(top_dir) != os.path.realpath(top_want):
+            return {}, [f"the keeper's last iteration {top_dir!r} is not {top_want}"]
+        meta = read_meta(top_dir) or {}
+        root_meta = member_meta(meta, meta.get("vpid", root)) or {}
+        if meta.get("iteration") != status.get("iteration") or not same_process(root_meta, st.start_ticks):
+            return {}, [f"{top_dir} is not the iteration tracked since"]
+        by_process = {(int(p["pid"]), int(p["start_ticks"])): int(v) for v, p in meta.get("processes", {}).items()}
+        if "processes" not in meta:  # an iteration of one process (format 1)
+            by_process = {(root, st.start_ticks): int(meta.get("pid", root))}
+        for tr in ks.take().values():
+            vpid = by_process.get((tr.pid, tr.start_ticks))
+            if vpid is None:
+                continue  # appeared after the last iteration: read whole
+            try:
+                chain = load_chain(top_dir, vpid)
+                out[vpid] = (tr.harvest().unchanged(chain[0].ranges()), chain, tr.pid)
+            except WpdumpError as e:
+                notes.append(f"vpid {vpid}: {e}")
         ks.untrack()
-        unchanged = h.unchanged(chain[0].ranges())
-    bad = _sample_differs(root, chain, unchanged)
-    if bad is not None:
-        return ranges.EMPTY, f"the chain's page {bad:#x} differs from the frozen tree: every lazy page read"
-    return unchanged, ""
+    unchanged: dict[int, np.ndarray] = {}
+    for vpid, (r, chain, host) in out.items():
+        bad = _sample_differs(host, chain, r)
+        if bad is None:
+            unchanged[vpid] = r
+        else:
+            notes.append(f"vpid {vpid}: the chain's page {bad:#x} differs from the frozen tree")
+    return unchanged, notes
 
 
 def _sample_differs(pid: int, chain: list, unchanged: np.ndarray) -> int | None:
@@ -200,13 +208,14 @@ def final_dump(criu: str, root: int, final: str, log_path: str, staging: str, pa
                 time.sleep(0.002)
         res.dump_s = time.perf_counter() - t0
         t1 = time.perf_counter()
+        top = os.path.normpath(os.path.join(final, parent)) if parent else ""
         try:
-            unchanged, res.note = _unchanged(root)
+            unchanged, notes = _unchanged(root, top) if parent else ({}, ["no pre-dump"])
         except WpdumpError as e:
-            unchanged, res.note = ranges.EMPTY, f"tracking lost ({e}): every lazy page fetched"
+            unchanged, notes = {}, [f"tracking lost ({e})"]
         res.harvest_s = time.perf_counter() - t1
         t2 = time.perf_counter()
-        hosts = {vpid(p): p for p in tree.pids(root)}
+        hosts = {m.vpid: m.pid for m in read_tree(root)}
         for name in sorted(os.listdir(final)):
             dst_id = ps.dst_id_of(name)
             if dst_id is None:
@@ -217,7 +226,10 @@ def final_dump(criu: str, root: int, final: str, log_path: str, staging: str, pa
             if ident not in hosts:
                 raise MigrationError(f"{name}: no process of the tree has pid {ident} in its namespace",
                                      pid=root, errno=errno.ESRCH)
-            _rewrite(final, name, hosts[ident], unchanged if hosts[ident] == root and parent else ranges.EMPTY, res)
+            if ident not in unchanged and not notes:
+                notes.append(f"vpid {ident} not tracked since the last pre-dump")
+            _rewrite(final, name, hosts[ident], unchanged.get(ident, ranges.EMPTY), res)
+        res.note = "; ".join(notes)
         if res.pages_parent:
             if parent is None:
                 raise MigrationError("PE_PARENT pages without a parent iteration", pid=root, errno=errno.EINVAL)

@@ -74,10 +74,9 @@ class Summary:
         return {**asdict(self), "bytes": self.bytes}
 
 
-def send_iteration(sk: socket.socket, path: str, n: int, final: bool, rename: dict[int, int] | None = None) -> Sent:
+def send_iteration(sk: socket.socket, path: str, n: int, final: bool) -> Sent:
     """One images directory: its pagemaps as page-server IOVs (pages from the pages files), then every other
-    regular file as a FILE frame, then COMMIT. ``rename`` maps host pids to the pids CRIU names the pagemaps by
-    (inside the tree's pid namespace), so that the final dump's PE_PARENT entries find their parent's pagemap."""
+    regular file as a FILE frame, then COMMIT."""
     sent = Sent(n, "dump" if final else "pre-dump")
     t0 = time.perf_counter()
     parent = n - 1 if os.path.islink(os.path.join(path, "parent")) else 0
@@ -87,9 +86,6 @@ def send_iteration(sk: socket.socket, path: str, n: int, final: bool, rename: di
         dst_id = ps.dst_id_of(name)
         if dst_id is None:
             continue
-        kind, ident = ps.decode_dst_id(dst_id)
-        if kind == ps.PS_TYPE_PID and rename and ident in rename:
-            dst_id = ps.encode_dst_id(kind, rename[ident])
         pages_id, entries = images.decode_pagemap(read_image_file(path, name), os.path.join(path, name))
         pages_path = os.path.join(path, images.pages_file_name(pages_id))
         fd = os.open(pages_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -162,14 +158,13 @@ def migrate(
     sk: socket.socket | None = None
     try:
         sk = connect(address, port, timeout)
-        rename = {pid: lazy.vpid(pid)}
         history, sent = [], []
         reason = None
         while reason is None:
             n = len(history) + 1
             res = iteration.pre_dump(pid, os.path.join(local, str(n)), f"../{n - 1}" if history else None)
             history.append(res)
-            s = send_iteration(sk, os.path.join(local, str(n)), n, final=False, rename=rename)
+            s = send_iteration(sk, os.path.join(local, str(n)), n, final=False)
             s.dump_s = res.total_s
             sent.append(s)
             reason = policy.stop_reason(history)
@@ -193,7 +188,7 @@ def migrate(
             rewrite_s = float(m.group(3)) / 1e3 if m else 0.0
         out(f"wpdump migrate: final dump: {hook or 'no hook output'}")
         stopped = sorted(set(members) | set(tree.pids(pid)))
-        s = send_iteration(sk, final, n, final=True, rename=rename)
+        s = send_iteration(sk, final, n, final=True)
         s.dump_s = dump_s
         sent.append(s)
         ps.send_iov(sk, wp.WP_RESTORE)

@@ -6,24 +6,16 @@ import contextlib
 import os
 import signal
 
+from ..errors import NoSuchProcess
+from ..target.tree import read_tree
+
 
 def pids(root: int) -> list[int]:
-    """``root`` and its descendants (through /proc/PID/task/TID/children), root first."""
-    out, todo, seen = [], [root], set()
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        out.append(p)
-        try:
-            tids = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for t in tids:
-            with contextlib.suppress(OSError), open(f"/proc/{p}/task/{t}/children") as f:
-                todo.extend(int(c) for c in f.read().split())
-    return out
+    """``root`` and its descendants (host pids), root first."""
+    try:
+        return [m.pid for m in read_tree(root)]
+    except NoSuchProcess:
+        return []
 
 
 def resume(tree: list[int]) -> list[str]:
