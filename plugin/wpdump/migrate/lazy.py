@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shlex
 import socket
 import subprocess
 import time
@@ -31,22 +30,14 @@ from ..target.process import check_alive
 from ..target.tree import read_tree
 from ..tracking.session import KeeperSession
 from . import pageserver as ps
-from .serve import find_tool, last_error
+from .serve import last_error
 
 BATCH = 64 << 20  # bytes read from the frozen process at a time
 SAMPLE_PAGES = 256  # PE_PARENT pages compared byte for byte between the frozen tree and the chain
-# CRIU execs its action script at every step, post-dump inside the frozen window: a shell that exits at once
-# unless the step is pre-dump (then the hook takes the markers off empty pages, docs/kernel.md rule 17). The hook's
-# post-dump rewrite is not wanted: the pages are still in CRIU's pipes, and tracking must live on until we harvest.
-SCRIPT = """#!/bin/sh
-[ "$CRTOOLS_SCRIPT_ACTION" = pre-dump ] || exit 0
-exec {hook}
-"""
-
-
 @dataclass
 class LazyResult:
-    dump_s: float = 0.0  # criu's dump phase (freeze to page server up)
+    dump_s: float = 0.0  # criu's dump phase (start to page server up)
+    page_server_at: float = 0.0  # time.time() when the dump phase was over
     harvest_s: float = 0.0
     fetch_s: float = 0.0  # reading the dirty pages, rewriting the pagemap
     finish_s: float = 0.0  # CRIU's end after its page server is closed
@@ -181,18 +172,15 @@ def _rewrite(final: str, name: str, pid: int, parent_ok: np.ndarray, res: LazyRe
     os.unlink(old_path)
 
 
-def final_dump(criu: str, root: int, final: str, log_path: str, staging: str, parent: str | None) -> LazyResult:
-    """``criu dump --lazy-pages --leave-stopped`` of the tree at ``root`` into ``final``, only the dirty lazy pages
-    fetched; ``parent`` (the last pre-dump, relative to ``final``) becomes the ``parent`` link when pages stay there.
-    CRIU exits after we close its page server; the tree is then left stopped. On an error CRIU is
-    killed, which leaves the tree running (docs/kernel.md, CRIU and test hosts)."""
+def final_dump(criu: str, root: int, final: str, log_path: str, script: str, parent: str | None) -> LazyResult:
+    """``criu dump --lazy-pages --leave-stopped`` of the tree at ``root`` into ``final`` (``script``: the action
+    script, action.write without the rewrite), only the dirty lazy pages read; ``parent`` (the last pre-dump,
+    relative to ``final``) becomes the ``parent`` link when pages stay there. CRIU exits after we close its page
+    server; the tree is then left stopped. On an error CRIU is killed, which leaves the tree running
+    (docs/kernel.md, CRIU and test hosts)."""
     res = LazyResult()
-    script = os.path.join(staging, "lazy-action")
-    with open(script, "w") as f:
-        f.write(SCRIPT.format(hook=shlex.quote(find_tool("wpdump-criu-hook"))))
-    os.chmod(script, 0o700)
     port = _free_port()
-    t0 = time.perf_counter()
+    t0 = time.time()
     p = subprocess.Popen([criu, "dump", "-t", str(root), "-D", final, "-o", log_path, "-v4", "--leave-stopped",
                           "--lazy-pages", "--address", "127.0.0.1", "--port", str(port), "--action-script", script],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -206,7 +194,8 @@ def final_dump(criu: str, root: int, final: str, log_path: str, staging: str, pa
                     raise MigrationError(f"criu dump --lazy-pages failed (exit {p.returncode}): "
                                          f"{last_error(log_path)}", pid=root, errno=errno.EIO) from None
                 time.sleep(0.002)
-        res.dump_s = time.perf_counter() - t0
+        res.page_server_at = time.time()
+        res.dump_s = res.page_server_at - t0
         t1 = time.perf_counter()
         top = os.path.normpath(os.path.join(final, parent)) if parent else ""
         try:

@@ -23,7 +23,7 @@ from ..dump.convergence import Convergence, PHaulPolicy
 from ..errors import MigrationError, WpdumpError
 from ..images import format as images
 from ..images.chain import read_image_file
-from . import lazy, tree
+from . import action, lazy, tree
 from . import pageserver as ps
 from . import protocol as wp
 from .serve import find_tool, last_error
@@ -130,10 +130,11 @@ def connect(address: str, port: int, timeout: float) -> socket.socket:
     return sk
 
 
-def criu_dump(root: int, final: str, log_path: str) -> tuple[float, str]:
-    """``criu dump --leave-stopped`` with wpdump's hook; returns its seconds and the hook's line from the log."""
+def criu_dump(root: int, final: str, log_path: str, script: str | None) -> tuple[float, str]:
+    """``criu dump --leave-stopped`` (``script``: the action script, action.write); returns its seconds and the
+    hook's line from the log."""
     cmd = [find_tool("criu"), "dump", "-t", str(root), "-D", final, "-o", log_path, "-v4", "--leave-stopped",
-           "--action-script", find_tool("wpdump-criu-hook")]
+           *(["--action-script", script] if script else [])]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                        timeout=DUMP_TIMEOUT)
@@ -174,18 +175,21 @@ def migrate(
         final = os.path.join(local, str(n))
         os.mkdir(final, 0o700)
         members = tree.pids(pid)
-        t_freeze = time.perf_counter()
+        script, stamp = action.write(local, find_tool("wpdump-criu-hook"), rewrite=not lazy_pages)
+        t_start_dump = time.time()
         stopped = members  # from here on, a failure resumes those CRIU left stopped (a failed dump resumes them)
-        rewrite_s = 0.0
         if lazy_pages:
-            lz = lazy.final_dump(find_tool("criu"), pid, final, os.path.join(local, "dump.log"), local, f"../{n - 1}")
-            dump_s, rewrite_s = lz.dump_s + lz.finish_s, lz.harvest_s + lz.fetch_s
+            lz = lazy.final_dump(find_tool("criu"), pid, final, os.path.join(local, "dump.log"), script, f"../{n - 1}")
+            t_freeze = action.frozen_at(stamp) or t_start_dump
+            dump_s, rewrite_s = lz.page_server_at - t_freeze + lz.finish_s, lz.harvest_s + lz.fetch_s
             hook = (f"lazy pages: {lz.pages_fetched} of {lz.pages_lazy} read from the frozen tree, {lz.pages_parent} "
                     f"in the parent" + (f" ({lz.note})" if lz.note else ""))
         else:
-            dump_s, hook = criu_dump(pid, final, os.path.join(local, "dump.log"))
+            _, hook = criu_dump(pid, final, os.path.join(local, "dump.log"), script)
+            t_freeze = action.frozen_at(stamp) or t_start_dump
             m = _HOOK_DONE.search(hook)
             rewrite_s = float(m.group(3)) / 1e3 if m else 0.0
+            dump_s = time.time() - t_freeze - rewrite_s
         out(f"wpdump migrate: final dump: {hook or 'no hook output'}")
         stopped = sorted(set(members) | set(tree.pids(pid)))
         s = send_iteration(sk, final, n, final=True)
@@ -193,13 +197,13 @@ def migrate(
         sent.append(s)
         ps.send_iov(sk, wp.WP_RESTORE)
         answer = json.loads(wp.recv_reply(sk, "RESTORE"))
-        t_done = time.perf_counter()
+        t_done, t_done_wall = time.perf_counter(), time.time()
         stopped = []  # the destination runs the tree now: the source must not resume
         tree.kill(pid)
         out(_line(s))
         summary = Summary(
             pid, int(answer["pid"]), str(answer.get("images_dir", "")), sent, reason, t_done - t_start,
-            t_done - t_freeze, dump_s, rewrite_s, s.send_s, float(answer["restore_s"]), hook,
+            t_done_wall - t_freeze, dump_s, rewrite_s, s.send_s, float(answer["restore_s"]), hook,
         )
         return summary
     except (WpdumpError, OSError, ValueError, KeyError, subprocess.TimeoutExpired) as e:
