@@ -470,7 +470,7 @@ def iov(cmd: int, nr: int = 0, vaddr: int = 0, dst: int = 0, flags: int = 0) -> 
     return ps.IOV.pack(ps.ps_cmd(cmd, flags), nr, vaddr, dst)
 
 
-PID1 = ps.encode_dst_id(ps.PS_TYPE_PID, 1)
+PID1, PID2 = ps.encode_dst_id(ps.PS_TYPE_PID, 1), ps.encode_dst_id(ps.PS_TYPE_PID, 2)
 
 
 @pytest.mark.parametrize("frames, want", [
@@ -506,15 +506,20 @@ def test_receiver_writes_what_it_was_sent(tmp_path):
 
     data = np.random.default_rng(1).integers(0, 256, 3 * PAGE, dtype=np.uint8).tobytes()
     frames = (iov(wp.WP_ITER, 0, 1) + iov(ps.PS_IOV_OPEN2, dst=PID1) + iov(ps.PS_IOV_ADD_F, 2, 0x10000, PID1, 4)
-              + data[:2 * PAGE] + iov(ps.PS_IOV_ADD_F, 1, 0x20000, PID1, 4) + data[2 * PAGE:] + iov(ps.PS_IOV_CLOSE)
-              + iov(wp.WP_FILE, 13, 5) + b"inventory.img" + b"hello" + iov(wp.WP_COMMIT))
+              + data[:2 * PAGE] + iov(ps.PS_IOV_ADD_F, 1, 0x20000, PID1, 4) + data[2 * PAGE:]
+              + iov(ps.PS_IOV_OPEN2, dst=PID2) + iov(ps.PS_IOV_ADD_F, 1, 0x10000, PID2, 4) + data[:PAGE]
+              + iov(ps.PS_IOV_CLOSE) + iov(wp.WP_FILE, 13, 5) + b"inventory.img" + b"hello" + iov(wp.WP_COMMIT))
     a, b = socket.socketpair()
     with a, b:
         a.sendall(frames)
         mig = Migration(str(tmp_path), 1 << 30)
         path = mig.receive_iteration(b, ps.recv_iov(b))
-        assert a.recv(1) == b"\0" and a.recv(4) == b"\0\0\0\0"  # OPEN2: no parent; CLOSE: status 0
+        assert a.recv(2) == b"\0\0" and a.recv(4) == b"\0\0\0\0"  # OPEN2 (twice): no parent; CLOSE: status 0
+    assert mig.received == 4 * PAGE + 5  # pages and files, each counted once (the bound on a migration's size)
     pid_, entries = images.decode_pagemap(read_image_file(path, "pagemap-1.img"), "pagemap-1.img")
     assert entries.tolist() == [(0x10000, 2, 4), (0x20000, 1, 4)]
     assert open(os.path.join(path, images.pages_file_name(pid_)), "rb").read() == data
     assert open(os.path.join(path, "inventory.img"), "rb").read() == b"hello"
+    pid_, entries = images.decode_pagemap(read_image_file(path, "pagemap-2.img"), "pagemap-2.img")
+    assert pid_ == 2 and entries.tolist() == [(0x10000, 1, 4)]
+    assert open(os.path.join(path, images.pages_file_name(2)), "rb").read() == data[:PAGE]

@@ -42,9 +42,9 @@ class _Pagemap:
         self.n += 1
         self.end = iov.vaddr + iov.nr_pages * PAGE
 
-    def finish(self, dfd: int, parent_dir: str | None) -> int:
+    def finish(self, dfd: int, parent_dir: str | None) -> None:
         """Write the pagemap; PE_PARENT entries must lie in the parent's pagemap of the same name (CRIU's restore
-        spins on one that does not: docs/kernel.md, CRIU and test hosts). Returns the pages received."""
+        spins on one that does not: docs/kernel.md, CRIU and test hosts)."""
         entries = self.entries[: self.n]
         holes = images.ranges_of(entries, images.PE_PARENT)
         if len(holes):
@@ -73,7 +73,6 @@ class _Pagemap:
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
-        return int(entries["nr_pages"][(entries["flags"] & images.PE_PRESENT) != 0].sum())
 
     def abandon(self) -> None:
         if self.fd >= 0:
@@ -124,7 +123,7 @@ class Migration:
                     if pagemaps > MAX_PAGEMAPS:
                         raise ProtocolError("too many pagemaps in one iteration", errno=errno.EPROTO)
                     if pm is not None:
-                        self.received += pm.finish(dfd, parent_dir) * PAGE
+                        pm.finish(dfd, parent_dir)
                     names.add(name)
                     pm = _Pagemap(dfd, name, pagemaps)
                     sk.sendall(b"\1" if parent_dir else b"\0")
