@@ -477,7 +477,7 @@ PID1, PID2 = ps.encode_dst_id(ps.PS_TYPE_PID, 1), ps.encode_dst_id(ps.PS_TYPE_PI
     (iov(wp.WP_ITER, 0, 2, 1), "bad iteration header"),  # iteration 2 first
     (iov(wp.WP_ITER, 0, 1) + iov(ps.PS_IOV_OPEN2, dst=(5 << 8) | 9), "bad page-server dst_id"),
     (iov(wp.WP_ITER, 0, 1) + iov(ps.PS_IOV_OPEN2, dst=PID1) + iov(ps.PS_IOV_ADD_F, 1, 0x1001, PID1, 4), "no user"),
-    (iov(wp.WP_ITER, 0, 1) + iov(ps.PS_IOV_OPEN2, dst=PID1) + iov(ps.PS_IOV_ADD_F, 1 << 30, 0x1000, PID1, 4),
+    (iov(wp.WP_ITER, 0, 1) + iov(ps.PS_IOV_OPEN2, dst=PID1) + iov(ps.PS_IOV_ADD_F, (1 << 18) + 1, 0x1000, PID1, 4),
      "PS_IOV_ADD_F of"),
     (iov(wp.WP_ITER, 0, 1) + iov(ps.PS_IOV_OPEN2, dst=PID1) + iov(ps.PS_IOV_ADD_F, 1, 0x1000, PID1, 6), "flags"),
     (iov(wp.WP_ITER, 0, 1) + iov(ps.PS_IOV_OPEN2, dst=PID1) + iov(ps.PS_IOV_ADD_F, 1, 1 << 57, PID1, 4), "no user"),
@@ -523,3 +523,37 @@ def test_receiver_writes_what_it_was_sent(tmp_path):
     pid_, entries = images.decode_pagemap(read_image_file(path, "pagemap-2.img"), "pagemap-2.img")
     assert pid_ == 2 and entries.tolist() == [(0x10000, 1, 4)]
     assert open(os.path.join(path, images.pages_file_name(2)), "rb").read() == data[:PAGE]
+
+
+def test_a_pagemap_entry_longer_than_a_header_allows_goes_as_several(tmp_path, monkeypatch):
+    """wpdump merges a whole VMA into one entry: one of 4 GiB + 4 KiB was refused by the receiver's bound."""
+    import threading
+
+    from wpdump.images.chain import read_image_file
+    from wpdump.migrate.receiver import Migration
+
+    monkeypatch.setattr(ps, "MAX_IOV_PAGES", 2)  # the bound, small: the same code path as 1 GiB
+    data = np.random.default_rng(2).integers(0, 256, 5 * PAGE, dtype=np.uint8).tobytes()
+    pages = tmp_path / "pages"
+    pages.write_bytes(data)
+    entries = np.array([(0x40000, 5, images.PE_PRESENT)], dtype=images.ENTRY_DTYPE)
+    a, b = socket.socketpair()
+    fd = os.open(pages, os.O_RDONLY)
+
+    def sender() -> None:
+        ps.send_iov(a, wp.WP_ITER, 0, 1)
+        ps.send_iov(a, ps.PS_IOV_OPEN2, dst_id=PID1)
+        ps.send_pagemap(a, PID1, entries, fd, str(pages))
+        a.sendall(iov(ps.PS_IOV_CLOSE) + iov(wp.WP_FILE, 13, 0) + b"inventory.img" + iov(wp.WP_COMMIT))
+
+    t = threading.Thread(target=sender)
+    t.start()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with a, b:
+        path = Migration(str(dest), 1 << 30).receive_iteration(b, ps.recv_iov(b))
+        t.join(30)
+    os.close(fd)
+    pages_id, got = images.decode_pagemap(read_image_file(path, "pagemap-1.img"), "pagemap-1.img")
+    assert got.tolist() == [(0x40000, 2, 4), (0x42000, 2, 4), (0x44000, 1, 4)]
+    assert open(os.path.join(path, images.pages_file_name(pages_id)), "rb").read() == data

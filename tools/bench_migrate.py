@@ -197,6 +197,7 @@ def main(argv: list[str]) -> int:
         for mib in (int(x) for x in args.sizes.split(",")):
             for method in args.methods.split(","):
                 rows.append(run_one(method, hosts, exe, work, mib, args.dirty, args.max_iterations))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # kept should a later run fail
     except (TimeoutError, RuntimeError, OSError, subprocess.TimeoutExpired) as e:
         print(f"bench migrate: {e}", file=sys.stderr)
         return 1

@@ -33,7 +33,7 @@ STATUS = struct.Struct("<i")
 
 MAX_ID = (1 << 31) - 1  # pids and shmem ids
 TASK_END = 1 << 57  # no user address reaches this (5-level paging)
-MAX_IOV_PAGES = 1 << 20  # 4 GiB in one header: CRIU sends at most a page pipe's worth
+MAX_IOV_PAGES = 1 << 18  # 1 GiB in one header (CRIU sends at most a page pipe's worth; the sender splits)
 
 
 def ps_cmd(cmd: int, flags: int = 0) -> int:
@@ -166,10 +166,13 @@ def send_pagemap(sk: socket.socket, dst_id: int, entries: np.ndarray, pages_fd: 
     for vaddr, nr, flags in zip(entries["vaddr"].tolist(), entries["nr_pages"].tolist(), entries["flags"].tolist(),
                                 strict=True):
         present = bool(flags & images.PE_PRESENT)
-        send_iov(sk, PS_IOV_ADD_F, nr, vaddr, dst_id, images.PE_PRESENT if present else images.PE_PARENT)
-        if present:
-            send_from_fd(sk, pages_fd, off, nr * PAGE, pages_path)
-            off += nr * PAGE
+        while nr:  # an entry longer than a header may say (wpdump merges whole VMAs) goes as several
+            k = min(nr, MAX_IOV_PAGES)
+            send_iov(sk, PS_IOV_ADD_F, k, vaddr, dst_id, images.PE_PRESENT if present else images.PE_PARENT)
+            if present:
+                send_from_fd(sk, pages_fd, off, k * PAGE, pages_path)
+                off += k * PAGE
+            nr, vaddr = nr - k, vaddr + k * PAGE
     return off
 
 

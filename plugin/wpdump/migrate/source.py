@@ -206,10 +206,12 @@ def migrate(
             t_done_wall - t_freeze, dump_s, rewrite_s, s.send_s, float(answer["restore_s"]), hook,
         )
         return summary
-    except (WpdumpError, OSError, ValueError, KeyError, subprocess.TimeoutExpired) as e:
+    except BaseException as e:  # Ctrl-C included: the source tree must not stay stopped
         notes = tree.resume(stopped) if stopped else []
         with contextlib.suppress(WpdumpError, OSError):
             iteration.untrack(pid)
+        if not isinstance(e, (WpdumpError, OSError, ValueError, KeyError, subprocess.TimeoutExpired)):
+            raise
         why = str(e) if isinstance(e, WpdumpError) else (getattr(e, "strerror", None) or str(e) or type(e).__name__)
         if isinstance(e, (socket.timeout, TimeoutError)):
             why = f"no answer from {address}:{port} within {timeout:.0f} s"
