@@ -476,6 +476,8 @@ PID1, PID2 = ps.encode_dst_id(ps.PS_TYPE_PID, 1), ps.encode_dst_id(ps.PS_TYPE_PI
 @pytest.mark.parametrize("frames, want", [
     (iov(wp.WP_ITER, 0, 2, 1), "bad iteration header"),  # iteration 2 first
     (iov(wp.WP_ITER, 0, 1) + iov(ps.PS_IOV_OPEN2, dst=(5 << 8) | 9), "bad page-server dst_id"),
+    (iov(wp.WP_ITER, 0, 1) + iov(ps.PS_IOV_OPEN2, dst=(1 << 40) | 1), "bad page-server dst_id"),  # no such pid
+    (iov(wp.WP_ITER, 0, 1) + iov(ps.PS_IOV_OPEN2, dst=0), "bad page-server dst_id"),
     (iov(wp.WP_ITER, 0, 1) + iov(ps.PS_IOV_OPEN2, dst=PID1) + iov(ps.PS_IOV_ADD_F, 1, 0x1001, PID1, 4), "no user"),
     (iov(wp.WP_ITER, 0, 1) + iov(ps.PS_IOV_OPEN2, dst=PID1) + iov(ps.PS_IOV_ADD_F, (1 << 18) + 1, 0x1000, PID1, 4),
      "PS_IOV_ADD_F of"),

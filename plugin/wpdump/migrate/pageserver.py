@@ -31,7 +31,8 @@ PS_CMD_BITS, PS_TYPE_BITS = 16, 8
 PS_TYPE_PID, PS_TYPE_SHMEM = 1, 2
 STATUS = struct.Struct("<i")
 
-MAX_ID = (1 << 31) - 1  # pids and shmem ids
+MAX_ID = (1 << 31) - 1  # pids
+MAX_SHMID = (1 << 56) - 1  # shmem ids are inode numbers (wpdump makes them unique with + k << 40); id << 8 fits u64
 TASK_END = 1 << 57  # no user address reaches this (5-level paging)
 MAX_IOV_PAGES = 1 << 18  # 1 GiB in one header (CRIU sends at most a page pipe's worth; the sender splits)
 
@@ -47,7 +48,7 @@ def encode_dst_id(kind: int, ident: int) -> int:
 def decode_dst_id(dst_id: int) -> tuple[int, int]:
     """(type, id) of a ``dst_id``; ProtocolError unless it names a task or shmem pagemap with a sane id."""
     kind, ident = dst_id & ((1 << PS_TYPE_BITS) - 1), dst_id >> PS_TYPE_BITS
-    if kind not in (PS_TYPE_PID, PS_TYPE_SHMEM) or not 0 < ident <= MAX_ID:
+    if kind not in (PS_TYPE_PID, PS_TYPE_SHMEM) or not 0 < ident <= (MAX_ID if kind == PS_TYPE_PID else MAX_SHMID):
         raise ProtocolError(f"bad page-server dst_id {dst_id:#x}", errno=errno.EPROTO)
     return kind, ident
 
@@ -61,7 +62,7 @@ def dst_id_of(name: str) -> int | None:
     for prefix, kind in (("pagemap-shmem-", PS_TYPE_SHMEM), ("pagemap-", PS_TYPE_PID)):
         if name.startswith(prefix) and name.endswith(".img"):
             mid = name[len(prefix):-4]
-            if mid.isdigit() and 0 < int(mid) <= MAX_ID:
+            if mid.isdigit() and 0 < int(mid) <= (MAX_SHMID if kind == PS_TYPE_SHMEM else MAX_ID):
                 return encode_dst_id(kind, int(mid))
             return None
     return None
