@@ -3,6 +3,7 @@ the ``parent`` links, and the result is compared with /proc/PID/mem page by page
 
 from __future__ import annotations
 
+import json
 import os
 
 import pycriu.images
@@ -13,7 +14,7 @@ PE_PARENT, PE_PRESENT = 1, 4
 KERNEL_VMAS = ("[vvar]", "[vvar_vclock]", "[vsyscall]")
 
 
-def load_pagemap(d: str, pid: int) -> tuple[int, list[dict]]:
+def load_pagemap(d: str, pid: int | str) -> tuple[int, list[dict]]:
     """(pages_id, entries) of d/pagemap-PID.img as pycriu reads it."""
     with open(os.path.join(d, f"pagemap-{pid}.img"), "rb") as f:
         img = pycriu.images.load(f)
@@ -60,6 +61,31 @@ def reconstruct(top: str, pid: int) -> tuple[dict[int, bytes], dict[int, int]]:
     return out, depth
 
 
+def shared_pages(top: str, pid: int) -> dict[int, bytes]:
+    """The pages of ``pid``'s shared mappings, from the shared objects' images (pagemap-shmem-SHMID.img, vaddr =
+    offset in the object) through the windows wpdump.json records for the process."""
+    try:
+        with open(os.path.join(top, "wpdump.json")) as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        return {}
+    windows = meta.get("processes", {}).get(str(pid), {}).get("shared", [])
+    out: dict[int, bytes] = {}
+    for start, end, offset, shmid in windows:
+        with open(os.path.join(top, f"pagemap-shmem-{shmid}.img"), "rb") as f:
+            img = pycriu.images.load(f)
+        head, entries = img["entries"][0], img["entries"][1:]
+        with open(os.path.join(top, f"pages-{head['pages_id']}.img"), "rb") as f:
+            for e in entries:
+                assert e["flags"] == PE_PRESENT, e  # objects are stored whole, never in a parent
+                for i in range(e["nr_pages"]):
+                    data = f.read(PAGE)
+                    addr = start + e["vaddr"] + i * PAGE - offset
+                    if start <= addr < end:
+                        out[addr] = data
+    return out
+
+
 def maps(pid: int) -> list[tuple[int, int, str, int, int, str]]:
     out = []
     with open(f"/proc/{pid}/maps") as f:
@@ -75,6 +101,7 @@ def compare_with_memory(top: str, pid: int) -> int:
     """Assert every page of every dumped VMA equals the chain (absent: zero, or the file's content in
     a private file mapping). The target must be stopped. Returns the pages compared."""
     image, _ = reconstruct(top, pid)
+    image.update(shared_pages(top, pid))
     bad: list[str] = []
     n = 0
     mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY)

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pycriu.images
 import pytest
-from chaincheck import PE_PARENT, PE_PRESENT, compare_with_memory, load_pagemap, reconstruct
+from chaincheck import PE_PARENT, PE_PRESENT, compare_with_memory, load_pagemap, reconstruct, shared_pages
 from wpdump.chainops import check, show, verify
 from wpdump.dump import iteration
 from wpdump.images import decode
@@ -108,6 +108,11 @@ def made(target, tmp_path) -> Chain:
     return Chain(target, tmp_path)
 
 
+def stored(d: str, pid: int) -> int:
+    """Pages the iteration ``d`` stores: the process's present pages and its shared objects' (stored once)."""
+    return len(pages_of(d, pid, PE_PRESENT)) + len(shared_pages(d, pid))
+
+
 def pages_of(d: str, pid: int, flag: int) -> set[int]:
     _, entries = load_pagemap(d, pid)
     return {p for e in entries if e["flags"] & flag for p in range(e["vaddr"], e["vaddr"] + e["nr_pages"] * PAGE, PAGE)}
@@ -135,13 +140,14 @@ def test_show_lists_the_chain(made):
     assert [lv.path for lv in info.levels] == c.dirs[::-1]
     assert [lv.kind for lv in info.levels] == ["dump", "pre-dump", "pre-dump"]
     for lv, r in zip(info.levels, (c.r3, c.r2, c.r1), strict=True):
-        assert lv.pages_present == len(pages_of(lv.path, c.pid, PE_PRESENT)) == r.pages_written
+        assert lv.pages_present == stored(lv.path, c.pid) == r.pages_written
         assert lv.pages_parent == len(pages_of(lv.path, c.pid, PE_PARENT)) == r.pages_parent
         assert lv.pages_listed == lv.pages_present + lv.pages_parent
-        assert lv.pages_bytes == os.path.getsize(os.path.join(lv.path, "pages-1.img")) == r.bytes_written
+        pages_files = [n for n in os.listdir(lv.path) if n.startswith("pages-")]  # its own, its shared objects'
+        assert lv.pages_bytes == sum(os.path.getsize(os.path.join(lv.path, n)) for n in pages_files) == r.bytes_written
         assert lv.pages_zeroed == r.pages_zeroed
         assert lv.created is not None and abs(lv.created - time.time()) < 60
-        assert sum(g.present for g in lv.regions) == lv.pages_present
+        assert sum(g.present for g in lv.regions) == len(pages_of(lv.path, c.pid, PE_PRESENT))  # the process's own
         assert sum(g.parent for g in lv.regions) == lv.pages_parent
         assert all(a.end < b.start for a, b in zip(lv.regions, lv.regions[1:], strict=False))  # gaps between
     assert info.levels[0].frozen_us is not None and info.levels[0].frozen_us > 0
@@ -213,7 +219,7 @@ def test_decode_equals_crit(made):
     assert all(e["vaddr"].startswith("0x") for e in img["entries"][1:])
 
     line = assert_one_line_error(run("decode", os.path.join(c.top, "pages-1.img")), "raw page data")
-    assert f"({c.r3.pages_written} pages)" in line
+    assert f"({len(pages_of(c.top, c.pid, PE_PRESENT))} pages)" in line
     assert_one_line_error(run("decode", os.path.join(c.top, "nothing.img")), "No such file")
 
 
@@ -244,7 +250,7 @@ def test_verify_passes_stopped_then_running(made):
     r = verify.verify_process(c.pid, c.top)
     assert r.ok, [str(m) for m in r.first]
     assert r.was_stopped and state(c.pid) == "T"  # stopped before: left stopped
-    assert r.levels == 3 and r.pages_listed == len(reconstruct(c.top, c.pid)[0])
+    assert r.levels == 3 and r.pages_listed == len(reconstruct(c.top, c.pid)[0]) + len(shared_pages(c.top, c.pid))
     assert r.pages_compared >= r.pages_listed
     compare_with_memory(c.top, c.pid)  # the independent check agrees
     res = run("verify", "-t", c.pid, "-D", c.top)

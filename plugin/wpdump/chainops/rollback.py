@@ -191,7 +191,10 @@ def _rollback(pid: int, freezer: freeze.Freezer, chain: list[Iteration], vmas: l
             for i in range(0, len(addrs), BATCH_PAGES):
                 a = addrs[i : i + BATCH_PAGES]
                 want = np.zeros((len(a), PAGE), dtype=np.uint8)
-                absent = read_pages_into(chain, a, want) < 0
+                if v.shared and chain[0].shared is not None:  # the object's image, stored once for the tree
+                    absent = ~chain[0].shared.read_into(a, want)
+                else:
+                    absent = read_pages_into(chain, a, want) < 0
                 if absent.any() and not v.shared and not v.anonymous:
                     want[absent] = _file_content(pid, v, a[absent])
                 cur, readable = mem.read(a)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -10,7 +11,7 @@ import numpy as np
 
 from ..errors import ChainError
 from ..images import format as images
-from ..images.chain import Iteration, checkpoint_iterations, load_iteration, read_image_file, tree_vpids
+from ..images.chain import Iteration, begins_above, checkpoint_iterations, load_iteration, read_image_file, tree_vpids
 from ..images.imgdir import walk_links
 from ..ranges import PAGE
 
@@ -84,13 +85,17 @@ def walk(path: str, pid: int | None = None) -> Iterator[tuple[str, Iteration | N
     A level whose images do not load is yielded with its error and the walk follows its parent link still; the
     walk ends (yielding a last error with no iteration) at a missing directory or a loop.
     """
+    prev: Iteration | None = None
     for cur, err in walk_links(path, pid):
+        if prev is not None and begins_above(prev, cur):
+            return
         if err is not None:
             yield cur, None, err
             return
+        prev = None
         try:
             it = load_iteration(cur, pid)
-            pid = it.pid
+            pid, prev = it.pid, it
             yield cur, it, None
         except ChainError as e:
             yield cur, None, e
@@ -157,6 +162,23 @@ def level_info(it: Iteration, depth: int, regions: bool = False) -> LevelInfo:
     )
 
 
+def _add_shared(lv: LevelInfo, path: str) -> None:
+    """Count the shared objects the iteration stores (pagemap-shmem-SHMID.img: whole, never in a parent) in."""
+    for name in sorted(os.listdir(path)):
+        if not re.fullmatch(r"pagemap-shmem-\d+\.img", name):
+            continue
+        try:
+            pages_id, entries = images.decode_pagemap(read_image_file(path, name), os.path.join(path, name))
+            st = os.lstat(os.path.join(path, images.pages_file_name(pages_id)))
+        except (images.ImageError, ChainError, OSError):
+            continue  # verify -D names what is wrong with it
+        n = int(entries["nr_pages"].astype(np.uint64).sum())
+        lv.pages_present += n
+        lv.pages_listed += n
+        lv.pages_bytes += st.st_size
+        lv.pages_allocated += st.st_blocks * 512
+
+
 def resolve_top(path: str) -> str:
     """``path``, or for the directory ``wpdump checkpoint`` wrote, its highest-numbered iteration (the top)."""
     its = checkpoint_iterations(path)
@@ -184,6 +206,7 @@ def show(path: str, regions: bool = False) -> ChainInfo:
                 continue
             other.pages_zeroed = None
             lv.add(other)
+        _add_shared(lv, it.path)
         info.levels.append(lv)
     return info
 

@@ -157,7 +157,9 @@ class _Comparer:
 
     def __init__(self, pid: int, chain: list[Iteration], vmas: list[Vma], kinds: list[int], max_report: int) -> None:
         self.pid, self.chain, self.vmas, self.kinds = pid, chain, vmas, kinds
-        self.listed = chain[0].ranges()
+        self.shared = chain[0].shared  # objects of shared mappings, stored once for the tree
+        self.listed = chain[0].ranges() if self.shared is None else ranges.union(chain[0].ranges(),
+                                                                                 self.shared.ranges())
         self.max_report = max_report
         self.first: list[Mismatch] = []
         self.mismatches = 0
@@ -252,8 +254,16 @@ class _Comparer:
                     check[row : row + c] = False
             row += c
         listed = in_ranges(addrs, self.listed)
-        rows = np.flatnonzero(listed)
         level = np.full(n, -1, dtype=np.int64)
+        if self.shared is not None:  # pages of shared mappings come from their object's image
+            srows = np.flatnonzero(listed & self.shared.covers(addrs))
+            if len(srows):
+                found = self.shared.read_into(addrs[srows], want.reshape(n, PAGE), srows)
+                level[srows[found]] = 0
+            listed_own = listed & ~self.shared.covers(addrs)
+        else:
+            listed_own = listed
+        rows = np.flatnonzero(listed_own)
         if len(rows):
             level[rows] = read_pages_into(self.chain, addrs[rows], want.reshape(n, PAGE), rows)
         check |= listed

@@ -138,7 +138,8 @@ def cmd_squash(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r.as_dict()))
     else:
-        print(f"{r.out}: {r.pages} pages ({_mib(r.bytes)} MiB) from {r.levels} iterations of pid {r.pid}, "
+        who = f"{r.processes} processes" if r.processes > 1 else f"pid {r.pid}"
+        print(f"{r.out}: {r.pages} pages ({_mib(r.bytes)} MiB) from {r.levels} iterations of {who}, "
               f"{r.seconds * 1e3:.0f} ms")
     return 0
 

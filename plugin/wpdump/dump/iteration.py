@@ -7,7 +7,6 @@ pages file (changed since the parent, or new), PE_PARENT for pages unchanged sin
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import time
@@ -28,6 +27,7 @@ from ..images.chain import (
     TreeParent,
     boot_id,
     load_parent_tree,
+    meta_json,
     same_process,
     uptime_us,
 )
@@ -39,7 +39,7 @@ from ..target.vmas import Policy, Vma, read_maps
 from ..tracking import keeper
 from ..tracking.session import Tracking
 from ..tracking.tracker import Harvest, gc_paused
-from . import pages
+from . import pages, shared
 from .pages import Progress
 
 log = logging.getLogger("wpdump.iteration")
@@ -81,15 +81,17 @@ def _write_images(
     st: imgdir.Staging, m: Member, pages_id: int, h: Harvest, res: IterationResult, parent: np.ndarray | None,
     progress: Progress | None, frozen: Callable[[], None] | None,
 ) -> dict:
-    """Write the pages and pagemap of one process into the staging directory; returns its stats."""
-    copy = h.copy_ranges()
+    """Write the pages and pagemap of one process into the staging directory (its shared mappings are written
+    once per object: dump/shared.py); returns its stats."""
+    own = shared.shared_ranges(h)
+    copy = ranges.subtract(ranges.merge(h.copy_ranges()), own) if len(own) else ranges.merge(h.copy_ranges())
     anon = ranges.from_pairs([(v.vma.start, v.vma.end) for v in h.vmas if v.vma.anonymous])
     unreadable = ranges.from_pairs([(v.vma.start, v.vma.end) for v in h.vmas if v.vma.perms[0] != "r"])
     pages_name = images.pages_file_name(pages_id)
     fd = st.create(pages_name)
     try:
         written, zero_dropped, copy_s, write_s = pages.copy_and_write(
-            m.pid, ranges.merge(copy), anon, fd, os.path.join(st.dest, pages_name), progress, unreadable
+            m.pid, copy, anon, fd, os.path.join(st.dest, pages_name), progress, unreadable
         )
         if frozen is not None:
             frozen()  # every page is read: the tree may run again while we fsync
@@ -98,6 +100,8 @@ def _write_images(
     finally:
         os.close(fd)
     keep = h.unchanged(parent, written) if parent is not None and len(parent) else ranges.EMPTY
+    if len(own) and len(keep):
+        keep = ranges.subtract(keep, own)
     entries = images.entries_from_ranges(written, keep)
     st.write_file(images.pagemap_file_name(m.vpid), images.encode_pagemap(pages_id, entries))
     stats = {
@@ -125,15 +129,6 @@ def _stats_file(st: imgdir.Staging, res: IterationResult) -> dict:
     }
     st.write_file(images.STATS_FILE, images.encode_stats(**stats))
     return stats
-
-
-def meta_json(meta: dict) -> bytes:
-    """wpdump.json, indented, with its "processes" (put last; each process's VMAs) on one line: json's C encoder
-    does not indent, the Python one takes 0.1-0.3 s for 30,000 VMAs."""
-    head = json.dumps({**{k: v for k, v in meta.items() if k != "processes"}, "processes": {}}, indent=1)
-    tail = '"processes": {}\n}'
-    assert head.endswith(tail)
-    return (head[: -len(tail)] + '"processes": ' + json.dumps(meta["processes"]) + "\n}").encode()
 
 
 def _resolve_prev(dest: str, prev: str) -> str:
@@ -185,7 +180,11 @@ def run(
         keep_tracking = not final
     res = IterationResult(dest, "dump" if final else "pre-dump", uuid.uuid4().hex, prev_images_dir, False)
     for m in members:  # before attaching: refuse early
-        _check_readable(m.pid, read_maps(m.pid), allow_unreadable, [])
+        try:
+            _check_readable(m.pid, read_maps(m.pid), allow_unreadable, [])
+        except NoSuchProcess:
+            if m.pid == pid:
+                raise
     with keeper.pid_lock(pid), imgdir.Staging(dest) as st:
         tracking: Tracking | None = None
         thawed = True
@@ -220,14 +219,24 @@ def run(
             procs: dict[str, dict] = {}
             done: list[Member] = []
             incremental = parent is not None
+            harvested: list[tuple[int, Member, Harvest]] = []
             for i, m in enumerate(members):
-                last = i == len(members) - 1
                 try:
                     t0 = time.perf_counter()
-                    h = tracking.harvest(m)
+                    h = tracking.harvest(m, full=_member_parent(parent, m) is None)
                     res.harvest_s += time.perf_counter() - t0
                     _check_readable(m.pid, h.unreadable, allow_unreadable, res.warnings)
-                    res.warnings.extend(h.warnings)
+                except NoSuchProcess:
+                    if final or m.pid == pid:
+                        raise
+                    log.info("pid %d exited during the iteration: left out", m.pid)  # not part of the tree now
+                    continue
+                res.warnings.extend(h.warnings)
+                harvested.append((i, m, h))
+            objs = shared.collect([(m, h) for _, m, h in harvested])
+            for k, (i, m, h) in enumerate(harvested):
+                last = k == len(harvested) - 1 and not objs
+                try:
                     mp = _member_parent(parent, m)
                     inc = tracking.incremental(m) and mp is not None
                     stats = _write_images(st, m, i + 1, h, res, mp.ranges() if inc and mp else None, progress,
@@ -235,7 +244,7 @@ def run(
                 except NoSuchProcess:
                     if final or m.pid == pid:
                         raise
-                    log.info("pid %d exited during the iteration: left out", m.pid)  # not part of the tree now
+                    log.info("pid %d exited during the iteration: left out", m.pid)
                     st.remove(images.pages_file_name(i + 1))
                     continue
                 incremental = incremental and (inc or mp is None)  # a process new since the parent is full
@@ -248,6 +257,16 @@ def run(
                              for v in h.vmas],
                     "lost": [[v.start, v.end, v.path] for v in h.unreadable],
                 }
+            gone = {m.pid for _, m, _ in harvested} - {m.pid for m in done}
+            objs = {k: [mp for mp in maps if mp.member.pid not in gone] for k, maps in objs.items()}
+            sh = shared.write_objects(st, {k: v for k, v in objs.items() if v}, len(members) + 1, progress,
+                                      strict=final, frozen=thaw if final else None)
+            res.pages_written += sh.pages_written
+            res.bytes_written += sh.pages_written * PAGE
+            res.copy_s += sh.copy_s
+            res.write_s += sh.write_s
+            for m in done:
+                procs[str(m.vpid)]["shared"] = sh.windows.get(m.pid, [])
             thaw()
             res.incremental = incremental
             res.processes = len(done)
@@ -262,7 +281,7 @@ def run(
                 "boot_id": boot_id(), "single": single, "iteration": res.iteration,
                 "parent_iteration": parent.top.iteration_id if parent else None,
                 "kind": res.kind, "incremental": res.incremental, "created": time.time(), "stats": stats,
-                "result": res.as_dict(), "processes": procs,
+                "result": res.as_dict(), "shared_objects": sh.objects, "processes": procs,
             }
             st.write_file(META_FILE, meta_json(meta))
             st.commit()

@@ -185,6 +185,18 @@ def _handle(held: _Held, c: socket.socket, header: dict, payload: bytes, fds: li
             rows = [{"pid": m.pid, "start_ticks": m.start_ticks, "size": len(m.state)} for m in held.members]
             send_msg(c, {"ok": True, "iteration": held.iteration, "members": rows},
                      b"".join(m.state for m in held.members), tuple(m.uffd for m in held.members))
+    elif op == "drop":  # the holder tracks one process afresh: the keeper's copy of its userfaultfd must go too
+        if c is not held.holder:
+            send_msg(c, {"ok": False, "error": "drop without checkout"})
+            return ""
+        keep = []
+        for m in held.members:
+            if (m.pid, m.start_ticks) == (header.get("pid"), header.get("start_ticks")):
+                os.close(m.uffd)
+            else:
+                keep.append(m)
+        held.members = keep
+        send_msg(c, {"ok": True})
     elif op == "giveback":  # the checkout changed nothing
         if c is held.holder:
             held.holder = None
@@ -343,6 +355,10 @@ class Keeper:
                 os.close(fd)
             raise KeeperError(f"keeper of pid {self.pid} sent a malformed checkout", pid=self.pid, errno=errno.EPROTO)
         return reply["iteration"], members
+
+    def drop(self, pid: int, start_ticks: int) -> None:
+        """Close the keeper's copy of one process's userfaultfd (while checked out): it is tracked afresh."""
+        self._request({"op": "drop", "pid": pid, "start_ticks": start_ticks})
 
     def giveback(self) -> None:
         """Give back what :meth:`checkout` took, unchanged (tracking goes on as before)."""

@@ -160,22 +160,32 @@ class Tracking:
         """Whether ``m``'s harvest held only what it wrote since the parent (not a fresh attach)."""
         return m.key in self.trackers and m.key not in self.fresh
 
-    def harvest(self, m: Member) -> Harvest:
-        """The pages ``m`` wrote since the parent (incremental), or all its content after a fresh attach."""
+    def harvest(self, m: Member, full: bool = False) -> Harvest:
+        """The pages ``m`` wrote since the parent (incremental), or all its content after a fresh attach (also
+        when ``full``: the parent holds no image of this very process to refer to)."""
         self.harvested = True
         tr = self.trackers.get(m.key)
+        if tr is not None and full:
+            log.info("pid %d: the parent holds no image of it: tracking it again from scratch", m.pid)
+            self._forget(m)
+            tr = None
         if tr is not None:
             try:
                 return tr.harvest()
             except TargetExeced as e:
                 self._warn(f"{e}: tracking it again from scratch, writing it in full")
-                tr.close()
-                del self.trackers[m.key]
+                self._forget(m)
         log.info("pid %d: attaching (a full iteration of it)", m.pid)
         tr = Tracker(m.pid, allow_userfaultfd_target=self.allow_userfaultfd_target)
         self.trackers[m.key] = tr
         self.fresh.add(m.key)
         return tr.initial
+
+    def _forget(self, m: Member) -> None:
+        """Close ``m``'s tracker here and in the keeper: every write-protection of it is gone."""
+        self.trackers.pop(m.key).close()
+        if self.session is not None:
+            self.session.keeper.drop(m.pid, m.start_ticks)
 
     def _close(self) -> None:
         for tr in self.trackers.values():
