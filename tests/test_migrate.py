@@ -559,3 +559,51 @@ def test_a_pagemap_entry_longer_than_a_header_allows_goes_as_several(tmp_path, m
     pages_id, got = images.decode_pagemap(read_image_file(path, "pagemap-1.img"), "pagemap-1.img")
     assert got.tolist() == [(0x40000, 2, 4), (0x42000, 2, 4), (0x44000, 1, 4)]
     assert open(os.path.join(path, images.pages_file_name(pages_id)), "rb").read() == data
+
+
+def test_migrate_a_tree_with_shared_memory(hosts, build_dir, tmp_path):
+    """A prefork tree (master + 3 workers, a MAP_SHARED region) as a container: every process comes back on the
+    destination and passes its self-check; the lazy final dump reads only what each process wrote since."""
+    import signal as sig
+
+    from test_trees import Prefork
+
+    exe = compile_target("prefork", build_dir)
+    t = Prefork.__new__(Prefork)  # started on the src host, in its own pid namespace
+    t.result = tmp_path / "result"
+    t.proc = subprocess.Popen(hosts.run(hosts.src, "unshare", "--pid", "--fork", "setsid", exe, t.result, 3, 2048, 64,
+                                        1), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        t.root = Prefork._child_of(t.proc.pid)
+        t.wait_for("ready", 4)
+        srv = Server(hosts, tmp_path / "dst")
+        try:
+            p = migrate(hosts, t.root, "--max-iterations", 2)
+            srv.finish()
+        finally:
+            srv.kill()
+        assert p.returncode == 0, p.stderr
+        lazy = next(ln for ln in p.stdout.splitlines() if "read from the frozen tree" in ln)
+        fetched, lazy_pages = (int(x) for x in lazy.split("lazy pages: ")[1].split(" read")[0].split(" of "))
+        assert lazy_pages >= 4 * 2048 and fetched < lazy_pages // 4, lazy
+        t.proc.wait(timeout=30)  # the source tree is gone
+        [mig] = srv.visible()
+        final = tmp_path / "dst" / mig / "3"
+        assert {n for n in os.listdir(final) if n.startswith("pagemap-")} >= {f"pagemap-{v}.img" for v in (1, 2, 3, 4)}
+        # the shared region went as a shmem pagemap (dst_id type 2) in the pre-dumps
+        first_it = os.listdir(final.parent / "1")
+        assert any(n.startswith("pagemap-shmem-") for n in first_it), first_it
+        t.root = restored_pid(p.stdout)
+        try:
+            first = {ln[0]: int(ln[2]) for ln in t.signal_all(sig.SIGUSR1, "ok")}
+            assert set(first) == {"1", "2", "3", "4"}
+            time.sleep(0.2)
+            second = {ln[0]: int(ln[2]) for ln in t.signal_all(sig.SIGUSR1, "ok")}
+            assert all(second[v] > first[v] for v in first), (first, second)  # it runs on
+        finally:
+            os.kill(t.root, sig.SIGKILL)
+    finally:
+        if t.proc.poll() is None:
+            os.killpg(t.proc.pid, sig.SIGKILL)
+            t.proc.wait()
