@@ -149,11 +149,13 @@ def run_one(method: str, hosts: Hosts, exe: pathlib.Path, work: pathlib.Path, mi
         new = int(res["restored_pid"])
         res["self_check"] = w.check(new)
         os.kill(new, signal.SIGKILL)
-        if isinstance(res.get("iterations"), list):
-            res["iterations"] = len(res["iterations"])
+        per = res.get("iterations")
+        if isinstance(per, list):
+            res["iterations"] = len(per)
         return {"method": method, "mib": mib, **{k: res[k] for k in (
             "total_s", "bytes", "downtime_s", "criu_dump_s", "rewrite_s", "transfer_s", "restore_s", "iterations",
-            "self_check")}}
+            "self_check")}, "per_iteration": per if isinstance(per, list) else [], "final": res.get("hook", ""),
+            "stop_reason": res.get("stop_reason", "")}
     finally:
         if srv.poll() is None:
             srv.kill()
