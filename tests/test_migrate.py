@@ -607,3 +607,90 @@ def test_migrate_a_tree_with_shared_memory(hosts, build_dir, tmp_path):
         if t.proc.poll() is None:
             os.killpg(t.proc.pid, sig.SIGKILL)
             t.proc.wait()
+
+
+LOST_TRACKING = """
+import os, signal, sys
+from wpdump.dump import iteration
+from wpdump.dump.convergence import PHaulPolicy
+from wpdump.migrate.source import migrate, summary_lines
+
+class KillKeeperThenStop(PHaulPolicy):
+    def stop_reason(self, history):
+        if len(history) < 2:
+            return None
+        [st] = iteration.status()
+        os.kill(st["keeper"], signal.SIGKILL)  # tracking is lost: nothing the chain says can be vouched for
+        return "the test stops here"
+
+s = migrate(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), KillKeeperThenStop(), out=lambda line: None)
+print(s.hook)
+print("\\n".join(summary_lines(s)))
+"""
+
+
+def test_lazy_final_dump_reads_everything_when_tracking_was_lost(hosts, workload, tmp_path):
+    """The keeper dies before the final dump: the lazy final dump cannot vouch for the chain, so it reads every
+    page from the frozen tree (a full final dump) and the restored copy is still intact."""
+    w = workload(mib=16, per_tick=2)
+    srv = Server(hosts, tmp_path / "dst")
+    try:
+        p = subprocess.run(hosts.run(hosts.src, sys.executable, "-c", LOST_TRACKING, w.pid, hosts.dst_ip, PORT),
+                           capture_output=True, text=True, timeout=600)
+        srv.finish()
+    finally:
+        srv.kill()
+    assert p.returncode == 0, p.stderr
+    head = p.stdout.splitlines()[0]
+    fetched, lazy_pages = (int(x) for x in head.split("lazy pages: ")[1].split(" read")[0].split(" of "))
+    assert fetched == lazy_pages >= 4096 and "0 in the parent" in head and "not tracked" in head, head
+    new = restored_pid(p.stdout)
+    try:
+        w.proc.wait(timeout=30)
+        w.runs_on(new)
+        [mig] = srv.visible()
+        assert not os.path.lexists(tmp_path / "dst" / mig / "3" / "parent")
+    finally:
+        os.kill(new, signal.SIGKILL)
+
+
+CORRUPT_CHAIN = """
+import glob, os, sys
+from wpdump.dump.convergence import PHaulPolicy
+from wpdump.migrate.source import migrate
+
+class CorruptThenStop(PHaulPolicy):
+    def stop_reason(self, history):
+        if len(history) < 2:
+            return None
+        for it in history:  # the local chain no longer holds the memory (it was sent intact already)
+            for f in glob.glob(os.path.join(it.images_dir, "pages-*.img")):
+                with open(f, "r+b") as fh:
+                    fh.write(b"\\xa5" * os.path.getsize(f))
+        return "the test stops here"
+
+print(migrate(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), CorruptThenStop(), out=lambda line: None).hook)
+"""
+
+
+def test_lazy_final_dump_checks_the_chain_against_the_frozen_tree(hosts, workload, tmp_path):
+    """The chain on the source does not hold what the tree holds: the sample comparison catches it and every page
+    is read from the frozen tree."""
+    w = workload(mib=16, per_tick=2)
+    srv = Server(hosts, tmp_path / "dst")
+    try:
+        p = subprocess.run(hosts.run(hosts.src, sys.executable, "-c", CORRUPT_CHAIN, w.pid, hosts.dst_ip, PORT),
+                           capture_output=True, text=True, timeout=600)
+        _, out, _ = srv.finish()
+    finally:
+        srv.kill()
+    assert p.returncode == 0, p.stderr
+    head = p.stdout.splitlines()[0]
+    fetched, lazy_pages = (int(x) for x in head.split("lazy pages: ")[1].split(" read")[0].split(" of "))
+    assert fetched == lazy_pages >= 4096 and "differs from the frozen tree" in head, head
+    new = int(out.split("restored pid ")[1].split()[0])
+    try:
+        w.proc.wait(timeout=30)
+        w.runs_on(new)
+    finally:
+        os.kill(new, signal.SIGKILL)
