@@ -694,3 +694,27 @@ def test_lazy_final_dump_checks_the_chain_against_the_frozen_tree(hosts, workloa
         w.runs_on(new)
     finally:
         os.kill(new, signal.SIGKILL)
+
+
+def test_migrate_killed_after_the_final_dump_leaves_the_source_running(hosts, workload, tmp_path):
+    """SIGKILL of wpdump migrate while CRIU has left the source tree stopped (the final dump is on its way and
+    the destination stalls): its guard resumes the tree."""
+    w = workload(mib=16, per_tick=2)
+    srv = Server(hosts, tmp_path / "dst")
+    src = subprocess.Popen(hosts.run(hosts.src, WPDUMP, "migrate", "-t", w.pid, "--address", hosts.dst_ip, "--port",
+                                     PORT, "--max-iterations", 1), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not list(srv.dest.glob(".incoming-*/.2.partial-*")):  # the final iteration's header has come
+            assert time.time() < deadline and src.poll() is None
+            time.sleep(0.005)
+        srv.proc.send_signal(signal.SIGSTOP)
+        with open(f"/proc/{w.pid}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] == "T"  # CRIU left it stopped
+        src.kill()  # nsenter execs wpdump: this is the migrate process itself
+        src.wait(timeout=60)
+        w.runs_on(w.pid)  # resumed by the guard, memory intact
+    finally:
+        srv.kill()
+        if src.poll() is None:
+            src.kill()

@@ -47,12 +47,6 @@ class LazyResult:
     note: str = ""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _unchanged(root: int, top_want: str) -> tuple[dict[int, np.ndarray], list[str]]:
     """Per vpid, the pages unchanged since the chain's top ``top_want`` of every process of the tree wpdump tracked
     since (the tree is frozen), checked on a sample against the frozen tree; notes on what is read whole.
@@ -179,21 +173,28 @@ def final_dump(criu: str, root: int, final: str, log_path: str, script: str, par
     server; the tree is then left stopped. On an error CRIU is killed, which leaves the tree running
     (docs/kernel.md, CRIU and test hosts)."""
     res = LazyResult()
-    port = _free_port()
+    # CRIU's page server on a socket pair (--ps-socket) rather than a TCP port: should we die, it reads EOF and
+    # fails the dump, which resumes the tree, instead of waiting for a connection with the tree frozen.
+    # --status-fd tells when the dump phase is over and the page server serves.
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    status_r, status_w = os.pipe()
     t0 = time.time()
-    p = subprocess.Popen([criu, "dump", "-t", str(root), "-D", final, "-o", log_path, "-v4", "--leave-stopped",
-                          "--lazy-pages", "--address", "127.0.0.1", "--port", str(port), "--action-script", script],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    sk = None
     try:
-        while sk is None:  # the page server listens once the dump phase is complete
-            try:
-                sk = socket.create_connection(("127.0.0.1", port), timeout=600)
-            except ConnectionRefusedError:
-                if p.poll() is not None:
-                    raise MigrationError(f"criu dump --lazy-pages failed (exit {p.returncode}): "
-                                         f"{last_error(log_path)}", pid=root, errno=errno.EIO) from None
-                time.sleep(0.002)
+        p = subprocess.Popen([criu, "dump", "-t", str(root), "-D", final, "-o", log_path, "-v4", "--leave-stopped",
+                              "--lazy-pages", "--ps-socket", str(theirs.fileno()), "--status-fd", str(status_w),
+                              "--action-script", script], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, pass_fds=(theirs.fileno(), status_w))
+    finally:
+        theirs.close()
+        os.close(status_w)
+    sk: socket.socket | None = ours
+    try:
+        with open(status_r, "rb", buffering=0) as f:
+            ready = f.read(1)
+        if ready != b"\0":
+            p.wait(timeout=600)
+            raise MigrationError(f"criu dump --lazy-pages failed (exit {p.returncode}): {last_error(log_path)}",
+                                 pid=root, errno=errno.EIO)
         res.page_server_at = time.time()
         res.dump_s = res.page_server_at - t0
         t1 = time.perf_counter()

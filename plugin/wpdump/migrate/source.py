@@ -26,6 +26,7 @@ from ..images.chain import read_image_file
 from . import action, lazy, tree
 from . import pageserver as ps
 from . import protocol as wp
+from .guard import Guard
 from .serve import find_tool, last_error
 
 DUMP_TIMEOUT = 600.0
@@ -156,6 +157,7 @@ def migrate(
     t_start = time.perf_counter()
     local = tempfile.mkdtemp(prefix="wpdump-migrate-", dir=work_dir or "/var/tmp")
     stopped: list[int] = []
+    guard: Guard | None = None
     sk: socket.socket | None = None
     try:
         sk = connect(address, port, timeout)
@@ -192,6 +194,7 @@ def migrate(
             dump_s = time.time() - t_freeze - rewrite_s
         out(f"wpdump migrate: final dump: {hook or 'no hook output'}")
         stopped = sorted(set(members) | set(tree.pids(pid)))
+        guard = Guard(stopped)  # resumes them should this process die before the destination confirms
         s = send_iteration(sk, final, n, final=True)
         s.dump_s = dump_s
         sent.append(s)
@@ -200,6 +203,8 @@ def migrate(
         t_done, t_done_wall = time.perf_counter(), time.time()
         stopped = []  # the destination runs the tree now: the source must not resume
         tree.kill(pid)
+        guard.done()
+        guard = None
         out(_line(s))
         summary = Summary(
             pid, int(answer["pid"]), str(answer.get("images_dir", "")), sent, reason, t_done - t_start,
@@ -208,6 +213,8 @@ def migrate(
         return summary
     except BaseException as e:  # Ctrl-C included: the source tree must not stay stopped
         notes = tree.resume(stopped) if stopped else []
+        if guard is not None:
+            guard.close()
         with contextlib.suppress(WpdumpError, OSError):
             iteration.untrack(pid)
         if not isinstance(e, (WpdumpError, OSError, ValueError, KeyError, subprocess.TimeoutExpired)):
