@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -166,7 +167,8 @@ def _rewrite(final: str, name: str, pid: int, parent_ok: np.ndarray, res: LazyRe
     os.unlink(old_path)
 
 
-def final_dump(criu: str, root: int, final: str, log_path: str, script: str, parent: str | None) -> LazyResult:
+def final_dump(criu: str, root: int, final: str, log_path: str, script: str, parent: str | None,
+               started: Callable[[int], None] | None = None) -> LazyResult:
     """``criu dump --lazy-pages --leave-stopped`` of the tree at ``root`` into ``final`` (``script``: the action
     script, action.write without the rewrite), only the dirty lazy pages read; ``parent`` (the last pre-dump,
     relative to ``final``) becomes the ``parent`` link when pages stay there. CRIU exits after we close its page
@@ -174,8 +176,8 @@ def final_dump(criu: str, root: int, final: str, log_path: str, script: str, par
     (docs/kernel.md, CRIU and test hosts)."""
     res = LazyResult()
     # CRIU's page server on a socket pair (--ps-socket) rather than a TCP port: should we die, it reads EOF and
-    # fails the dump, which resumes the tree, instead of waiting for a connection with the tree frozen.
-    # --status-fd tells when the dump phase is over and the page server serves.
+    # ends (leaving the tree stopped, for the guard to resume) instead of waiting for a connection with the tree
+    # frozen. --status-fd tells when the dump phase is over and the page server serves.
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     status_r, status_w = os.pipe()
     t0 = time.time()
@@ -189,6 +191,8 @@ def final_dump(criu: str, root: int, final: str, log_path: str, script: str, par
         os.close(status_w)
     sk: socket.socket | None = ours
     try:
+        if started is not None:
+            started(p.pid)
         with open(status_r, "rb", buffering=0) as f:
             ready = f.read(1)
         if ready != b"\0":

@@ -131,18 +131,25 @@ def connect(address: str, port: int, timeout: float) -> socket.socket:
     return sk
 
 
-def criu_dump(root: int, final: str, log_path: str, script: str | None) -> tuple[float, str]:
-    """``criu dump --leave-stopped`` (``script``: the action script, action.write); returns its seconds and the
-    hook's line from the log."""
+def criu_dump(root: int, final: str, log_path: str, script: str | None,
+              started: Callable[[int], None] | None = None) -> tuple[float, str]:
+    """``criu dump --leave-stopped`` (``script``: the action script, action.write; ``started`` gets CRIU's pid);
+    returns its seconds and the hook's line from the log."""
     cmd = [find_tool("criu"), "dump", "-t", str(root), "-D", final, "-o", log_path, "-v4", "--leave-stopped",
            *(["--action-script", script] if script else [])]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                       timeout=DUMP_TIMEOUT)
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        if started is not None:
+            started(p.pid)
+        rc = p.wait(timeout=DUMP_TIMEOUT)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
     seconds = time.perf_counter() - t0
-    if p.returncode != 0:  # CRIU resumes the tree itself when its dump fails
-        raise MigrationError(f"criu dump failed (exit {p.returncode}): {last_error(log_path)}", pid=root,
-                             errno=errno.EIO)
+    if rc != 0:  # CRIU resumes the tree itself when its dump fails
+        raise MigrationError(f"criu dump failed (exit {rc}): {last_error(log_path)}", pid=root, errno=errno.EIO)
     with open(log_path, errors="replace") as f:
         hook = [ln.strip() for ln in f if "wpdump criu-hook:" in ln]
     return seconds, hook[-1] if hook else ""
@@ -180,21 +187,23 @@ def migrate(
         script, stamp = action.write(local, find_tool("wpdump-criu-hook"), rewrite=not lazy_pages)
         t_start_dump = time.time()
         stopped = members  # from here on, a failure resumes those CRIU left stopped (a failed dump resumes them)
+        guard = Guard(members)  # and so does the guard should this process die before the destination confirms
         if lazy_pages:
-            lz = lazy.final_dump(find_tool("criu"), pid, final, os.path.join(local, "dump.log"), script, f"../{n - 1}")
+            lz = lazy.final_dump(find_tool("criu"), pid, final, os.path.join(local, "dump.log"), script, f"../{n - 1}",
+                                 guard.criu)
             t_freeze = action.frozen_at(stamp) or t_start_dump
             dump_s, rewrite_s = lz.page_server_at - t_freeze + lz.finish_s, lz.harvest_s + lz.fetch_s
             hook = (f"lazy pages: {lz.pages_fetched} of {lz.pages_lazy} read from the frozen tree, {lz.pages_parent} "
                     f"in the parent" + (f" ({lz.note})" if lz.note else ""))
         else:
-            _, hook = criu_dump(pid, final, os.path.join(local, "dump.log"), script)
+            _, hook = criu_dump(pid, final, os.path.join(local, "dump.log"), script, guard.criu)
             t_freeze = action.frozen_at(stamp) or t_start_dump
             m = _HOOK_DONE.search(hook)
             rewrite_s = float(m.group(3)) / 1e3 if m else 0.0
             dump_s = time.time() - t_freeze - rewrite_s
         out(f"wpdump migrate: final dump: {hook or 'no hook output'}")
         stopped = sorted(set(members) | set(tree.pids(pid)))
-        guard = Guard(stopped)  # resumes them should this process die before the destination confirms
+        guard.watch(stopped)
         s = send_iteration(sk, final, n, final=True)
         s.dump_s = dump_s
         sent.append(s)
