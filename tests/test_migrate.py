@@ -641,11 +641,11 @@ def test_lazy_final_dump_reads_everything_when_tracking_was_lost(hosts, workload
     finally:
         srv.kill()
     assert p.returncode == 0, p.stderr
-    head = p.stdout.splitlines()[0]
-    fetched, lazy_pages = (int(x) for x in head.split("lazy pages: ")[1].split(" read")[0].split(" of "))
-    assert fetched == lazy_pages >= 4096 and "0 in the parent" in head and "not tracked" in head, head
     new = restored_pid(p.stdout)
     try:
+        head = p.stdout.splitlines()[0]
+        fetched, lazy_pages = (int(x) for x in head.split("lazy pages: ")[1].split(" read")[0].split(" of "))
+        assert fetched == lazy_pages >= 4096 and "0 in the parent" in head and "not tracked" in head, head
         w.proc.wait(timeout=30)
         w.runs_on(new)
         [mig] = srv.visible()
@@ -685,11 +685,11 @@ def test_lazy_final_dump_checks_the_chain_against_the_frozen_tree(hosts, workloa
     finally:
         srv.kill()
     assert p.returncode == 0, p.stderr
-    head = p.stdout.splitlines()[0]
-    fetched, lazy_pages = (int(x) for x in head.split("lazy pages: ")[1].split(" read")[0].split(" of "))
-    assert fetched == lazy_pages >= 4096 and "differs from the frozen tree" in head, head
     new = int(out.split("restored pid ")[1].split()[0])
     try:
+        head = p.stdout.splitlines()[0]
+        fetched, lazy_pages = (int(x) for x in head.split("lazy pages: ")[1].split(" read")[0].split(" of "))
+        assert fetched == lazy_pages >= 4096 and "differs from the frozen tree" in head, head
         w.proc.wait(timeout=30)
         w.runs_on(new)
     finally:
