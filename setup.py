@@ -10,7 +10,7 @@ from setuptools.command.build import build
 
 HERE = pathlib.Path(__file__).resolve().parent
 PROTO_DIR = HERE / "proto"
-PROTOS = ("pagemap", "inventory", "stats")
+PROTOS = ("pagemap", "inventory", "stats", "rpc")
 OUT_DIR = HERE / "plugin" / "wpdump" / "criu_pb"
 # protoc runs on copies under this prefix: descriptor file names become "wpdump/criu_pb/<name>.proto" (pycriu
 # registers "<name>.proto" in the same default pool, and protobuf refuses two different files under one name)
