@@ -97,3 +97,11 @@ def from_errno(err: int, pid: int | None, what: str) -> WpdumpError:
     if err in (errno_mod.EPERM, errno_mod.EACCES):
         return AccessDenied(f"permission denied: cannot {what} pid {pid}", pid=pid, errno=err)
     return TrackerError(text, pid=pid, errno=err)
+
+
+class ProtocolError(WpdumpError):
+    """A migration stream broke CRIU's page-server protocol or wpdump's framing (untrusted input)."""
+
+
+class MigrationError(WpdumpError):
+    """A live migration failed; the source tree runs on (the message says why)."""

@@ -387,6 +387,9 @@ def parser() -> argparse.ArgumentParser:
     from .chain import add_commands
 
     add_commands(sub, common, add_command)
+    from ..migrate.cli import add_commands as add_migrate_commands
+
+    add_migrate_commands(sub, common, add_command)
 
     t = add_command(sub, "track", "attach to a process and report the pages it writes, round by round",
                     "Per round: pages written since the previous round, pages that became zero, VMA events\n"

@@ -59,6 +59,7 @@ class HookResult:
     bytes_after: int = 0
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    replaced: str = ""  # CRIU's pages file, no longer referred to once the directory is synced
 
 
 def _fsync_dir(path: str) -> None:
@@ -69,11 +70,16 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def rewrite(images_dir: str, pid: int, top_dir: str, tracker: Tracker, chain: list | None = None) -> HookResult:
+def rewrite(
+    images_dir: str, pid: int, top_dir: str, tracker: Tracker, chain: list | None = None, new_id: int | None = None,
+    finish: bool = True,
+) -> HookResult:
     """Turn CRIU's final images of process ``pid`` (its vpid, as CRIU names it) in ``images_dir`` into an
     increment on the chain at ``top_dir``, which the ``parent`` link of ``images_dir`` must lead to.
 
-    ``tracker`` must have tracked the process since that iteration; the tree must be frozen.
+    ``tracker`` must have tracked the process since that iteration; the tree must be frozen. The kept pages go
+    to ``pages-NEW_ID.img`` (default: one past the highest there). Without ``finish`` the caller fsyncs the
+    directory and then removes CRIU's pages file (``HookResult.replaced``), once for many processes.
     """
     t0 = time.perf_counter()
     name = images.pagemap_file_name(pid)
@@ -101,8 +107,8 @@ def rewrite(images_dir: str, pid: int, top_dir: str, tracker: Tracker, chain: li
     src = os.open(pages_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     try:
         _check_sample(src, entries, chain, parent, pid)
-        used = [int(m.group(1)) for n in os.listdir(images_dir) if (m := re.fullmatch(r"pages-(\d+)\.img", n))]
-        new_id = max(used) + 1
+        if new_id is None:
+            new_id = max(_pages_ids(images_dir)) + 1
         new_pages = os.path.join(images_dir, images.pages_file_name(new_id))
         tmp_map = os.path.join(images_dir, f".{name}.wpdump-tmp")
         dst = os.open(new_pages, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -141,28 +147,35 @@ def rewrite(images_dir: str, pid: int, top_dir: str, tracker: Tracker, chain: li
             for p in (tmp_map, new_pages):
                 if os.path.lexists(p):
                     os.unlink(p)
-    trash = _remove_later(pages_path)
-    _fsync_dir(images_dir)
-    _unlink_detached(trash)
+    res.replaced = pages_path
+    if finish:
+        _fsync_dir(images_dir)
+        _remove_detached([pages_path])
     res.seconds = time.perf_counter() - t0
     return res
 
 
-def _remove_later(path: str) -> str:
-    """Move CRIU's pages file out of the way (a rename: microseconds); returns the new name. Unlinking it inside
-    CRIU's frozen window cost 1.3 s for 8 GiB here (ext4 frees every block), 50 ms for 1 GiB."""
-    trash = os.path.join(os.path.dirname(path), f".wpdump-unlink-{os.path.basename(path)}".removesuffix(".img"))
-    os.rename(path, trash)
-    return trash
-
-
-def _unlink_detached(path: str) -> None:
-    """Unlink ``path`` in a process of its own that outlives the hook (CRIU waits for the hook alone)."""
+def _remove_detached(paths: list[str]) -> None:
+    """Remove CRIU's pages files after its frozen window: each renamed aside now (microseconds), then unlinked by
+    one process of its own that outlives the hook (CRIU waits for the hook alone). Unlinking them inside the
+    window cost 1.3 s for 8 GiB here (ext4 frees every block), 50 ms for 1 GiB."""
+    trash = []
+    for path in paths:
+        t = os.path.join(os.path.dirname(path), f".wpdump-unlink-{os.path.basename(path)}".removesuffix(".img"))
+        os.rename(path, t)
+        trash.append(t)
+    if not trash:
+        return
     try:
-        subprocess.Popen(["rm", "-f", "--", path], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        subprocess.Popen(["rm", "-f", "--", *trash], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
     except OSError:
-        os.unlink(path)
+        for t in trash:
+            os.unlink(t)
+
+
+def _pages_ids(images_dir: str) -> list[int]:
+    return [int(m.group(1)) for n in os.listdir(images_dir) if (m := re.fullmatch(r"pages-(\d+)\.img", n))]
 
 
 def _check_sample(src: int, entries: np.ndarray, chain: list, parent: np.ndarray, pid: int) -> None:
@@ -273,6 +286,7 @@ def hook_tree(images_dir: str, root: int) -> tuple[list[HookResult], list[tuple[
         if "processes" not in meta:  # an iteration of one process (format 1)
             by_process = {(root, st.start_ticks): int(meta.get("pid", root))}
         criu_vpids = set(_pagemap_vpids(images_dir))
+        next_id = max(_pages_ids(images_dir), default=0) + 1
         os.symlink(os.path.relpath(top_dir, images_dir), link)  # before any PE_PARENT entry can appear
         try:
             for tr in trackers.values():
@@ -284,13 +298,16 @@ def hook_tree(images_dir: str, root: int) -> tuple[list[HookResult], list[tuple[
                     continue
                 criu_vpids.discard(vpid)
                 try:
-                    results.append(rewrite(images_dir, vpid, top_dir, tr, load_chain(top_dir, vpid)))
+                    results.append(rewrite(images_dir, vpid, top_dir, tr, load_chain(top_dir, vpid), next_id,
+                                           finish=False))
+                    next_id += 1
                 except (HookSkipped, ChainError) as e:
                     skipped.append((vpid, str(e)))
         finally:
             if not results:
                 os.unlink(link)
-                _fsync_dir(images_dir)
+            _fsync_dir(images_dir)  # every new pagemap (and the link) durable before CRIU's pages files go
+            _remove_detached([r.replaced for r in results])
         skipped.extend((v, "not tracked by wpdump since its last iteration") for v in sorted(criu_vpids))
         ks.untrack()  # the final dump: tracking ends (the harvests above consumed the dirty sets)
     return results, skipped

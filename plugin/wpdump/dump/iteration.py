@@ -220,19 +220,20 @@ def run(
             done: list[Member] = []
             incremental = parent is not None
             harvested: list[tuple[int, Member, Harvest]] = []
-            for i, m in enumerate(members):
-                try:
-                    t0 = time.perf_counter()
-                    h = tracking.harvest(m, full=_member_parent(parent, m) is None)
-                    res.harvest_s += time.perf_counter() - t0
-                    _check_readable(m.pid, h.unreadable, allow_unreadable, res.warnings)
-                except NoSuchProcess:
-                    if final or m.pid == pid:
-                        raise
-                    log.info("pid %d exited during the iteration: left out", m.pid)  # not part of the tree now
-                    continue
-                res.warnings.extend(h.warnings)
-                harvested.append((i, m, h))
+            with freeze.Attaching():  # the processes new to tracking are attached by one ptrace agent
+                for i, m in enumerate(members):
+                    try:
+                        t0 = time.perf_counter()
+                        h = tracking.harvest(m, full=_member_parent(parent, m) is None)
+                        res.harvest_s += time.perf_counter() - t0
+                        _check_readable(m.pid, h.unreadable, allow_unreadable, res.warnings)
+                    except NoSuchProcess:
+                        if final or m.pid == pid:
+                            raise
+                        log.info("pid %d exited during the iteration: left out", m.pid)  # not part of the tree now
+                        continue
+                    res.warnings.extend(h.warnings)
+                    harvested.append((i, m, h))
             objs = shared.collect([(m, h) for _, m, h in harvested])
             for k, (i, m, h) in enumerate(harvested):
                 last = k == len(harvested) - 1 and not objs

@@ -124,10 +124,31 @@ def meta_json(meta: dict) -> bytes:
     return (head[: -len(tail)] + '"processes": ' + json.dumps(meta["processes"]) + "\n}").encode()
 
 
+_meta_cache: dict[str, tuple[tuple[int, int, int, int], dict]] = {}
+
+
 def read_meta(path: str) -> dict | None:
-    """wpdump's metadata of the iteration in ``path`` (None when it is not ours)."""
-    if not os.path.lexists(os.path.join(path, META_FILE)):
+    """wpdump's metadata of the iteration in ``path`` (None when it is not ours). Parsed once per file version:
+    a tree's file lists every process, and each process's image is loaded on its own."""
+    name = os.path.join(path, META_FILE)
+    try:
+        st = os.lstat(name)
+    except FileNotFoundError:
         return None
+    except OSError as e:
+        raise ChainError(f"{name}: {e.strerror}", errno=e.errno) from None
+    sig = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    hit = _meta_cache.get(name)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    meta = _parse_meta(path)
+    if len(_meta_cache) > 64:
+        _meta_cache.clear()
+    _meta_cache[name] = (sig, meta)
+    return meta
+
+
+def _parse_meta(path: str) -> dict:
     try:
         meta = json.loads(read_image_file(path, META_FILE))
         if not isinstance(meta, dict) or meta.get("format") not in META_FORMATS:

@@ -106,8 +106,8 @@ def _serve(sock: socket.socket, pid: int, mask: set[signal.Signals]) -> None:
             finally:
                 if out >= 0:
                     os.close(out)
-            if (op == "release" or op == "seize") and not seized:
-                return
+            if (op == "release" and "pid" not in header) or (op == "seize" and header.get("first") and not seized):
+                return  # released everything, or the first seize failed
     finally:
         for s in seized.values():
             s.release()
@@ -137,7 +137,7 @@ class Agent:
             theirs.close()
             self.sock = ours
         try:
-            self.request("seize", all=all_threads)
+            self.request("seize", all=all_threads, first=True)
         except BaseException:
             self.released = True  # the agent exits after a failed seize
             self.close()
@@ -175,6 +175,12 @@ class Agent:
     def rseq_areas(self, pid: int | None = None) -> list[tuple[int, int]]:
         h, _ = self.request("rseq", pid=pid or self.pid)
         return [tuple(a) for a in h["areas"]]
+
+    def release_one(self, pid: int) -> None:
+        """Detach from one process; the agent stays for the others (and for more seizes)."""
+        self.request("release", pid=pid, leave_stopped=False)
+        if pid in self.pids:
+            self.pids.remove(pid)
 
     def release(self, leave_stopped: bool = False) -> None:
         """Detach from every seized process (left in a group stop with ``leave_stopped``); the agent exits."""

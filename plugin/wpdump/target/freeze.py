@@ -147,5 +147,34 @@ def open_userfaultfd(pid: int, pidfd: int = -1) -> int:
     fr = active(pid)
     if fr is not None:
         return fr.agent.userfaultfd(pid)
+    if _attaching:
+        ag = _attaching[-1].agent
+        if ag is None:
+            ag = _attaching[-1].agent = Agent(pid, all_threads=False)
+        else:
+            ag.seize(pid, all_threads=False)
+        try:
+            return ag.userfaultfd(pid)
+        finally:
+            ag.release_one(pid)
     with Agent(pid, all_threads=False) as ag:
         return ag.userfaultfd()
+
+
+class Attaching:
+    """While open, the attaches of this process share one ptrace agent (a tree: one fork, not one per process)."""
+
+    def __init__(self) -> None:
+        self.agent: Agent | None = None
+
+    def __enter__(self) -> Attaching:
+        _attaching.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _attaching.remove(self)
+        if self.agent is not None:
+            self.agent.close()
+
+
+_attaching: list[Attaching] = []

@@ -111,7 +111,7 @@ class RegionBuffer:
 
     def __init__(self, capacity: int = 1 << 16) -> None:
         self.capacity = capacity
-        self.array = np.zeros(capacity, dtype=REGION_DTYPE)
+        self.array = np.empty(capacity, dtype=REGION_DTYPE)  # only the regions the kernel reports are read
         self.cdata = ffi.cast("struct wpd_region *", self.array.ctypes.data)
         self.walk_end = ffi.new("uint64_t *")
 
