@@ -59,7 +59,7 @@ def _other_files(top_path: str, rewritten: set[str]) -> list[str]:
             shm_pages.add(images.pages_file_name(pages_id))
     names = []
     for name in sorted(os.listdir(top_path)):
-        if name in skip:
+        if name in skip or name.startswith("."):  # hidden: no image (the hook's replaced files on their way out)
             continue
         shm = re.fullmatch(r"pagemap-shmem-\d+\.img", name) or name in shm_pages
         if not shm and re.fullmatch(r"pagemap-.*\.img|pages-\d+\.img", name):

@@ -15,6 +15,7 @@ why, exits 0.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -155,15 +156,27 @@ def rewrite(
     return res
 
 
-def _remove_detached(paths: list[str]) -> None:
-    """Remove CRIU's pages files after its frozen window: each renamed aside now (microseconds), then unlinked by
-    one process of its own that outlives the hook (CRIU waits for the hook alone). Unlinking them inside the
-    window cost 1.3 s for 8 GiB here (ext4 frees every block), 50 ms for 1 GiB."""
+def _unlink_all(paths: list[str]) -> None:
+    for p in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(p)
+
+
+def move_aside(paths: list[str]) -> list[str]:
+    """Rename files to be removed to hidden names (no image reader lists them); returns the new paths."""
     trash = []
     for path in paths:
         t = os.path.join(os.path.dirname(path), f".wpdump-unlink-{os.path.basename(path)}".removesuffix(".img"))
         os.rename(path, t)
         trash.append(t)
+    return trash
+
+
+def _remove_detached(paths: list[str]) -> None:
+    """Remove CRIU's pages files after its frozen window: each renamed aside now (microseconds), then unlinked by
+    one process of its own that outlives the hook (CRIU waits for the hook alone). Unlinking them inside the
+    window cost 1.3 s for 8 GiB here (ext4 frees every block), 50 ms for 1 GiB."""
+    trash = move_aside(paths)
     if not trash:
         return
     try:
@@ -197,9 +210,10 @@ def _check_sample(src: int, entries: np.ndarray, chain: list, parent: np.ndarray
             )
 
 
-def run_hook(env: dict[str, str] | None = None, out=sys.stderr) -> int:
+def run_hook(env: dict[str, str] | None = None, out=sys.stderr, standby: bool = False) -> int:
     """The action-script entry point: acts on ``pre-dump`` and ``post-dump``; always returns 0 (CRIU's
-    dump must complete: at worst it stays a full dump)."""
+    dump must complete: at worst it stays a full dump). With ``standby``, the pre-dump action leaves a process
+    ready (everything imported, the chains loaded) to do the post-dump work when asked (hook_entry.py)."""
     env = dict(os.environ if env is None else env)
     action = env.get("CRTOOLS_SCRIPT_ACTION")
     if action not in ("pre-dump", "post-dump"):
@@ -211,12 +225,25 @@ def run_hook(env: dict[str, str] | None = None, out=sys.stderr) -> int:
         print("wpdump criu-hook: no CRTOOLS_IMAGE_DIR / CRTOOLS_INIT_PID: not run by criu dump?", file=out)
         return 0
     if action == "pre-dump":
-        return _pre_dump(root, out)
+        rc = _pre_dump(root, out)
+        if standby:
+            from .hook_standby import start
+
+            start(images_dir, root, out)
+        return rc
+    post_dump(images_dir, root, out)
+    return 0
+
+
+def post_dump(images_dir: str, root: int, out, chains: dict | None = None,
+              after: contextlib.ExitStack | None = None) -> None:
+    """The post-dump work: every process's pagemap rewritten (or left as CRIU wrote it), one line each
+    (``chains``, ``after``: see hook_tree)."""
     try:
-        results, skipped = hook_tree(images_dir, root)
+        results, skipped = hook_tree(images_dir, root, chains, after)
     except (WpdumpError, OSError) as e:
         print(f"wpdump criu-hook: pid {root}: left CRIU's full images as they are: {e}", file=out, flush=True)
-        return 0
+        return
     for vpid, why in skipped:
         print(f"wpdump criu-hook: process {vpid}: left CRIU's full images as they are: {why}", file=out, flush=True)
     for res in results:
@@ -225,7 +252,6 @@ def run_hook(env: dict[str, str] | None = None, out=sys.stderr) -> int:
             f"{res.parent}, {res.pages_present} kept ({res.bytes_after / 2**20:.1f} of "
             f"{res.bytes_before / 2**20:.1f} MiB) in {res.seconds * 1e3:.1f} ms", file=out, flush=True,
         )
-    return 0
 
 
 def _pre_dump(pid: int, out) -> int:
@@ -258,16 +284,24 @@ def unmark(pid: int) -> int | None:
         return n
 
 
-def hook_tree(images_dir: str, root: int) -> tuple[list[HookResult], list[tuple[int, str]]]:
+def hook_tree(
+    images_dir: str, root: int, chains: dict[tuple[str, int], list] | None = None,
+    after: contextlib.ExitStack | None = None,
+) -> tuple[list[HookResult], list[tuple[int, str]]]:
     """Rewrite CRIU's pagemap of every process of the tree rooted at ``root`` that wpdump tracked since its last
-    iteration; returns the results and the (vpid, why) of the processes left as CRIU wrote them."""
+    iteration; returns the results and the (vpid, why) of the processes left as CRIU wrote them. ``chains``:
+    loaded before the freeze. ``after``: what can wait until CRIU's frozen window is over is left to it (closing
+    the trackers, when the last close of a userfaultfd drops the write-protection of a whole tree; removing
+    CRIU's replaced pages files)."""
     st = check_alive(root)
     ks = KeeperSession.connect(root)
     if ks is None:
         raise HookSkipped(f"pid {root} is not tracked by wpdump (no keeper)", pid=root, errno=errno.ENOENT)
     results: list[HookResult] = []
     skipped: list[tuple[int, str]] = []
-    with ks:
+    own = contextlib.ExitStack()
+    (own if after is None else after).enter_context(ks)
+    with own:
         status = ks.status()
         top_dir = status.get("images_dir") or ""
         if not top_dir or not os.path.isdir(top_dir):
@@ -298,7 +332,8 @@ def hook_tree(images_dir: str, root: int) -> tuple[list[HookResult], list[tuple[
                     continue
                 criu_vpids.discard(vpid)
                 try:
-                    results.append(rewrite(images_dir, vpid, top_dir, tr, load_chain(top_dir, vpid), next_id,
+                    chain = (chains or {}).get((top_dir, vpid)) or load_chain(top_dir, vpid)
+                    results.append(rewrite(images_dir, vpid, top_dir, tr, chain, next_id,
                                            finish=False))
                     next_id += 1
                 except (HookSkipped, ChainError) as e:
@@ -307,9 +342,14 @@ def hook_tree(images_dir: str, root: int) -> tuple[list[HookResult], list[tuple[
             if not results:
                 os.unlink(link)
             _fsync_dir(images_dir)  # every new pagemap (and the link) durable before CRIU's pages files go
-            _remove_detached([r.replaced for r in results])
+            if after is None:
+                _remove_detached([r.replaced for r in results])
+            else:
+                after.callback(_unlink_all, move_aside([r.replaced for r in results]))
         skipped.extend((v, "not tracked by wpdump since its last iteration") for v in sorted(criu_vpids))
-        ks.untrack()  # the final dump: tracking ends (the harvests above consumed the dirty sets)
+        # the final dump: tracking ends (the harvests above consumed the dirty sets). Not waited for: dropping the
+        # write-protection of a big tree takes the keeper tens of ms a GiB, which CRIU's frozen window need not hold
+        ks.untrack(wait=False)
     return results, skipped
 
 

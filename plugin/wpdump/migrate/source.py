@@ -100,7 +100,7 @@ def send_iteration(sk: socket.socket, path: str, n: int, final: bool) -> Sent:
         full = os.path.join(path, name)
         st = os.lstat(full)
         if ps.dst_id_of(name) is not None or _PAGES.fullmatch(name) or not stat.S_ISREG(st.st_mode) \
-                or name.endswith(".log"):
+                or name.endswith(".log") or name.startswith("."):  # hidden: the hook's files on their way out
             continue
         wp.check_name(name)
         raw = name.encode()

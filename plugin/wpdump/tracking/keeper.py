@@ -371,9 +371,12 @@ class Keeper:
         self._request({"op": "checkin", "iteration": iteration, "images_dir": images_dir, "kind": kind,
                        "members": rows}, b"".join(m.state for m in members), tuple(m.uffd for m in members))
 
-    def untrack(self) -> None:
-        """End tracking: the keeper closes the userfaultfd (the target runs unprotected) and exits."""
+    def untrack(self, wait: bool = True) -> None:
+        """End tracking: the keeper closes the userfaultfds (the tree runs unprotected) and exits; ``wait`` for
+        that (without, the caller goes on while the kernel drops the write-protection: tens of ms a GiB)."""
         self._request({"op": "untrack"})
+        if not wait:
+            return
         # Wait for the keeper process to end: its exit closes this connection, after the userfaultfd (so that a
         # new tracker of this pid finds no registration left, and a new keeper can bind the socket).
         self.sock.settimeout(10)

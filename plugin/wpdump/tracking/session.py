@@ -67,10 +67,10 @@ class KeeperSession:
         self.keeper.checkin(_members(trackers), iteration, images_dir, kind=kind)
         self.checked_out = None
 
-    def untrack(self, quiet: bool = False) -> None:
-        """End tracking (``quiet``: a keeper that is gone or fails already ended it)."""
+    def untrack(self, quiet: bool = False, wait: bool = True) -> None:
+        """End tracking (``quiet``: a keeper that is gone or fails already ended it; ``wait``: until it exited)."""
         try:
-            self.keeper.untrack()
+            self.keeper.untrack(wait)
         except keeper.KeeperError:
             if not quiet:
                 raise
