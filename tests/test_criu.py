@@ -108,15 +108,18 @@ def decode_all(d: pathlib.Path, crits: list[pathlib.Path]) -> int:
     return n
 
 
-def assert_no_standby(timeout: float = 10) -> None:
-    """No criu-hook standby (an abstract unix socket @wpdump-criu-hook-...) outlives the dump."""
+def assert_no_standby(images_dir: pathlib.Path, pid: int, timeout: float = 10) -> None:
+    """The criu-hook standby of this dump (its abstract unix socket) does not outlive the dump."""
+    from wpdump.dump.hook_entry import socket_name
+
+    name = "@" + socket_name(os.path.realpath(images_dir), pid)[1:].decode()
     deadline = time.time() + timeout
     while time.time() < deadline:
         with open("/proc/net/unix") as f:
-            if "@wpdump-criu-hook-" not in f.read():
+            if not any(line.split()[-1] == name for line in f.read().splitlines()[1:] if len(line.split()) > 7):
                 return
         time.sleep(0.01)
-    raise AssertionError("a criu-hook standby is still listening")
+    raise AssertionError(f"the criu-hook standby {name} is still listening")
 
 
 def rss_kib(pid: int) -> int:
@@ -159,7 +162,7 @@ def test_criu_restores_from_the_hooked_final_dump_and_the_wpdump_chain(selfcheck
     # the post-dump work was done by the standby the pre-dump step left (no start-up in the frozen window),
     # which is gone with the dump
     assert "post-dump done by the standby" in log, log[-3000:]
-    assert_no_standby()
+    assert_no_standby(final, w.pid)
     assert os.readlink(final / "parent") == "../2"
     in_parent, present = pages(final, w.pid, PE_PARENT), pages(final, w.pid, PE_PRESENT)
     assert in_parent >= 4096 - 512, (in_parent, present)  # most of the 16 MiB comes from the chain
@@ -193,7 +196,7 @@ def test_hook_fails_safe_when_tracking_was_lost(selfcheck_exe, tmp_path):
     criu("dump", "-t", w.pid, "-D", final, "-o", "dump.log", "-v4", "--action-script", HOOK)
     log = (final / "dump.log").read_text()
     assert "left CRIU's full images" in log and "not tracked" in log, log[-3000:]
-    assert_no_standby()
+    assert_no_standby(final, w.pid)
     assert not os.path.lexists(final / "parent")
     assert pages(final, w.pid, PE_PARENT) == 0 and pages(final, w.pid, PE_PRESENT) >= 4096
     restore_and_check(final, w)
