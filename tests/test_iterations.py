@@ -132,8 +132,17 @@ def test_tracking_survives_between_invocations_and_untrack_ends_it(target, tmp_p
     assert r.incremental and r.pages_written < 32
     assert iteration.untrack(target.pid)
     assert iteration.status() == []
-    with open(f"/proc/{target.pid}/smaps") as f:
-        assert " uw" not in f.read()  # no VMA is registered with a userfaultfd any more
+    # no VMA is registered with a userfaultfd any more. Once in ~7 loaded CI runs one VMA still showed "uw" right
+    # after untrack returned (unexplained; the kernel drops the registration with the last reference to the
+    # userfaultfd): a registration that stays 5 s is a leaked reference, and fails
+    deadline = time.monotonic() + 5
+    while True:
+        with open(f"/proc/{target.pid}/smaps") as f:
+            smaps = f.read()
+        if " uw" not in smaps or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert " uw" not in smaps
     target.cmd("poke", hex(a), "8")
     r = pre_dump_stopped(target.pid, tmp_path / "3", "../2")
     assert not r.incremental and r.warnings  # tracking was ended: a full iteration, with a warning

@@ -81,6 +81,8 @@ class Thread:
         r = lib.wpd_ptrace_seize(self.tid, PTRACE_O_TRACESYSGOOD)
         if r == -errno.ESRCH:
             raise ThreadGone
+        if r == -errno.EPERM and thread_state(self.pid, self.tid) in ("Z", "X", "x"):
+            raise ThreadGone  # ptrace_attach refuses a task that already exited (exit_state set) with EPERM
         if r == -errno.EPERM and tracer_of(self.pid):
             raise AccessDenied(f"pid {self.pid} is already traced by pid {tracer_of(self.pid)} (a debugger?)",
                                pid=self.pid, errno=-r)
