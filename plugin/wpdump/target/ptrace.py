@@ -82,7 +82,7 @@ class Thread:
         if r == -errno.ESRCH:
             raise ThreadGone
         if r == -errno.EPERM and thread_state(self.pid, self.tid) in ("Z", "X", "x"):
-            raise ThreadGone  # ptrace_attach refuses a task that already exited (exit_state set) with EPERM
+            raise ThreadGone  # a task that already exited is refused with EPERM (docs/kernel.md rule 34)
         if r == -errno.EPERM and tracer_of(self.pid):
             raise AccessDenied(f"pid {self.pid} is already traced by pid {tracer_of(self.pid)} (a debugger?)",
                                pid=self.pid, errno=-r)

@@ -101,7 +101,7 @@ def read_tree(root: int, single: bool = False) -> list[Member]:
                 continue
             if m is not None and _shares_mm(parent, c):
                 # a vfork (CLONE_VM) child runs in its parent's address space until it execs or exits: that
-                # memory is the parent's, tracked and dumped there (a second tracker of it would be refused)
+                # memory is the parent's, tracked and dumped there (docs/kernel.md rule 34)
                 log.info("pid %d shares the address space of its parent %d (vfork): dumped with it", c, parent)
                 continue
             if m is not None:
