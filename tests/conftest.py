@@ -7,6 +7,7 @@ import pathlib
 import signal
 import subprocess
 import time
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -17,6 +18,14 @@ TARGETS = pathlib.Path(__file__).parent / "targets"
 PAGE = ranges.PAGE
 
 
+def unavailable(reason: str) -> NoReturn:
+    """Skip a test where this machine lacks what it needs (``reason`` names it); in CI, where nothing may be
+    lacking, fail instead."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}: CI machines must have it")
+    pytest.skip(reason)
+
+
 def require_kernel() -> None:
     """Skip (naming the feature) only where the kernel truly lacks it; in CI a lack is a failure."""
     try:
@@ -24,9 +33,7 @@ def require_kernel() -> None:
     except Exception as e:  # noqa: BLE001 - no userfaultfd at all
         missing = [f"userfaultfd ({e})"]
     if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"kernel lacks {missing[0]}: CI machines must have it")
-        pytest.skip(f"kernel lacks {missing[0]}")
+        unavailable(f"kernel lacks {missing[0]}")
 
 
 @pytest.fixture(scope="session")

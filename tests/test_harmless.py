@@ -13,7 +13,7 @@ import time
 
 import pytest
 from chaincheck import compare_with_memory
-from conftest import compile_target, default_sigint, require_kernel
+from conftest import compile_target, default_sigint, require_kernel, unavailable
 from wpdump.dump import iteration
 
 PAGE = 4096
@@ -356,9 +356,7 @@ def test_32bit_target_is_named(build_dir, tmp_path):
     r = subprocess.run(["gcc", "-m32", "-O1", "-o", str(exe), os.path.join(os.path.dirname(__file__), "targets",
                         "seccomp.c")], capture_output=True, text=True)
     if r.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail(f"gcc -m32 failed (tools/setup installs gcc-multilib): {r.stderr}")
-        pytest.skip("gcc -m32 unavailable (gcc-multilib)")
+        unavailable(f"gcc -m32 failed (tools/setup installs gcc-multilib): {r.stderr}")
     p = start(exe, "none")
     try:
         one_line_error(wpdump("pre-dump", "-t", p.pid, "-D", tmp_path / "v"), "32-bit processes are not supported")

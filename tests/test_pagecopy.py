@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 from chaincheck import PE_PRESENT, compare_with_memory, load_pagemap
+from conftest import unavailable
 from wpdump import ranges
 from wpdump.chainops import verify
 from wpdump.dump import iteration, pages
@@ -120,7 +121,7 @@ def test_unreadable_mapped_pages_fail_loudly(target, tmp_path):
     reply = t.proc.stdout.readline().split()
     if reply[0] != "ok":
         if reply[1:] == ["38"]:  # ENOSYS: CONFIG_SECRETMEM off, or secretmem.enable=0
-            pytest.skip("kernel lacks memfd_secret")
+            unavailable("kernel lacks memfd_secret")
         raise AssertionError(reply)
     s = int(reply[1], 16)
     b = t.map(8)
