@@ -70,6 +70,26 @@ def wait_idle(pid: int) -> None:
     raise AssertionError(f"target {pid} never went idle")
 
 
+class ResultLines:
+    """A self-checking workload's result file (``self.result``: lines it appends, e.g. "ok TICKS", "FAIL ...")."""
+
+    result: pathlib.Path
+    wait_timeout = 30.0
+
+    def lines(self) -> list[str]:
+        return self.result.read_text().splitlines() if self.result.exists() else []
+
+    def wait_line(self, prefix: str, after: int = 0, timeout: float | None = None) -> str:
+        """The first line after line ``after`` starting with ``prefix`` (or FAIL, which the caller checks)."""
+        deadline = time.time() + (timeout or self.wait_timeout)
+        while time.time() < deadline:
+            for ln in self.lines()[after:]:
+                if ln.startswith(prefix) or ln.startswith("FAIL"):
+                    return ln
+            time.sleep(0.01)
+        raise AssertionError(f"no {prefix!r} from the workload: {self.lines()[-5:]}")
+
+
 class Target:
     """A running memtarget: send a command, get the reply fields."""
 

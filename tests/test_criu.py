@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 from chaincheck import PE_PARENT, PE_PRESENT, load_pagemap
-from conftest import Target, compile_target, copied_pages, page_set, require_kernel, zero_pages
+from conftest import ResultLines, Target, compile_target, copied_pages, page_set, require_kernel, zero_pages
 from wpdump import ranges
 from wpdump.dump import iteration
 from wpdump.target import uffd
@@ -32,8 +32,10 @@ def selfcheck_exe(build_dir):
     return compile_target("selfcheck", build_dir)
 
 
-class Workload:
+class Workload(ResultLines):
     """selfcheck: writes its memory continuously, verifies it against its own checksums on SIGUSR1."""
+
+    wait_timeout = 10.0
 
     def __init__(self, exe, tmp: pathlib.Path, mib: int = 16, reserve_mib: int = 0, memfd_pages: int = 0) -> None:
         self.result = tmp / "result"
@@ -43,18 +45,7 @@ class Workload:
         self.pid = self.proc.pid
         self.wait_line("ready")
 
-    def lines(self) -> list[str]:
-        return self.result.read_text().splitlines() if self.result.exists() else []
 
-    def wait_line(self, prefix: str, after: int = 0, timeout: float = 10) -> str:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            new = self.lines()[after:]
-            for ln in new:
-                if ln.startswith(prefix) or ln.startswith("FAIL"):
-                    return ln
-            time.sleep(0.01)
-        raise AssertionError(f"no {prefix!r} from the workload: {self.lines()}")
 
     def self_check(self) -> str:
         n = len(self.lines())

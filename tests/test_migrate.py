@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import compile_target, require_kernel
+from conftest import ResultLines, compile_target, require_kernel
 from wpdump.errors import ProtocolError
 from wpdump.images import format as images
 from wpdump.migrate import pageserver as ps
@@ -73,7 +73,7 @@ def selfcheck_exe(build_dir):
     return compile_target("selfcheck", build_dir)
 
 
-class Workload:
+class Workload(ResultLines):
     """selfcheck in its own pid namespace (as a container's init) on the src host: writes its pages all the time,
     checks them against its own checksums on SIGUSR1."""
 
@@ -86,17 +86,7 @@ class Workload:
         with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
             [self.pid] = [int(x) for x in f.read().split()]
 
-    def lines(self) -> list[str]:
-        return self.result.read_text().splitlines() if self.result.exists() else []
 
-    def wait_line(self, prefix: str, after: int = 0, timeout: float = 30) -> str:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            for ln in self.lines()[after:]:
-                if ln.startswith(prefix) or ln.startswith("FAIL"):
-                    return ln
-            time.sleep(0.01)
-        raise AssertionError(f"no {prefix!r} from the workload: {self.lines()[-5:]}")
 
     def self_check(self, pid: int) -> int:
         """SIGUSR1 to ``pid`` (the source or the restored copy): it must answer "ok TICKS"; returns TICKS."""

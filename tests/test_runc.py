@@ -20,7 +20,7 @@ import time
 
 import pytest
 from chaincheck import PE_PARENT, PE_PRESENT
-from conftest import TARGETS, require_kernel
+from conftest import TARGETS, ResultLines, require_kernel
 from test_criu import decode_all
 from wpdump.criu_pb import rpc_pb2
 from wpdump.images import format as images
@@ -59,7 +59,7 @@ def rootfs(tmp_path_factory) -> pathlib.Path:
     return root
 
 
-class Container:
+class Container(ResultLines):
     """A runc container running selfcheck; runc's state under the test's own --root."""
 
     def __init__(self, tmp: pathlib.Path, rootfs: pathlib.Path, netns: bool, mib: int = MIB,
@@ -102,17 +102,7 @@ class Container:
         p = subprocess.run(["runc", "--root", str(self.state), "state", self.id], capture_output=True, text=True)
         return json.loads(p.stdout) if p.returncode == 0 else {}
 
-    def lines(self) -> list[str]:
-        return self.result.read_text().splitlines() if self.result.exists() else []
 
-    def wait_line(self, prefix: str, after: int = 0, timeout: float = 30) -> str:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            for ln in self.lines()[after:]:
-                if ln.startswith(prefix) or ln.startswith("FAIL"):
-                    return ln
-            time.sleep(0.01)
-        raise AssertionError(f"no {prefix!r} from the container: {self.lines()}")
 
     def signal(self, sig: str, prefix: str) -> str:
         n = len(self.lines())

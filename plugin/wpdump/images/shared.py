@@ -53,7 +53,7 @@ class SharedImages:
         got = self._objects.get(shmid)
         if got is None:
             name = shmem_pagemap_file_name(shmid)
-            from .chain import read_image_file  # chain imports this module
+            from .chain import read_image_file
 
             try:
                 pages_id, entries = images.decode_pagemap(read_image_file(self.path, name),
@@ -94,11 +94,13 @@ class SharedImages:
             ok = offs >= 0
             if not ok.any():
                 continue
+            from .chain import file_runs  # chain imports this module
+
+            firsts, counts, starts = file_runs(rows[sel[ok]], offs[ok])
             fd = _open(pages_path)
-            try:
-                for r, off in zip(rows[sel[ok]].tolist(), offs[ok].tolist(), strict=True):
-                    got = os.preadv(fd, [memoryview(flat[r * PAGE : (r + 1) * PAGE])], off)
-                    if got != PAGE:
+            try:  # one read per run of pages consecutive in the rows and in the pages file
+                for r, n, off in zip(firsts.tolist(), counts.tolist(), starts.tolist(), strict=True):
+                    if os.preadv(fd, [memoryview(flat[r * PAGE : (r + n) * PAGE])], off) != n * PAGE:
                         raise ChainError(f"{pages_path}: truncated at offset {off}", errno=errno.EINVAL)
             finally:
                 os.close(fd)
