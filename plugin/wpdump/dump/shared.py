@@ -7,6 +7,7 @@ whichever process that is, and stored once however many processes map it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -102,13 +103,10 @@ def _pieces(maps: list[Mapping]) -> list[tuple[int, np.ndarray]]:
             assigned = ranges.union(assigned, own)
             rows.extend((int(s), int(e), i) for s, e in own)
     rows.sort()
-    out: list[tuple[int, np.ndarray]] = []
-    for s, e, i in rows:  # consecutive runs through one mapping are read in one go
-        if out and out[-1][0] == i:
-            out[-1] = (i, np.vstack((out[-1][1], np.array([[s, e]], dtype=np.uint64))))
-        else:
-            out.append((i, np.array([[s, e]], dtype=np.uint64)))
-    return out
+    return [  # consecutive runs through one mapping are read in one go
+        (i, np.array([(s, e) for s, e, _ in group], dtype=np.uint64))
+        for i, group in itertools.groupby(rows, key=lambda row: row[2])
+    ]
 
 
 def _write_object(st: imgdir.Staging, shmid: int, pages_id: int, maps: list[Mapping], res: SharedResult,
