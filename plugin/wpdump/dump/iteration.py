@@ -219,33 +219,36 @@ def run(
             procs: dict[str, dict] = {}
             done: list[Member] = []
             incremental = parent is not None
-            harvested: list[tuple[int, Member, Harvest]] = []
+            harvested: list[tuple[int, Member, Harvest, Iteration | None]] = []
+
+            def left_out(m: Member) -> None:
+                """A process that exited during a pre-dump is not part of the tree any more; else it is an error."""
+                if final or m.pid == pid:
+                    raise
+                log.info("pid %d exited during the iteration: left out", m.pid)
+
             with freeze.Attaching():  # the processes new to tracking are attached by one ptrace agent
                 for i, m in enumerate(members):
+                    mp = _member_parent(parent, m)
                     try:
                         t0 = time.perf_counter()
-                        h = tracking.harvest(m, full=_member_parent(parent, m) is None)
+                        h = tracking.harvest(m, full=mp is None)  # nothing to refer to: all its pages
                         res.harvest_s += time.perf_counter() - t0
                         _check_readable(m.pid, h.unreadable, allow_unreadable, res.warnings)
                     except NoSuchProcess:
-                        if final or m.pid == pid:
-                            raise
-                        log.info("pid %d exited during the iteration: left out", m.pid)  # not part of the tree now
+                        left_out(m)
                         continue
                     res.warnings.extend(h.warnings)
-                    harvested.append((i, m, h))
-            objs = shared.collect([(m, h) for _, m, h in harvested])
-            for k, (i, m, h) in enumerate(harvested):
+                    harvested.append((i, m, h, mp))
+            objs = shared.collect([(m, h) for _, m, h, _ in harvested])
+            for k, (i, m, h, mp) in enumerate(harvested):
                 last = k == len(harvested) - 1 and not objs
+                inc = mp is not None and tracking.incremental(m)
                 try:
-                    mp = _member_parent(parent, m)
-                    inc = tracking.incremental(m) and mp is not None
-                    stats = _write_images(st, m, i + 1, h, res, mp.ranges() if inc and mp else None, progress,
+                    stats = _write_images(st, m, i + 1, h, res, mp.ranges() if inc else None, progress,
                                           thaw if final and last else None)
                 except NoSuchProcess:
-                    if final or m.pid == pid:
-                        raise
-                    log.info("pid %d exited during the iteration: left out", m.pid)
+                    left_out(m)
                     st.remove(images.pages_file_name(i + 1))
                     continue
                 incremental = incremental and (inc or mp is None)  # a process new since the parent is full
@@ -258,7 +261,7 @@ def run(
                              for v in h.vmas],
                     "lost": [[v.start, v.end, v.path] for v in h.unreadable],
                 }
-            gone = {m.pid for _, m, _ in harvested} - {m.pid for m in done}
+            gone = {m.pid for _, m, _, _ in harvested} - {m.pid for m in done}
             objs = {k: [mp for mp in maps if mp.member.pid not in gone] for k, maps in objs.items()}
             sh = shared.write_objects(st, {k: v for k, v in objs.items() if v}, len(members) + 1, progress,
                                       strict=final, frozen=thaw if final else None)
