@@ -164,3 +164,23 @@ def wait_state(pid: int, want: str) -> None:
             return
         time.sleep(0.01)
     raise AssertionError(f"pid {pid} never reached state {want}")
+
+
+def test_seizing_a_process_that_just_exited_is_thread_gone_not_permission_denied():
+    """docs/kernel.md rule 34: ptrace(PTRACE_SEIZE) of a zombie fails with EPERM, not ESRCH; a process of a tree that
+    exits as the freeze seizes it must read as gone (it failed a dump in a fork/exit storm as 'permission denied')."""
+    from wpdump import _native
+    from wpdump.target.process import read_stat
+    from wpdump.target.ptrace import Thread, ThreadGone
+
+    p = subprocess.Popen(["true"])
+    try:
+        deadline = time.time() + 10
+        while read_stat(p.pid).state != "Z":  # exited, not reaped: a zombie
+            assert time.time() < deadline
+            time.sleep(0.005)
+        assert _native.lib.wpd_ptrace_seize(p.pid, 0) == -1  # -EPERM: the kernel's answer the code must read
+        with pytest.raises(ThreadGone):
+            Thread(p.pid, p.pid).seize()
+    finally:
+        p.wait()
