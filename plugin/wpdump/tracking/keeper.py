@@ -124,8 +124,28 @@ class _Held:
 
 
 def _serve(held: _Held, listener: socket.socket, pidfd: int, path: str) -> str:
-    """Answer requests until the keeper must exit; returns why."""
+    """Answer requests until the keeper must exit; returns why, with the userfaultfds closed and the socket
+    unlinked before the connections close: an untrack waits for its connection's end to know both are done."""
     conns: list[socket.socket] = []
+    try:
+        return _answer(held, listener, pidfd, conns)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        _release(held)
+        for c in conns:
+            c.close()
+
+
+def _release(held: _Held) -> None:
+    """Close every userfaultfd: the kernel drops each write-protection before close() returns (the release runs
+    in this task), so the tree runs on unprotected."""
+    for m in held.members:
+        os.close(m.uffd)
+    held.members = []
+
+
+def _answer(held: _Held, listener: socket.socket, pidfd: int, conns: list[socket.socket]) -> str:
     while True:
         ready, _, _ = select.select([listener, pidfd, *conns], [], [])
         if pidfd in ready:
@@ -259,10 +279,6 @@ def keeper_main(argv: list[str] | None = None) -> int:
     try:
         why = _serve(held, listener, pidfd, path)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        for m in held.members:
-            os.close(m.uffd)  # the kernel drops every write-protection: the process runs on unprotected
         print(f"{time.strftime('%F %T')} keeper of pid {a.pid} exits: {why}", file=sys.stderr, flush=True)
     # a clean exit leaves nothing behind (an exception above leaves its traceback in the log)
     with contextlib.suppress(OSError):
