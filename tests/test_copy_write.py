@@ -1,5 +1,6 @@
 """The page copy/write path of an iteration (pages.copy_and_write): batches, reader threads, the writer
-thread with O_DIRECT, zero pages left out, ranges that vanished skipped; the file holds exactly the pages."""
+thread (both kept for the process's life) with O_DIRECT, small copies in the caller's thread, zero pages left
+out, ranges that vanished skipped; the file holds exactly the pages."""
 
 from __future__ import annotations
 
@@ -30,9 +31,14 @@ def test_batches_are_exact():
     assert ranges.batches(ranges.EMPTY, PAGE) == []
 
 
-@pytest.mark.parametrize("readers", [1, 2])
+@pytest.mark.parametrize("readers", [0, 1, 2])
 def test_copy_and_write(target, tmp_path, monkeypatch, readers):
-    monkeypatch.setattr(pages, "READERS", readers)
+    """``readers`` 0: a small copy, read then written in this thread (no batches)."""
+    if not readers:
+        monkeypatch.setattr(pages, "SINGLE_BYTES", 1 << 30)
+    else:
+        monkeypatch.setattr(pages, "SINGLE_BYTES", 0)
+    monkeypatch.setattr(pages, "READERS", max(readers, 1))
     monkeypatch.setattr(pages, "BUFFERS", readers + 2)
     monkeypatch.setattr(pages, "BATCH_BYTES", 8 * PAGE)  # many batches, every buffer reused
     monkeypatch.setattr(pages, "MIN_BATCH_BYTES", 8 * PAGE)

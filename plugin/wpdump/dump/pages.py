@@ -7,12 +7,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -32,6 +31,8 @@ MIN_BATCH_BYTES = 1 << 20
 READERS = min(2, os.cpu_count() or 1)
 BUFFERS = READERS + 2
 IOV_MAX = 1024
+# Copies up to this size are read, then written, in the calling thread: no hand-over between threads
+SINGLE_BYTES = 2 << 20
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
@@ -53,8 +54,8 @@ def _set_direct(fd: int, on: bool) -> bool:
         return False
 
 
-class _Writer:
-    """Appends batches of pages to the pages file in a thread, in order, while the next batches are read.
+class _Job:
+    """The pages file of one copy_and_write, as its write tasks see it.
 
     Writes use O_DIRECT where the filesystem allows it: the pages go from wpdump's buffer to the disk with no
     second copy into the page cache, and this VM's disk takes them at 1.4-3.3 GB/s against 0.3-1.8 GB/s
@@ -62,32 +63,13 @@ class _Writer:
     EINVAL turns O_DIRECT off and the write is retried buffered.
     """
 
-    def __init__(self, fd: int, what: str, threaded: bool = True) -> None:
-        """``threaded=False``: no thread, the caller writes with :meth:`write_now`."""
+    def __init__(self, fd: int, what: str) -> None:
         self.fd, self.what = fd, what
         self.direct = _set_direct(fd, True)
-        self.todo: queue.SimpleQueue = queue.SimpleQueue()
-        self.done: queue.SimpleQueue = queue.SimpleQueue()
-        self.error: BaseException | None = None
-        self.thread: threading.Thread | None = None
-        if threaded:
-            self.thread = threading.Thread(target=self._run, name="wpdump-writer", daemon=True)
-            self.thread.start()
+        self.stop = False  # a write failed, or the caller gave up: the batches still queued are skipped
 
-    def _run(self) -> None:
-        while True:
-            item = self.todo.get()
-            if item is None:
-                return
-            slot, read = item  # read: the Future of _read_batch's result
-            if self.error is None:
-                try:
-                    self._write(read.result()[0])
-                except BaseException as e:  # handed to the caller
-                    self.error = e
-            self.done.put(slot)
-
-    def _write(self, views: list[memoryview]) -> None:
+    def write(self, views: list[memoryview]) -> None:
+        """Append ``views`` (raises OSError, e.g. ENOSPC)."""
         i = 0
         while i < len(views):
             try:
@@ -108,34 +90,59 @@ class _Writer:
                     views[i] = views[i][n:]
                     n = 0
 
-    def write_now(self, views: list[memoryview]) -> None:
-        """Write in the caller's thread; an OSError described."""
+    def write_read(self, read: Future) -> None:
+        """The write task of one batch: append what ``read`` (a Future of _read_batch's result) read."""
+        if self.stop:
+            raise _Stopped()
         try:
-            self._write(views)
-        except OSError as e:
-            raise imgdir.describe_os_error(e, self.what) from None
-
-    def wait(self) -> int:
-        """The next buffer slot written (in submission order); raises the writer's error, described."""
-        slot = self.done.get()
-        if self.error is not None:
-            e = self.error
-            if isinstance(e, OSError):
-                raise imgdir.describe_os_error(e, self.what) from None
-            raise e
-        return slot
+            self.write(read.result()[0])
+        except BaseException:
+            self.stop = True
+            raise
 
     def close(self) -> None:
-        if self.thread is not None:
-            self.error = self.error or _Stopped()  # skip what is still queued
-            self.todo.put(None)
-            self.thread.join()
         if self.direct:
             _set_direct(self.fd, False)
 
 
 class _Stopped(Exception):
     pass
+
+
+def _described(f: Future, what: str) -> object:
+    """``f``'s result; an OSError of a write becomes one line naming the file ``what``."""
+    try:
+        return f.result()
+    except OSError as e:
+        raise imgdir.describe_os_error(e, what) from None
+
+
+# The reader and writer threads live as long as the process (started at the first copy that needs them):
+# starting them for each iteration cost more than the overlap saved on small copies. A forked child has
+# none of its parent's threads: it starts its own.
+_pool_lock = threading.Lock()
+_readers: ThreadPoolExecutor | None = None
+_writer: ThreadPoolExecutor | None = None
+
+
+def _pools() -> tuple[ThreadPoolExecutor | None, ThreadPoolExecutor]:
+    """(READERS reader threads, or None for one reader: the caller reads; the one writer thread)."""
+    global _readers, _writer
+    with _pool_lock:
+        if READERS > 1 and (_readers is None or _readers._max_workers != READERS):
+            _readers = ThreadPoolExecutor(READERS, thread_name_prefix="wpdump-reader")
+        if _writer is None:
+            _writer = ThreadPoolExecutor(1, thread_name_prefix="wpdump-writer")
+        return (_readers if READERS > 1 else None), _writer
+
+
+def _forget_pools() -> None:
+    global _readers, _writer, _pool_lock
+    _readers = _writer = None
+    _pool_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pools)
 
 
 _arena_lock = threading.Lock()
@@ -195,7 +202,8 @@ def copy_and_write(
     """Read ``copy`` (sorted, merged ranges) from the target batch by batch and append the pages to ``fd``.
 
     READERS threads read batches (memory.Reader: sharing left as it is; ``unreadable``: the ranges of VMAs
-    without read permission) while a thread writes those read before (see _Writer). Pages of anonymous VMAs
+    without read permission) while a thread writes those read before (see _Job); a copy of at most SINGLE_BYTES
+    is read, then written, in this thread. Pages of anonymous VMAs
     that read all zero are left out (absent means zero). Returns the ranges written, the pages dropped as zero,
     the seconds until every batch was read, and the seconds of writing after that (the two add up to the
     elapsed time).
@@ -203,7 +211,7 @@ def copy_and_write(
     total = ranges.total(copy)
     if not total:
         return ranges.EMPTY.copy(), 0, 0.0, 0.0
-    limit = _batch_size(total)
+    limit = total if total <= SINGLE_BYTES else _batch_size(total)
     batches = ranges.batches(copy, limit)
     nbuf = min(BUFFERS, len(batches))
     arena, shared = _take_arena(nbuf * limit)
@@ -220,15 +228,17 @@ def _single(
     reader: Reader, batch: np.ndarray, buf: np.ndarray, anon: np.ndarray, fd: int, what: str,
     progress: Progress | None, total: int,
 ) -> tuple[np.ndarray, int, float, float]:
-    """_pipeline of one batch, without threads."""
+    """_pipeline of one batch, in this thread: read, then written."""
     t0 = time.perf_counter()
     views, held, zero_pages = _read_batch(reader, batch, buf, anon)
     t1 = time.perf_counter()
-    writer = _Writer(fd, what, threaded=False)
+    job = _Job(fd, what)
     try:
-        writer.write_now(views)
+        job.write(views)
+    except OSError as e:
+        raise imgdir.describe_os_error(e, what) from None
     finally:
-        writer.close()
+        job.close()
     if progress is not None:
         progress(total, total)
     return ranges.merge(held), zero_pages, t1 - t0, time.perf_counter() - t1
@@ -238,12 +248,14 @@ def _pipeline(
     reader: Reader, batches: list[np.ndarray], bufs: list[np.ndarray], anon: np.ndarray, fd: int, what: str,
     progress: Progress | None, total: int,
 ) -> tuple[np.ndarray, int, float, float]:
-    """copy_and_write's work: READERS threads read ``batches`` into ``bufs`` while a _Writer writes them in order
-    (one batch: read, then written, in this thread: starting threads would cost more than the overlap saves)."""
+    """copy_and_write's work: READERS threads read ``batches`` into ``bufs`` while the writer thread appends them
+    in order (a small copy: read, then written, in this thread: the hand-overs would cost more than the
+    overlap saves)."""
     if len(batches) == 1:
         return _single(reader, batches[0], bufs[0], anon, fd, what, progress, total)
     free = list(range(len(bufs)))[::-1]
-    pending: deque[int] = deque()  # bytes of each batch handed to the writer, in order
+    pending: deque[tuple[int, int, Future]] = deque()  # (slot, bytes, write) of each batch queued, in order
+    futures: list[Future] = []
     reads: list[Future] = []
     read_end = [0.0]
     done = 0
@@ -254,37 +266,42 @@ def _pipeline(
         read_end[0] = max(read_end[0], time.perf_counter())
         return res
 
-    pool = ThreadPoolExecutor(READERS, thread_name_prefix="wpdump-reader") if READERS > 1 and len(batches) > 1 else None
+    def retire() -> None:
+        nonlocal done
+        slot, nbytes, wrote = pending.popleft()
+        _described(wrote, what)
+        free.append(slot)
+        done += nbytes
+        if progress is not None:
+            progress(done, total)
+
+    readers, writer = _pools()
+    job = _Job(fd, what)
     try:
-        writer = _Writer(fd, what)
-        try:
-            for batch in batches:
-                if not free:
-                    free.append(writer.wait())
-                    done += pending.popleft()
-                    if progress is not None:
-                        progress(done, total)
-                slot = free.pop()
-                if pool is not None:
-                    fut = pool.submit(read, batch, slot)
-                else:
-                    fut = Future()
+        for batch in batches:
+            if not free:
+                retire()
+            slot = free.pop()
+            if readers is not None:
+                fut = readers.submit(read, batch, slot)
+            else:
+                fut = Future()
+                try:
                     fut.set_result(read(batch, slot))
-                reads.append(fut)
-                pending.append(ranges.total(batch))
-                writer.todo.put((slot, fut))
-            while pending:
-                writer.wait()
-                done += pending.popleft()
-                if progress is not None:
-                    progress(done, total)
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-            writer.close()
+                except BaseException as e:
+                    fut.set_exception(e)
+            wrote = writer.submit(job.write_read, fut)
+            futures += (fut, wrote)
+            reads.append(fut)
+            pending.append((slot, ranges.total(batch), wrote))
+        while pending:
+            retire()
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        job.stop = True  # on an error: what is still queued is skipped
+        for f in futures:
+            f.cancel()
+        wait(futures)  # no thread may touch the buffers or the fd once we return
+        job.close()
     elapsed = time.perf_counter() - t_start
     copy_s = min(max(read_end[0] - t_start, 0.0), elapsed)
     parts = [f.result()[1] for f in reads]
