@@ -93,12 +93,13 @@ def _write_images(
         written, zero_dropped, copy_s, write_s = pages.copy_and_write(
             m.pid, copy, anon, fd, os.path.join(st.dest, pages_name), progress, unreadable
         )
-        if frozen is not None:
-            frozen()  # every page is read: the tree may run again while we fsync
-        t0 = time.perf_counter()
-        imgdir.fsync(fd, os.path.join(st.dest, pages_name))
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    st.keep(fd, pages_name)  # fsynced at the commit, in one journal commit with the other files
+    if frozen is not None:
+        frozen()  # every page is read: the tree may run again
+    t0 = time.perf_counter()
     keep = h.unchanged(parent, written) if parent is not None and len(parent) else ranges.EMPTY
     if len(own) and len(keep):
         keep = ranges.subtract(keep, own)

@@ -127,13 +127,12 @@ def _write_object(st: imgdir.Staging, shmid: int, pages_id: int, maps: list[Mapp
             res.write_s += write_s
             if len(got):
                 written_offs.append(mp.to_offsets(got))
-        t0 = time.perf_counter()
-        imgdir.fsync(fd, os.path.join(st.dest, name))
     except BaseException:
         os.close(fd)
         st.remove(name)
         raise
-    os.close(fd)
+    st.keep(fd, name)  # fsynced at the commit, with the other files
+    t0 = time.perf_counter()
     written = ranges.merge(np.vstack(written_offs)) if written_offs else ranges.EMPTY
     st.write_file(shmem_pagemap_file_name(shmid),
                   images.encode_pagemap(pages_id, images.entries_from_ranges(written, ranges.EMPTY)))

@@ -119,13 +119,22 @@ class Staging:
         except OSError as e:
             os.close(fd)
             raise describe_os_error(e, path) from None
-        self.unsynced.append((fd, path))
+        self.keep(fd, name)
+
+    def keep(self, fd: int, name: str) -> None:
+        """Take over ``fd``, a file the caller created with :meth:`create` and wrote: it is fsynced at :meth:`commit`
+        with the others (one journal commit for all) and closed by this object."""
+        self.unsynced.append((fd, os.path.join(self.dest, name)))
         if len(self.unsynced) >= _MAX_UNSYNCED:  # a tree of many processes: bounded open files
             _fsync_all(self.unsynced)
             self._close_files()
 
     def remove(self, name: str) -> None:
-        """Remove ``name`` from the staging directory, if it is there."""
+        """Remove ``name`` from the staging directory, if it is there (and close it if it was kept)."""
+        path = os.path.join(self.dest, name)
+        for fd, p in [u for u in self.unsynced if u[1] == path]:
+            self.unsynced.remove((fd, p))
+            os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=self.dfd)
 
