@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import re
@@ -34,7 +35,9 @@ def start_time_us(start_ticks: int) -> int:
     return start_ticks * 1_000_000 // os.sysconf("SC_CLK_TCK")
 
 
+@functools.cache
 def boot_id() -> str:
+    """This boot's id (read once: a process does not outlive its boot)."""
     with open("/proc/sys/kernel/random/boot_id") as f:
         return f.read().strip()
 
