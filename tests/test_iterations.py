@@ -212,3 +212,32 @@ def test_lost_tracking_gives_a_full_iteration(target, tmp_path, loss):
         target.cmd("poke", hex(a), "4")
     r = pre_dump_stopped(target.pid, tmp_path / "3", "../2")
     assert r.incremental and not r.warnings
+
+
+def test_keeper_hands_its_trackers_out_only_since_the_parent(target, tmp_path):
+    """The checkout names the parent (one round trip, no status first): a keeper that tracked since another
+    iteration refuses it, keeps its trackers and stays free; since the parent it hands them out."""
+    a = target.map(8)
+    target.cmd("fill", hex(a), 8, 1)
+    r1 = iteration.pre_dump(target.pid, str(tmp_path / "1"))
+    k = keeper.Keeper.connect(target.pid)
+    try:
+        reply, members = k.checkout_since("not-" + r1.iteration)
+        assert members is None and reply["iteration"] == r1.iteration and reply["images_dir"] == str(tmp_path / "1")
+        assert not k.status()["busy"]
+        reply, members = k.checkout_since(r1.iteration)
+        assert members is not None and len(members) == 1 and members[0].pid == target.pid and k.status()["busy"]
+        for m in members:
+            os.close(m.uffd)
+        k.giveback()
+    finally:
+        k.close()
+    target.cmd("poke", hex(a), "1")  # page 1 of the eight
+    r2 = pre_dump_stopped(target.pid, tmp_path / "2", "../1")  # tracking went on
+    assert r2.incremental and not r2.warnings
+    present = entries_pages(str(tmp_path / "2"), target.pid, PE_PRESENT)
+    assert a + PAGE in present and a not in present and a in entries_pages(str(tmp_path / "2"), target.pid, PE_PARENT)
+    target.cmd("poke", hex(a), "0")
+    r3 = pre_dump_stopped(target.pid, tmp_path / "3", "../1")  # not the parent the keeper tracked since
+    assert not r3.incremental and r3.pages_parent == 0
+    assert [w for w in r3.warnings if f"tracked since {tmp_path / '2'}, not since the parent" in w], r3.warnings

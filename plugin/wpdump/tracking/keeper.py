@@ -198,12 +198,16 @@ def _handle(held: _Held, c: socket.socket, header: dict, payload: bytes, fds: li
             "members": [[m.pid, m.start_ticks] for m in held.members],
         })
     elif op == "checkout":
+        since = header.get("if_iteration")
         if held.holder is not None:
             send_msg(c, {"ok": False, "error": "the tracker is checked out by another invocation"})
+        elif since is not None and since != held.iteration:  # tracked since another iteration: not taken
+            send_msg(c, {"ok": True, "taken": False, "iteration": held.iteration, "images_dir": held.images_dir})
         else:
             held.holder = c
             rows = [{"pid": m.pid, "start_ticks": m.start_ticks, "size": len(m.state)} for m in held.members]
-            send_msg(c, {"ok": True, "iteration": held.iteration, "members": rows},
+            send_msg(c, {"ok": True, "taken": True, "iteration": held.iteration, "images_dir": held.images_dir,
+                         "members": rows},
                      b"".join(m.state for m in held.members), tuple(m.uffd for m in held.members))
     elif op == "drop":  # the holder tracks one process afresh: the keeper's copy of its userfaultfd must go too
         if c is not held.holder:
@@ -329,10 +333,11 @@ class Keeper:
         self.sock = sock
 
     @classmethod
-    def connect(cls, pid: int) -> Keeper | None:
-        """The keeper of ``pid``, or None when there is none (or the process is gone)."""
+    def connect(cls, pid: int, start_ticks: int | None = None) -> Keeper | None:
+        """The keeper of ``pid`` (started at ``start_ticks``, read from /proc when not given), or None when there is
+        none (or the process is gone)."""
         try:
-            path = socket_path(pid)
+            path = socket_path(pid, start_ticks)
         except NoSuchProcess:
             return None
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -364,13 +369,29 @@ class Keeper:
 
     def checkout(self) -> tuple[str, list[Member]]:
         """Take the trackers: (iteration they last wrote, one Member per process with a dup of its userfaultfd)."""
-        reply, state, fds = self._request({"op": "checkout"})
+        reply, members = self.checkout_since(None)
+        assert members is not None
+        return reply["iteration"], members
+
+    def checkout_since(self, iteration: str | None) -> tuple[dict, list[Member] | None]:
+        """Take the trackers if they have tracked since ``iteration`` (None: whatever they tracked since), in one
+        round trip: (the reply: "iteration" and "images_dir" they tracked since; the members, or None when not
+        taken)."""
+        reply, state, fds = self._request({"op": "checkout"} if iteration is None
+                                          else {"op": "checkout", "if_iteration": iteration})
+        if not reply.get("taken", True):
+            return reply, None
         members = _members_of(reply, state, fds)
         if members is None:
             for fd in fds:
                 os.close(fd)
             raise KeeperError(f"keeper of pid {self.pid} sent a malformed checkout", pid=self.pid, errno=errno.EPROTO)
-        return reply["iteration"], members
+        if iteration is not None and reply.get("iteration") != iteration:  # a keeper that ignores if_iteration
+            for m in members:
+                os.close(m.uffd)
+            self.giveback()
+            return reply, None
+        return reply, members
 
     def drop(self, pid: int, start_ticks: int) -> None:
         """Close the keeper's copy of one process's userfaultfd (while checked out): it is tracked afresh."""
@@ -432,7 +453,7 @@ def spawn(pid: int, start_ticks: int, members: list[Member], iteration: str, ima
             f"keeper of pid {pid} did not start: {msg.decode(errors='replace') or 'see ' + log_path}",
             pid=pid, errno=errno.ECHILD,
         )
-    k = Keeper.connect(pid)
+    k = Keeper.connect(pid, start_ticks)
     if k is None:
         raise KeeperError(f"keeper of pid {pid} did not start: see {log_path}", pid=pid, errno=errno.ECHILD)
     k.checkin(members, iteration, images_dir)

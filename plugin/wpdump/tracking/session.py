@@ -7,6 +7,7 @@ dies never leaves a keeper holding a dirty set someone consumed.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from typing import TYPE_CHECKING
@@ -29,23 +30,31 @@ class KeeperSession:
         self.pid, self.keeper = pid, k
         self.trackers: dict[str, Tracker] = {}  # adopted, keyed PID-STARTTICKS
         self.checked_out: str | None = None  # the iteration the keeper tracked since, while checked out
+        self.refused: dict = {}  # what the keeper tracked since, when take(since) found another iteration
+        self.since_dir = ""  # the images directory the keeper tracked since, once taken
 
     @classmethod
-    def connect(cls, pid: int) -> KeeperSession | None:
-        """The session with the keeper of ``pid``, or None when no keeper tracks it."""
-        k = keeper.Keeper.connect(pid)
+    def connect(cls, pid: int, start_ticks: int | None = None) -> KeeperSession | None:
+        """The session with the keeper of ``pid`` (started at ``start_ticks``, if known), or None when no keeper
+        tracks it."""
+        k = keeper.Keeper.connect(pid, start_ticks)
         return None if k is None else cls(pid, k)
 
     def status(self) -> dict:
         return self.keeper.status()
 
-    def take(self) -> dict[str, Tracker]:
+    def take(self, since: str | None = None) -> dict[str, Tracker] | None:
         """Check the trackers out and adopt them, keyed PID-STARTTICKS; a process that is gone (or whose pid now
-        names another) is left out. Ctrl-C is held back until the checkout is recorded in ``checked_out`` (so
-        that a caller's cleanup can give it back)."""
+        names another) is left out. With ``since``: only if they have tracked since that iteration, else None
+        (``refused`` then holds the keeper's "iteration" and "images_dir"). Ctrl-C is held back until the checkout
+        is recorded in ``checked_out`` (so that a caller's cleanup can give it back)."""
         with signals.held():
-            it_id, members = self.keeper.checkout()
-            self.checked_out = it_id
+            reply, members = self.keeper.checkout_since(since)
+            if members is None:
+                self.refused = reply
+                return None
+            self.checked_out = reply["iteration"]
+            self.since_dir = reply.get("images_dir", "")
         for i, m in enumerate(members):
             try:
                 self.trackers[f"{m.pid}-{m.start_ticks}"] = Tracker.adopt(m.pid, m.uffd, m.state)  # owns the fd
@@ -110,39 +119,43 @@ class Tracking:
         self.fresh: set[str] = set()
         self.harvested = False  # once a harvest began, the dirty information since the parent is this run's
         self.since = ""  # the images directory the keeper tracked since
-        self.session = KeeperSession.connect(root)
-        status = None
+        self.session = KeeperSession.connect(root, start_ticks)
+        if self.session is not None and parent is not None and parent.iteration_id:
+            if self._take(parent.iteration_id):
+                log.info("pid %d: tracking taken over from its keeper (tracked since %s)", root, self.since)
+                return
         if self.session is not None:
-            try:
-                status = self.session.status()
-            except keeper.KeeperError:
-                self._drop_keeper(untrack=False)
-        if self.session is not None and status is not None:
-            if parent is not None and parent.iteration_id and parent.iteration_id == status["iteration"]:
-                self._take(status)
-                log.info("pid %d: tracking taken over from its keeper (tracked since %s)", root, status["images_dir"])
-            else:
-                if parent is not None:
-                    self._warn(
-                        f"pid {root} has been tracked since {status['images_dir'] or 'another iteration'}, not since "
-                        f"the parent {parent.path}: writing a full iteration"
-                    )
-                self._drop_keeper(untrack=True)
+            if parent is not None:
+                since = self.session.refused.get("images_dir") or "another iteration"
+                self._warn(f"pid {root} has been tracked since {since}, not since the parent {parent.path}: writing a "
+                           "full iteration")
+            self._drop_keeper(untrack=True)
         elif parent is not None:
             self._warn(f"pid {root} is not tracked since the parent {parent.path} (no keeper): writing a full "
                        "iteration")
 
-    def _take(self, status: dict) -> None:
-        """Check the trackers out of the keeper; an interrupt or failure after that gives them back, so tracking
-        never ends by accident."""
+    def _take(self, since: str) -> bool:
+        """Check the trackers out of the keeper if it has tracked since the iteration ``since`` (one round trip);
+        an interrupt or failure after that gives them back, so tracking never ends by accident. A keeper that
+        went away meanwhile is dropped (False, as one that tracked since another iteration)."""
         assert self.session is not None
-        self.since = status["images_dir"]
         try:
-            self.trackers = self.session.take()
-            self.session.trackers = {}  # closed by this object
+            trackers = self.session.take(since)
+        except keeper.KeeperError as e:
+            if e.errno != errno.EPIPE:  # refused (checked out by another invocation): as before, an error
+                self.abandon()
+                raise
+            self._drop_keeper(untrack=False)
+            return False
         except BaseException:
             self.abandon()
             raise
+        if trackers is None:
+            return False
+        self.since = self.session.since_dir
+        self.trackers = trackers
+        self.session.trackers = {}  # closed by this object
+        return True
 
     def _warn(self, text: str) -> None:
         log.warning("%s", text)
