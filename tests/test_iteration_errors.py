@@ -223,3 +223,29 @@ def test_cli_checkpoint_runs_the_loop(target, tmp_path):
     p = wpdump("status")
     assert p.returncode == 0 and "no process is tracked" in p.stdout
     one_line_error(wpdump("untrack", "-t", target.pid), "not tracked")
+
+
+def test_a_broken_level_below_the_parent_is_refused(target, tmp_path):
+    """The levels below the parent are checked by a short walk (a stat and a readlink a level); anything amiss
+    there is refused with the walk's words: a missing level, a loop, a level without this process's pagemap."""
+    a = target.map(4)
+    target.cmd("fill", hex(a), 4, 1)
+    for i, prev in ((1, None), (2, "../1"), (3, "../2")):
+        iteration.pre_dump(target.pid, str(tmp_path / str(i)), prev)
+    link = tmp_path / "2" / "parent"
+    pagemap = tmp_path / "1" / f"pagemap-{target.pid}.img"
+    cases = (
+        ("missing level", lambda: (link.unlink(), link.symlink_to("../gone")), "does not exist",
+         f"parent of {tmp_path / '2'}"),
+        ("loop", lambda: (link.unlink(), link.symlink_to("../3")), "loop", str(tmp_path / "3")),
+        ("no pagemap", lambda: (link.unlink(), link.symlink_to("../1"), pagemap.rename(pagemap.with_suffix(".x"))),
+         f"holds no pagemap-{target.pid}.img", str(tmp_path / "1")),
+    )
+    for n, (what, breaking, *words) in enumerate(cases):
+        breaking()
+        p = wpdump("pre-dump", "-t", target.pid, "-D", tmp_path / f"x{n}", "--prev-images-dir", "../3")
+        one_line_error(p, *words)
+        assert not (tmp_path / f"x{n}").exists() and not leftovers(tmp_path), what
+    pagemap.with_suffix(".x").rename(pagemap)
+    r = iteration.pre_dump(target.pid, str(tmp_path / "4"), "../3")  # whole again: the chain is used
+    assert r.incremental, r.warnings

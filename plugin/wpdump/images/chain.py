@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import re
+import stat
 import time
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from .. import ranges
 from ..errors import ChainError
 from ..ranges import PAGE, in_ranges
 from . import format as images
-from .imgdir import parent_of, stat_dir, walk_links
+from .imgdir import MAX_DEPTH, parent_of, stat_dir, walk_links
 from .shared import SharedImages
 
 META_FILE = "wpdump.json"
@@ -285,7 +286,9 @@ def load_parent(path: str, pid: int) -> Iteration:
     it = load_iteration(path, pid)
     check_pages_file(it)
     name = images.pagemap_file_name(pid)
-    below = None
+    if _levels_hold(path, name):
+        return it
+    below = None  # something is amiss below: say what, as load_chain would
     for cur, err in walk_links(path, pid):
         if err is not None:
             raise err
@@ -293,6 +296,29 @@ def load_parent(path: str, pid: int) -> Iteration:
             raise ChainError(f"{cur} (parent of {below}) holds no {name}", pid=pid, errno=errno.ENOENT)
         below = cur
     return it
+
+
+def _levels_hold(path: str, name: str) -> bool:
+    """Whether every level from ``path`` down its parent links holds a file ``name``, in two system calls a level
+    (stat of the file, readlink of the link: the walk by walk_links takes four): False at anything amiss (a
+    missing level or file, a loop), which walk_links then describes."""
+    seen: set[tuple[int, int]] = set()
+    cur = os.path.normpath(path)
+    while True:
+        try:
+            st = os.stat(os.path.join(cur, name))
+        except OSError:
+            return False
+        # a level is known by its file: a loop revisits the same one (a pagemap hard-linked between levels reads
+        # as a loop here, and walk_links then judges it by the directories)
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in seen or len(seen) >= MAX_DEPTH:
+            return False
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            link = os.readlink(os.path.join(cur, "parent"))
+        except OSError as e:  # no link (ENOENT), or "parent" is not a symlink (EINVAL): the chain ends here
+            return e.errno in (errno.ENOENT, errno.EINVAL)
+        cur = os.path.normpath(os.path.join(cur, link))
 
 
 @dataclass
