@@ -13,6 +13,7 @@
 #include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <linux/aio_abi.h>
 #include <linux/userfaultfd.h>
 
 #if defined(__x86_64__)
@@ -401,6 +402,73 @@ int wpd_ptrace_rseq_configuration(int tid, void *conf, uint32_t size)
 int wpd_punch_hole(int fd, int64_t offset, int64_t len)
 {
 	return NEG_ERRNO(fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, len));
+}
+
+/* ---- asynchronous writes of the pages file (Linux AIO: io_setup, io_submit, io_getevents) ---- */
+
+int64_t wpd_aio_setup(uint32_t nr, uint64_t *ctx)
+{
+	aio_context_t c = 0;
+
+	if (syscall(SYS_io_setup, nr, &c) < 0)
+		return -errno;
+	*ctx = (uint64_t)c;
+	return 0;
+}
+
+int wpd_aio_destroy(uint64_t ctx)
+{
+	return NEG_ERRNO(syscall(SYS_io_destroy, (aio_context_t)ctx));
+}
+
+/* Submit one IOCB_CMD_PWRITEV of the iovecs iov[0..niov) (struct iovec: address, length) to fd at offset
+ * off, tagged data. The kernel copies the iovecs at submission; the data must stay until the completion.
+ * Returns 0 or -errno. */
+int wpd_aio_pwritev(uint64_t ctx, int fd, const uint64_t *iov, uint64_t niov, uint64_t off, uint64_t data)
+{
+	struct iocb cb;
+	struct iocb *cbs[1] = {&cb};
+	long r;
+
+	memset(&cb, 0, sizeof(cb));
+	cb.aio_data = data;
+	cb.aio_lio_opcode = IOCB_CMD_PWRITEV;
+	cb.aio_fildes = (uint32_t)fd;
+	cb.aio_buf = (uint64_t)(uintptr_t)iov;
+	cb.aio_nbytes = niov;
+	cb.aio_offset = (int64_t)off;
+	do
+		r = syscall(SYS_io_submit, (aio_context_t)ctx, 1L, cbs);
+	while (r < 0 && errno == EINTR);
+	if (r < 0)
+		return -errno;
+	return r == 1 ? 0 : -EAGAIN;
+}
+
+/* Wait for at least min_nr and at most max_nr (<= 64) completions: data[i], res[i] (bytes written or -errno)
+ * of each. Returns how many, or -errno. */
+int64_t wpd_aio_wait(uint64_t ctx, int64_t min_nr, int64_t max_nr, uint64_t *data, int64_t *res)
+{
+	struct io_event ev[64];
+	long r;
+
+	if (max_nr > 64)
+		max_nr = 64;
+	do
+		r = syscall(SYS_io_getevents, (aio_context_t)ctx, (long)min_nr, (long)max_nr, ev, NULL);
+	while (r < 0 && errno == EINTR);
+	if (r < 0)
+		return -errno;
+	for (long i = 0; i < r; i++) {
+		data[i] = ev[i].data;
+		res[i] = ev[i].res;
+	}
+	return r;
+}
+
+int wpd_fallocate(int fd, int64_t offset, int64_t len)
+{
+	return NEG_ERRNO(fallocate(fd, 0, offset, len));
 }
 
 /* ---- per-region work of an iteration: linear passes over numpy arrays (no kernel call) ---- */

@@ -61,6 +61,11 @@ int64_t wpd_pread_ranges(int fd, const uint64_t *ranges, uint64_t nranges, void 
 			 uint64_t buflen, const uint64_t *dst);
 int64_t wpd_zero_pages(const void *buf, uint64_t npages, uint64_t page_size, uint8_t *is_zero);
 int wpd_punch_hole(int fd, int64_t offset, int64_t len);
+int wpd_fallocate(int fd, int64_t offset, int64_t len);
+int64_t wpd_aio_setup(uint32_t nr, uint64_t *ctx);
+int wpd_aio_destroy(uint64_t ctx);
+int wpd_aio_pwritev(uint64_t ctx, int fd, const uint64_t *iov, uint64_t niov, uint64_t off, uint64_t data);
+int64_t wpd_aio_wait(uint64_t ctx, int64_t min_nr, int64_t max_nr, uint64_t *data, int64_t *res);
 
 int64_t wpd_pagemap_encode(const uint64_t *vaddr, const uint64_t *compat, const uint64_t *flags,
 			   const uint64_t *nr, uint64_t n, uint8_t *out, uint64_t outlen);

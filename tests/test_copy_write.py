@@ -31,21 +31,23 @@ def test_batches_are_exact():
     assert ranges.batches(ranges.EMPTY, PAGE) == []
 
 
-@pytest.mark.parametrize("readers", [0, 1, 2])
-def test_copy_and_write(target, tmp_path, monkeypatch, readers):
-    """``readers`` 0: a small copy, read then written in this thread (no batches)."""
-    if not readers:
-        monkeypatch.setattr(pages, "SINGLE_BYTES", 1 << 30)
-    else:
-        monkeypatch.setattr(pages, "SINGLE_BYTES", 0)
-    monkeypatch.setattr(pages, "READERS", max(readers, 1))
+@pytest.mark.parametrize("how", ["single", "aio", "thread", "threads"])
+def test_copy_and_write(target, tmp_path, monkeypatch, how):
+    """single: one batch, read then written; aio: batches read by this thread, written with Linux AIO; thread(s):
+    batches written by the writer thread, read by this thread or two reader threads."""
+    monkeypatch.setattr(pages, "SINGLE_BYTES", 1 << 30 if how == "single" else 0)
+    monkeypatch.setattr(pages, "USE_AIO", how == "aio")
+    readers = 2 if how == "threads" else 1
+    monkeypatch.setattr(pages, "READERS", readers)
     monkeypatch.setattr(pages, "BUFFERS", readers + 2)
     monkeypatch.setattr(pages, "BATCH_BYTES", 8 * PAGE)  # many batches, every buffer reused
     monkeypatch.setattr(pages, "MIN_BATCH_BYTES", 8 * PAGE)
+    monkeypatch.setattr(pages, "FIRST_BATCH_BYTES", 2 * PAGE)  # batches of 2, 4, then 8 pages
     t = target
     a = t.map(64)
     t.cmd("fill", hex(a), 64, 3)
     t.cmd("madvise", hex(a + 10 * PAGE), 3, "dontneed")  # reads zero: left out (anonymous)
+    t.cmd("madvise", hex(a + 30 * PAGE), 16, "dontneed")  # two whole batches of zero pages: nothing to write
     c = t.map(24)
     t.cmd("fill", hex(c), 24, 4)
     t.cmd("munmap", hex(c + 8 * PAGE), 8)  # vanished after the harvest: its neighbours are still read
@@ -61,12 +63,12 @@ def test_copy_and_write(target, tmp_path, monkeypatch, readers):
         assert not os.O_DIRECT & fcntl.fcntl(fd, fcntl.F_GETFL), "O_DIRECT left on"
     finally:
         os.close(fd)
-    want = ranges.from_pairs([(a, a + 10 * PAGE), (a + 13 * PAGE, a + 64 * PAGE), (c, c + 8 * PAGE),
-                              (c + 16 * PAGE, c + 24 * PAGE)])
+    want = ranges.from_pairs([(a, a + 10 * PAGE), (a + 13 * PAGE, a + 30 * PAGE), (a + 46 * PAGE, a + 64 * PAGE),
+                              (c, c + 8 * PAGE), (c + 16 * PAGE, c + 24 * PAGE)])
     assert np.array_equal(written, ranges.merge(want))
     assert copy_s >= 0 and write_s >= 0
     assert seen and seen[-1][0] == seen[-1][1] == ranges.total(copy)
-    assert zeros == 3
+    assert zeros == 3 + 16
     data = path.read_bytes()
     assert data == b"".join(t.read_mem(int(s), int(e - s)) for s, e in written)
 

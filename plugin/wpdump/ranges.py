@@ -96,27 +96,31 @@ def cover(r: np.ndarray, gap: int) -> np.ndarray:
     return np.column_stack((r[np.concatenate(([0], brk)), 0], r[np.concatenate((brk - 1, [len(r) - 1])), 1]))
 
 
-def batches(r: np.ndarray, limit: int) -> list[np.ndarray]:
-    """Split ranges into consecutive groups of at most ``limit`` bytes (a multiple of PAGE; long ranges are cut)."""
+def batches(r: np.ndarray, limit: int, first: int | None = None) -> list[np.ndarray]:
+    """Split ranges into consecutive groups of at most ``limit`` bytes (a multiple of PAGE; long ranges are cut).
+    ``first`` (a multiple of PAGE): the first group holds at most that many bytes and each next one twice as many
+    as the one before, up to ``limit`` (a pipeline then starts writing sooner)."""
     if not len(r):
         return []
+    cap = limit if first is None else max(min(first, limit), PAGE)
     r = np.ascontiguousarray(r, dtype=np.uint64)
     lens = (r[:, 1] - r[:, 0]).astype(np.int64)
-    if (lens > limit).any():
-        n = -(-lens // limit)  # pieces per range
+    if (lens > cap).any():  # cut to the smallest group's size
+        n = -(-lens // cap)  # pieces per range
         idx = np.repeat(np.arange(len(r)), n)
         k = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)
-        starts = r[idx, 0] + (k * limit).astype(np.uint64)
-        ends = np.minimum(starts + np.uint64(limit), r[idx, 1])
+        starts = r[idx, 0] + (k * cap).astype(np.uint64)
+        ends = np.minimum(starts + np.uint64(cap), r[idx, 1])
         r = np.column_stack((starts, ends))
         lens = (ends - starts).astype(np.int64)
     cum = np.cumsum(lens)
     out = []
     i, base = 0, 0
     while i < len(r):  # greedy: as many whole ranges as fit (one step per batch, not per range)
-        j = int(np.searchsorted(cum, base + limit, side="right"))
+        j = int(np.searchsorted(cum, base + cap, side="right"))
         out.append(r[i:j])
         base, i = int(cum[j - 1]), j
+        cap = min(2 * cap, limit)
     return out
 
 

@@ -1,6 +1,8 @@
-"""The copy pipeline of an iteration: the pages to dump read from the target batch by batch (memory.Reader, by
-READERS threads) while a thread appends the batches read before to the pages file, in order, with O_DIRECT
-where the filesystem allows it. Pages of anonymous VMAs that read all zero are left out (absent means zero)."""
+"""The copy pipeline of an iteration: the pages to dump read from the target batch by batch (memory.Reader) by
+the calling thread, each batch's write submitted with Linux AIO as soon as it is read (the kernel writes while
+the next batch is read), in order, with O_DIRECT where the filesystem allows it. Without AIO (or with
+READERS > 1) a writer thread appends the batches instead. Pages of anonymous VMAs that read all zero are left out
+(absent means zero)."""
 
 from __future__ import annotations
 
@@ -20,19 +22,24 @@ from ..images import imgdir
 from ..ranges import PAGE, from_pages, in_ranges, page_addrs
 from ..target import uffd
 from ..target.memory import Reader, aligned_buffer
+from ..target.native import ffi, lib
 
 # Pages are read from the target in batches of at most BATCH_BYTES, by READERS threads at once, into one of
-# BUFFERS buffers, while a thread writes the batches read before in order: wpdump's memory for page data is
-# bounded by BUFFERS * BATCH_BYTES. Two readers: reading scattered pages is CPU-bound (page table walks, a
-# syscall per isolated page: memory.Reader), process_vm_readv 2.8-3.3 GB/s with one thread, 5 GB/s with two
-# on this 2-CPU VM (8 GiB, 1 % random pages).
+# BUFFERS buffers, while the batches read before are written in order: wpdump's memory for page data is bounded
+# by BUFFERS * BATCH_BYTES. One reader, the calling thread: with two reader threads and a writer thread (2-CPU
+# VM, 1 GiB, 0.5-10 % random pages) the copy took 5-25 % longer (best of 12), three Python threads passing the
+# GIL (a thread waited up to 0.7 ms for it after each batch).
 BATCH_BYTES = 8 << 20
 MIN_BATCH_BYTES = 1 << 20
-READERS = min(2, os.cpu_count() or 1)
+READERS = 1
 BUFFERS = READERS + 2
 IOV_MAX = 1024
-# Copies up to this size are read, then written, in the calling thread: no hand-over between threads
-SINGLE_BYTES = 2 << 20
+# The first batch of a pipeline is this small and each next one twice the one before (up to the batch size), so
+# that writing starts soon: at 1 % of 1 GiB a first batch of 2.5 MiB kept the writer idle for 2.5 of 9 ms
+FIRST_BATCH_BYTES = 256 << 10
+USE_AIO = True  # False: the threaded writer (as where the kernel offers no AIO context)
+# Copies up to this size are read, then written, in one batch
+SINGLE_BYTES = 256 << 10
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
@@ -137,9 +144,121 @@ def _pools() -> tuple[ThreadPoolExecutor | None, ThreadPoolExecutor]:
 
 
 def _forget_pools() -> None:
-    global _readers, _writer, _pool_lock
+    global _readers, _writer, _pool_lock, _aio_ctx
     _readers = _writer = None
     _pool_lock = threading.Lock()
+    _aio_ctx = None  # a child has no AIO context of its parent's
+
+
+class _Aio:
+    """The pages file's writes in flight, submitted with Linux AIO as each batch is read: with O_DIRECT the kernel
+    writes while this thread reads the next batch, with no writer thread to wake (a Python thread waited up to
+    0.7 ms for the GIL after each batch here). Without O_DIRECT a submission writes before it returns."""
+
+    def __init__(self, ctx: int, job: _Job) -> None:
+        self.ctx, self.job = ctx, job
+        self.todo: dict[int, tuple[int, int, int, np.ndarray]] = {}  # request -> (slot, offset, bytes, iovecs)
+        self.left: dict[int, int] = {}  # slot -> requests in flight
+        self.next = 0
+        self.error: OSError | None = None
+        self._data = np.zeros(64, dtype=np.uint64)
+        self._res = np.zeros(64, dtype=np.int64)
+
+    def submit(self, slot: int, buf: np.ndarray, spans: np.ndarray, off: int) -> int:
+        """Write the ``spans`` of ``buf`` at file offset ``off`` (IOV_MAX iovecs a request); returns the bytes."""
+        iov = np.empty((len(spans), 2), dtype=np.uint64)
+        iov[:, 0] = spans[:, 0].astype(np.uint64) + np.uint64(buf.ctypes.data)
+        iov[:, 1] = (spans[:, 1] - spans[:, 0]).astype(np.uint64)
+        total = 0
+        self.left[slot] = 0
+        for i in range(0, len(iov), IOV_MAX):
+            part = iov[i : i + IOV_MAX]
+            nbytes = int(part[:, 1].sum())
+            rid, self.next = self.next, self.next + 1
+            self.todo[rid] = (slot, off + total, nbytes, part)
+            self.left[slot] += 1
+            if self.error is None:
+                err = lib.wpd_aio_pwritev(self.ctx, self.job.fd, ffi.cast("const uint64_t *", part.ctypes.data),
+                                          len(part), off + total, rid)
+            else:
+                err = -errno.ECANCELED
+            if err < 0:
+                self._done(rid, err)
+            total += nbytes
+        return total
+
+    def _done(self, rid: int, res: int) -> int:
+        """Account for request ``rid`` ending with ``res``; returns its slot if that slot is now free, else -1."""
+        slot, off, nbytes, iov = self.todo.pop(rid)
+        if res != nbytes and self.error is None and res != -errno.ECANCELED:
+            try:  # O_DIRECT refused (EINVAL), or a short write: the rest in this thread, which raises the cause
+                if res == -errno.EINVAL and self.job.direct:
+                    self.job.direct = _set_direct(self.job.fd, False)
+                    res = 0
+                elif res < 0:
+                    raise OSError(-res, os.strerror(-res))
+                views = [memoryview(ffi.buffer(ffi.cast("char *", int(a)), int(n))) for a, n in iov.tolist()]
+                self._pwrite(views, off, max(res, 0))
+            except OSError as e:
+                self.error = e
+        self.left[slot] -= 1
+        if self.left[slot]:
+            return -1
+        del self.left[slot]
+        return slot
+
+    def _pwrite(self, views: list[memoryview], off: int, skip: int) -> None:
+        """Write ``views`` at ``off`` in this thread, the first ``skip`` bytes being written already."""
+        pos = 0
+        while views:
+            n = len(views[0])
+            if skip >= n:
+                skip -= n
+                pos += n
+                views.pop(0)
+                continue
+            views[0] = views[0][skip:]
+            pos += skip
+            skip = 0
+            got = os.pwritev(self.job.fd, views[:IOV_MAX], off + pos)
+            if got <= 0:
+                raise OSError(errno.EIO, "write wrote nothing")
+            skip = got
+
+    def reap(self, wait: bool) -> list[int]:
+        """The slots whose writes all ended (at least one request waited for if ``wait``)."""
+        if not self.todo:
+            return []
+        d, r = self._data, self._res
+        n = lib.wpd_aio_wait(self.ctx, 1 if wait else 0, len(d), ffi.cast("uint64_t *", d.ctypes.data),
+                             ffi.cast("int64_t *", r.ctypes.data))
+        if n < 0:
+            raise OSError(-n, os.strerror(-n))
+        freed = [self._done(int(rid), int(res)) for rid, res in zip(d[:n].tolist(), r[:n].tolist(), strict=True)]
+        return [slot for slot in freed if slot >= 0]
+
+    def drain(self) -> None:
+        """Wait for every request in flight (no buffer may be reused, no fd closed before)."""
+        while self.todo:
+            self.reap(True)
+
+
+_aio_ctx: int | None = None
+
+
+def _aio_context(shared: bool) -> tuple[int | None, bool]:
+    """An AIO context: the process's own while it holds the arena (``shared``), else a new one (destroy it);
+    (None, False) where the kernel has none to give (ENOSYS, aio-max-nr reached)."""
+    global _aio_ctx
+    if shared and _aio_ctx is not None:
+        return _aio_ctx, False
+    out = ffi.new("uint64_t *")
+    if lib.wpd_aio_setup(4 * BUFFERS + 8, out) < 0:
+        return None, False
+    if shared:
+        _aio_ctx = int(out[0])
+        return _aio_ctx, False
+    return int(out[0]), True
 
 
 os.register_at_fork(after_in_child=_forget_pools)
@@ -163,9 +282,12 @@ def _take_arena(nbytes: int) -> tuple[np.ndarray, bool]:
     return _arena[:nbytes], True
 
 
-def _read_batch(reader: Reader, batch: np.ndarray, buf: np.ndarray, anon: np.ndarray) -> tuple[list, np.ndarray, int]:
-    """Read ``batch`` into ``buf``; returns the views of ``buf`` to write, the ranges they hold, and the number
-    of pages dropped because they read all zero in an anonymous VMA (absent means zero)."""
+def _read_batch(
+    reader: Reader, batch: np.ndarray, buf: np.ndarray, anon: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Read ``batch`` into ``buf``; returns the parts of ``buf`` to write (n×2 byte offsets [start, end)), the
+    ranges they hold, and the number of pages dropped because they read all zero in an anonymous VMA (absent
+    means zero)."""
     n = ranges.total(batch)
     out = buf[:n]
     keep = reader.read_into(batch, out)  # None, or False for pages that vanished meanwhile
@@ -187,12 +309,17 @@ def _read_batch(reader: Reader, batch: np.ndarray, buf: np.ndarray, anon: np.nda
                 keep[cand[inside]] = False
                 zero_count = int(inside.sum())
                 held = ranges.subtract(held, from_pages(addrs[inside]))
-    mv = memoryview(out)
     if keep is None:
-        return [mv], held, 0
+        return np.array([[0, n]], dtype=np.int64), held, 0
     edges = np.diff(np.concatenate(([0], keep.astype(np.int8), [0])))
-    starts, ends = np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist()
-    return [mv[s * PAGE : e * PAGE] for s, e in zip(starts, ends, strict=True)], held, zero_count
+    spans = np.column_stack((np.flatnonzero(edges == 1), np.flatnonzero(edges == -1))) * PAGE
+    return spans.astype(np.int64), held, zero_count
+
+
+def _views(buf: np.ndarray, spans: np.ndarray) -> list[memoryview]:
+    """The parts of ``buf`` that ``spans`` (byte [start, end) pairs) name."""
+    mv = memoryview(buf)
+    return [mv[a:b] for a, b in spans.tolist()]
 
 
 def copy_and_write(
@@ -212,16 +339,88 @@ def copy_and_write(
     if not total:
         return ranges.EMPTY.copy(), 0, 0.0, 0.0
     limit = total if total <= SINGLE_BYTES else _batch_size(total)
-    batches = ranges.batches(copy, limit)
+    batches = ranges.batches(copy, limit, FIRST_BATCH_BYTES if limit < total else None)
     nbuf = min(BUFFERS, len(batches))
     arena, shared = _take_arena(nbuf * limit)
+    ctx, own_ctx = (None, False) if READERS > 1 or len(batches) == 1 or not USE_AIO else _aio_context(shared)
     try:
         bufs = [arena[i * limit : (i + 1) * limit] for i in range(nbuf)]
         with Reader(pid, unreadable) as reader:
+            if ctx is not None:
+                return _pipeline_aio(reader, batches, bufs, anon, fd, what, progress, total, ctx)
             return _pipeline(reader, batches, bufs, anon, fd, what, progress, total)
     finally:
+        if own_ctx:
+            lib.wpd_aio_destroy(ctx)
         if shared:
             _arena_lock.release()
+
+
+def _pipeline_aio(
+    reader: Reader, batches: list[np.ndarray], bufs: list[np.ndarray], anon: np.ndarray, fd: int, what: str,
+    progress: Progress | None, total: int, ctx: int,
+) -> tuple[np.ndarray, int, float, float]:
+    """copy_and_write's work with Linux AIO: this thread reads each batch and submits its write (see _Aio)."""
+    t_start = time.perf_counter()
+    job = _Job(fd, what)
+    base = os.lseek(fd, 0, os.SEEK_CUR)
+    # ext4 writes an O_DIRECT request that extends the file before io_submit returns: allocate the space first
+    # (at most what is read: pages that read zero are left out, the file is cut to what was written)
+    grown = job.direct and _preallocate(fd, base, total)
+    aio = _Aio(ctx, job)
+    free = list(range(len(bufs)))[::-1]
+    nbytes: dict[int, int] = {}  # slot -> bytes of the batch it holds (for progress)
+    parts: list[np.ndarray] = []
+    zero_pages = 0
+    off = base
+    done = 0
+    t_read = t_start
+    try:
+        for batch in batches:
+            while not free:
+                for slot in aio.reap(True):
+                    free.append(slot)
+                    done += nbytes.pop(slot)
+                    if progress is not None:
+                        progress(done, total)
+            if aio.error is not None:
+                break
+            slot = free.pop()
+            spans, held, zeros = _read_batch(reader, batch, bufs[slot], anon)
+            parts.append(held)
+            zero_pages += zeros
+            if not len(spans):  # nothing to write: every page read zero or vanished
+                free.append(slot)
+                done += ranges.total(batch)
+                continue
+            nbytes[slot] = ranges.total(batch)
+            off += aio.submit(slot, bufs[slot], spans, off)
+        t_read = time.perf_counter()
+        while aio.todo:
+            for slot in aio.reap(True):
+                done += nbytes.pop(slot)
+                if progress is not None:
+                    progress(done, total)
+        if aio.error is not None:
+            raise imgdir.describe_os_error(aio.error, what)
+        if grown and off != base + total:
+            try:
+                os.ftruncate(fd, off)
+            except OSError as e:
+                raise imgdir.describe_os_error(e, what) from None
+        os.lseek(fd, off, os.SEEK_SET)
+    finally:
+        aio.drain()
+        job.close()
+    written = ranges.merge(np.concatenate(parts)) if parts else ranges.EMPTY.copy()
+    elapsed = time.perf_counter() - t_start
+    return written, zero_pages, t_read - t_start, elapsed - (t_read - t_start)
+
+
+def _preallocate(fd: int, off: int, nbytes: int) -> bool:
+    """Allocate [off, off + nbytes) of the file (its size grows to the end); False where that cannot be done
+    (no fallocate there, or no room for it: the writes then say so, or fit once zero pages are left out)."""
+    return lib.wpd_fallocate(fd, off, nbytes) == 0
 
 
 def _single(
@@ -230,7 +429,8 @@ def _single(
 ) -> tuple[np.ndarray, int, float, float]:
     """_pipeline of one batch, in this thread: read, then written."""
     t0 = time.perf_counter()
-    views, held, zero_pages = _read_batch(reader, batch, buf, anon)
+    spans, held, zero_pages = _read_batch(reader, batch, buf, anon)
+    views = _views(buf, spans)
     t1 = time.perf_counter()
     job = _Job(fd, what)
     try:
@@ -262,7 +462,8 @@ def _pipeline(
     t_start = time.perf_counter()
 
     def read(batch: np.ndarray, slot: int) -> tuple[list, np.ndarray, int]:
-        res = _read_batch(reader, batch, bufs[slot], anon)
+        spans, held, zeros = _read_batch(reader, batch, bufs[slot], anon)
+        res = _views(bufs[slot], spans), held, zeros
         read_end[0] = max(read_end[0], time.perf_counter())
         return res
 
