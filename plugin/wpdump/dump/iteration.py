@@ -33,9 +33,9 @@ from ..images.chain import (
 )
 from ..ranges import PAGE
 from ..target import freeze
-from ..target.process import check_alive
+from ..target.process import check_alive, read_proc
 from ..target.tree import Member, read_tree
-from ..target.vmas import Policy, Vma, read_maps
+from ..target.vmas import SECRETMEM, Policy, Vma, parse_maps_line
 from ..tracking import keeper
 from ..tracking.session import Tracking
 from ..tracking.tracker import Harvest, gc_paused
@@ -151,6 +151,14 @@ def _check_readable(pid: int, vmas: list[Vma], allow_unreadable: bool, warnings:
         warnings.append(f"{text}: left out of the images, its content is lost")
 
 
+def _secret_vmas(pid: int) -> list[Vma]:
+    """The memfd_secret VMAs of ``pid`` (maps parsed only when it names one)."""
+    data = read_proc(pid, "maps")
+    if SECRETMEM.encode() not in data:
+        return []
+    return [v for v in map(parse_maps_line, data.decode().splitlines()) if v.secret]
+
+
 def _member_parent(parent: TreeParent | None, m: Member) -> Iteration | None:
     """The parent's image of ``m``: None when the parent holds none of this very process (a new process, or
     its vpid reused by another: never refer to the old one's pages)."""
@@ -182,7 +190,7 @@ def run(
     res = IterationResult(dest, "dump" if final else "pre-dump", uuid.uuid4().hex, prev_images_dir, False)
     for m in members:  # before attaching: refuse early
         try:
-            _check_readable(m.pid, read_maps(m.pid), allow_unreadable, [])
+            _check_readable(m.pid, _secret_vmas(m.pid), allow_unreadable, [])
         except NoSuchProcess:
             if m.pid == pid:
                 raise

@@ -120,12 +120,10 @@ def checkpoint_iterations(path: str) -> list[str]:
 
 
 def meta_json(meta: dict) -> bytes:
-    """wpdump.json, indented, with its "processes" (put last; each process's VMAs) on one line: json's C encoder
-    does not indent, the Python one takes 0.1-0.3 s for 30,000 VMAs."""
-    head = json.dumps({**{k: v for k, v in meta.items() if k != "processes"}, "processes": {}}, indent=1)
-    tail = '"processes": {}\n}'
-    assert head.endswith(tail)
-    return (head[: -len(tail)] + '"processes": ' + json.dumps(meta["processes"]) + "\n}").encode()
+    """wpdump.json: one line per key, "processes" (each process's VMAs) last. Each value is encoded by json's C
+    encoder (with indent, json runs its Python encoder: 0.1-0.3 s for 30,000 VMAs, and ~0.2 ms for one process)."""
+    keys = [k for k in meta if k != "processes"] + (["processes"] if "processes" in meta else [])
+    return ("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(meta[k])}" for k in keys) + "\n}\n").encode()
 
 
 _meta_cache: dict[str, tuple[tuple[int, int, int, int], dict]] = {}
