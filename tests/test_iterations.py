@@ -11,6 +11,7 @@ import pytest
 from chaincheck import PE_PARENT, PE_PRESENT, compare_with_memory, load_pagemap, reconstruct
 from wpdump.dump import iteration
 from wpdump.images import chain
+from wpdump.images.imgdir import ImageDirError
 from wpdump.tracking import keeper
 
 PAGE = 4096
@@ -241,3 +242,26 @@ def test_keeper_hands_its_trackers_out_only_since_the_parent(target, tmp_path):
     r3 = pre_dump_stopped(target.pid, tmp_path / "3", "../1")  # not the parent the keeper tracked since
     assert not r3.incremental and r3.pages_parent == 0
     assert [w for w in r3.warnings if f"tracked since {tmp_path / '2'}, not since the parent" in w], r3.warnings
+
+
+def test_a_commit_failing_after_the_checkin_ends_tracking(target, tmp_path):
+    """The trackers are sent to the keeper before the commit (it takes them while the files are synced); when the
+    commit then fails (here: the destination filled meanwhile, rename refused), tracking ends as for any failure
+    after a harvest, and the next iteration is full."""
+    a = target.map(64)
+    target.cmd("fill", hex(a), 64, 1)
+    iteration.pre_dump(target.pid, str(tmp_path / "1"))
+    target.cmd("poke", hex(a), "3")
+    dest = tmp_path / "2"
+
+    def intrude(done: int, total: int) -> None:
+        if not dest.exists():
+            dest.mkdir()
+            (dest / "someone-elses").write_text("x")
+
+    with pytest.raises(ImageDirError, match="exists and is not empty"):
+        iteration.pre_dump(target.pid, str(dest), "../1", progress=intrude)
+    assert iteration.status() == [] and keeper.tracked_pids() == []
+    assert not registered(target.pid), f"registration left; userfaultfd holders: {uffd_holders()}"
+    r = pre_dump_stopped(target.pid, tmp_path / "3", "../1")
+    assert not r.incremental and r.warnings

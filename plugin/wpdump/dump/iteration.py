@@ -297,6 +297,8 @@ def run(
                 "result": res.as_dict(), "shared_objects": sh.objects, "processes": procs,
             }
             st.write_file(META_FILE, meta_json(meta))
+            if keep_tracking:  # the keeper takes the trackers while the files are synced (a failed commit untracks)
+                tracking.send_back(done, res.iteration, dest)
             st.commit()
         except BaseException:
             thaw(done=False)

@@ -353,8 +353,17 @@ class Keeper:
         self.sock.close()
 
     def _request(self, header: dict, payload: bytes = b"", fds: tuple[int, ...] = ()) -> tuple[dict, bytes, list]:
+        self._send(header, payload, fds)
+        return self._reply()
+
+    def _send(self, header: dict, payload: bytes = b"", fds: tuple[int, ...] = ()) -> None:
         try:
             send_msg(self.sock, header, payload, fds)
+        except OSError as e:
+            raise KeeperError(f"keeper of pid {self.pid} went away", pid=self.pid, errno=errno.EPIPE) from e
+
+    def _reply(self) -> tuple[dict, bytes, list]:
+        try:
             reply, data, rfds = recv_msg(self.sock)
         except (EOFError, OSError) as e:
             raise KeeperError(f"keeper of pid {self.pid} went away", pid=self.pid, errno=errno.EPIPE) from e
@@ -404,9 +413,19 @@ class Keeper:
     def checkin(self, members: list[Member], iteration: str, images_dir: str, kind: str = "iteration") -> None:
         """Give the trackers of the tree's processes back; ``kind`` "restore" (restore-memory) is not counted as
         an iteration."""
+        self.checkin_send(members, iteration, images_dir, kind)
+        self.checkin_reply()
+
+    def checkin_send(self, members: list[Member], iteration: str, images_dir: str, kind: str = "iteration") -> None:
+        """:meth:`checkin` without waiting for the keeper's answer (:meth:`checkin_reply` reads it): the keeper
+        takes the trackers while the caller goes on."""
         rows = [{"pid": m.pid, "start_ticks": m.start_ticks, "size": len(m.state)} for m in members]
-        self._request({"op": "checkin", "iteration": iteration, "images_dir": images_dir, "kind": kind,
-                       "members": rows}, b"".join(m.state for m in members), tuple(m.uffd for m in members))
+        self._send({"op": "checkin", "iteration": iteration, "images_dir": images_dir, "kind": kind,
+                    "members": rows}, b"".join(m.state for m in members), tuple(m.uffd for m in members))
+
+    def checkin_reply(self) -> None:
+        """The keeper's answer to :meth:`checkin_send` (raises KeeperError if it refused the checkin)."""
+        self._reply()
 
     def untrack(self, wait: bool = True) -> None:
         """End tracking: the keeper closes the userfaultfds (the tree runs unprotected) and exits; ``wait`` for

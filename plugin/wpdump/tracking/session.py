@@ -7,6 +7,7 @@ dies never leaves a keeper holding a dirty set someone consumed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -32,6 +33,7 @@ class KeeperSession:
         self.checked_out: str | None = None  # the iteration the keeper tracked since, while checked out
         self.refused: dict = {}  # what the keeper tracked since, when take(since) found another iteration
         self.since_dir = ""  # the images directory the keeper tracked since, once taken
+        self.reply_due = False  # a checkin was sent, its answer not read yet
 
     @classmethod
     def connect(cls, pid: int, start_ticks: int | None = None) -> KeeperSession | None:
@@ -74,6 +76,17 @@ class KeeperSession:
     def checkin(self, trackers: list[Tracker], iteration: str, images_dir: str, kind: str = "iteration") -> None:
         """Give ``trackers`` (the tree's processes now) back: tracking goes on."""
         self.keeper.checkin(_members(trackers), iteration, images_dir, kind=kind)
+        self.checked_out = None
+
+    def checkin_send(self, trackers: list[Tracker], iteration: str, images_dir: str) -> None:
+        """:meth:`checkin` without waiting for the keeper's answer: :meth:`checkin_reply` reads it."""
+        self.keeper.checkin_send(_members(trackers), iteration, images_dir)
+        self.reply_due = True
+
+    def checkin_reply(self) -> None:
+        """The answer to :meth:`checkin_send` (KeeperError if the keeper refused the checkin)."""
+        self.reply_due = False
+        self.keeper.checkin_reply()
         self.checked_out = None
 
     def untrack(self, quiet: bool = False, wait: bool = True) -> None:
@@ -119,6 +132,7 @@ class Tracking:
         self.fresh: set[str] = set()
         self.harvested = False  # once a harvest began, the dirty information since the parent is this run's
         self.since = ""  # the images directory the keeper tracked since
+        self.send_error: keeper.KeeperError | None = None  # the checkin could not be sent (send_back)
         self.session = KeeperSession.connect(root, start_ticks)
         if self.session is not None and parent is not None and parent.iteration_id:
             if self._take(parent.iteration_id):
@@ -205,6 +219,18 @@ class Tracking:
             tr.close()
         self.trackers = {}
 
+    def send_back(self, members: list[Member], iteration: str, images_dir: str) -> None:
+        """Before the commit of a complete iteration of ``members`` that keeps tracking: send their trackers to the
+        keeper, whose answer :meth:`hand_back` reads after the commit (the keeper takes them while the files are
+        synced). A failure is reported by :meth:`hand_back`; a failed commit then ends tracking (:meth:`abandon`)."""
+        if self.session is None:
+            return
+        trs = [self.trackers[m.key] for m in members if m.key in self.trackers]
+        try:
+            self.session.checkin_send(trs, iteration, images_dir)
+        except keeper.KeeperError as e:
+            self.send_error = e
+
     def hand_back(self, members: list[Member], iteration: str, images_dir: str, keep: bool) -> None:
         """After a complete iteration of ``members``: give their trackers to the keeper (or start one), or end
         tracking. Trackers of processes that left the tree are closed."""
@@ -215,7 +241,12 @@ class Tracking:
                 return
             trs = [self.trackers[m.key] for m in members if m.key in self.trackers]
             if self.session is not None:
-                self.session.checkin(trs, iteration, images_dir)
+                if self.send_error is not None:
+                    raise self.send_error
+                if self.session.reply_due:
+                    self.session.checkin_reply()
+                else:
+                    self.session.checkin(trs, iteration, images_dir)
                 self._drop_keeper(untrack=False)
             else:
                 keeper.spawn(self.pid, self.start_ticks, _members(trs), iteration, images_dir).close()
@@ -229,6 +260,9 @@ class Tracking:
         self._close()
         if self.session is None:
             return
+        if self.session.reply_due:  # the checkin was sent before the failure: its answer comes first
+            with contextlib.suppress(keeper.KeeperError):
+                self.session.checkin_reply()
         if not self.harvested and self.session.checked_out is not None:
             try:
                 self.session.giveback()
