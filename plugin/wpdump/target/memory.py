@@ -115,7 +115,7 @@ class Reader:
         ok, addrs = self._pinnable(r)
         slow = ~ok
         if ok.all():  # the common case: one process_vm_readv a batch, no per-page arrays
-            fails = self._readv(r, np.cumsum(npages) - npages, out)
+            fails = self._readv(r, np.cumsum(npages) - npages, out, back_to_back=True)
         elif ok.any():
             addrs = page_addrs(r) if addrs is None else addrs
             fails = self._readv(*_runs_of(addrs, ok), out)
@@ -163,8 +163,12 @@ class Reader:
                 ok &= ~in_ranges(addrs, u)
         return ok, addrs
 
-    def _readv(self, rr: np.ndarray, first: np.ndarray, out: np.ndarray) -> list[tuple[int, int]]:
-        """process_vm_readv runs ``rr`` (run i to page ``first[i]`` of ``out``); the page spans it could not read."""
+    def _readv(
+        self, rr: np.ndarray, first: np.ndarray, out: np.ndarray, back_to_back: bool = False,
+    ) -> list[tuple[int, int]]:
+        """process_vm_readv runs ``rr`` (run i to page ``first[i]`` of ``out``; ``back_to_back``: each run right
+        after the one before, read into one local iovec: 1024 local iovecs a call made scattered single pages
+        25-35 % slower here); the page spans it could not read."""
         dst = first.astype(np.uint64) * np.uint64(PAGE)
         npages = ((rr[:, 1] - rr[:, 0]) // PAGE).astype(np.int64)
         cum = np.cumsum(npages * PAGE)
@@ -172,7 +176,10 @@ class Reader:
         i = 0
         while i < len(rr):
             try:
-                got = uffd.read_ranges(self.pid, rr[i:], out, dst[i:])
+                if back_to_back:
+                    got = uffd.read_ranges(self.pid, rr[i:], out[int(dst[i]) :])
+                else:
+                    got = uffd.read_ranges(self.pid, rr[i:], out, dst[i:])
             except WpdumpError as e:
                 if e.errno not in (errno.EFAULT, errno.ENOMEM, errno.EIO):
                     raise
