@@ -31,13 +31,14 @@ def test_batches_are_exact():
     assert ranges.batches(ranges.EMPTY, PAGE) == []
 
 
-@pytest.mark.parametrize("how", ["single", "aio", "thread", "threads"])
+@pytest.mark.parametrize("how", ["single", "aio", "aio2", "thread", "threads"])
 def test_copy_and_write(target, tmp_path, monkeypatch, how):
-    """single: one batch, read then written; aio: batches read by this thread, written with Linux AIO; thread(s):
-    batches written by the writer thread, read by this thread or two reader threads."""
+    """single: one batch, read then written; aio(2): batches read by this thread (and a helper reading every other
+    one), written with Linux AIO; thread(s): batches written by the writer thread, read by this thread or two
+    reader threads."""
     monkeypatch.setattr(pages, "SINGLE_BYTES", 1 << 30 if how == "single" else 0)
-    monkeypatch.setattr(pages, "USE_AIO", how == "aio")
-    readers = 2 if how == "threads" else 1
+    monkeypatch.setattr(pages, "USE_AIO", how.startswith("aio"))
+    readers = 2 if how in ("threads", "aio2") else 1
     monkeypatch.setattr(pages, "READERS", readers)
     monkeypatch.setattr(pages, "BUFFERS", readers + 2)
     monkeypatch.setattr(pages, "BATCH_BYTES", 8 * PAGE)  # many batches, every buffer reused

@@ -28,7 +28,8 @@ from ..target.native import ffi, lib
 # BUFFERS buffers, while the batches read before are written in order: wpdump's memory for page data is bounded
 # by BUFFERS * BATCH_BYTES. One reader, the calling thread: with two reader threads and a writer thread (2-CPU
 # VM, 1 GiB, 0.5-10 % random pages) the copy took 5-25 % longer (best of 12), three Python threads passing the
-# GIL (a thread waited up to 0.7 ms for it after each batch).
+# GIL (a thread waited up to 0.7 ms for it after each batch); with AIO and a helper reading every other batch
+# (READERS = 2) 0-50 % longer on this shared machine.
 BATCH_BYTES = 8 << 20
 MIN_BATCH_BYTES = 1 << 20
 READERS = 1
@@ -342,7 +343,7 @@ def copy_and_write(
     batches = ranges.batches(copy, limit, FIRST_BATCH_BYTES if limit < total else None)
     nbuf = min(BUFFERS, len(batches))
     arena, shared = _take_arena(nbuf * limit)
-    ctx, own_ctx = (None, False) if READERS > 1 or len(batches) == 1 or not USE_AIO else _aio_context(shared)
+    ctx, own_ctx = (None, False) if len(batches) == 1 or not USE_AIO else _aio_context(shared)
     try:
         bufs = [arena[i * limit : (i + 1) * limit] for i in range(nbuf)]
         with Reader(pid, unreadable) as reader:
@@ -375,26 +376,47 @@ def _pipeline_aio(
     off = base
     done = 0
     t_read = t_start
-    try:
-        for batch in batches:
-            while not free:
-                for slot in aio.reap(True):
-                    free.append(slot)
-                    done += nbytes.pop(slot)
-                    if progress is not None:
-                        progress(done, total)
-            if aio.error is not None:
-                break
-            slot = free.pop()
-            spans, held, zeros = _read_batch(reader, batch, bufs[slot], anon)
-            parts.append(held)
-            zero_pages += zeros
-            if not len(spans):  # nothing to write: every page read zero or vanished
+    helper = _pools()[0] if READERS > 1 else None  # reads every other batch while this thread reads one
+    ahead: Future | None = None
+    bytes_of: dict[int, int] = {}
+
+    def slot_for(batch: np.ndarray) -> int:
+        nonlocal done
+        while not free:
+            for slot in aio.reap(True):
                 free.append(slot)
-                done += ranges.total(batch)
-                continue
-            nbytes[slot] = ranges.total(batch)
-            off += aio.submit(slot, bufs[slot], spans, off)
+                done += nbytes.pop(slot)
+                if progress is not None:
+                    progress(done, total)
+        slot = free.pop()
+        bytes_of[slot] = ranges.total(batch)
+        return slot
+
+    def write(slot: int, result: tuple[np.ndarray, np.ndarray, int]) -> None:
+        nonlocal off, done, zero_pages
+        spans, held, zeros = result
+        parts.append(held)
+        zero_pages += zeros
+        if not len(spans):  # nothing to write: every page read zero or vanished
+            free.append(slot)
+            done += bytes_of[slot]
+            return
+        nbytes[slot] = bytes_of[slot]
+        off += aio.submit(slot, bufs[slot], spans, off)
+
+    try:
+        k = 0
+        while k < len(batches) and aio.error is None:
+            slot = slot_for(batches[k])
+            if helper is not None and k + 1 < len(batches):
+                nxt = slot_for(batches[k + 1])
+                ahead = helper.submit(_read_batch, reader, batches[k + 1], bufs[nxt], anon)
+            write(slot, _read_batch(reader, batches[k], bufs[slot], anon))
+            if ahead is not None:
+                result, ahead = ahead.result(), None
+                write(nxt, result)
+                k += 1
+            k += 1
         t_read = time.perf_counter()
         while aio.todo:
             for slot in aio.reap(True):
@@ -410,6 +432,8 @@ def _pipeline_aio(
                 raise imgdir.describe_os_error(e, what) from None
         os.lseek(fd, off, os.SEEK_SET)
     finally:
+        if ahead is not None:  # this thread failed while the helper reads into a buffer
+            wait([ahead])
         aio.drain()
         job.close()
     written = ranges.merge(np.concatenate(parts)) if parts else ranges.EMPTY.copy()
