@@ -652,6 +652,47 @@ int64_t wpd_ranges_combine(const uint64_t *a, uint64_t na, const uint64_t *b, ui
 	return k;
 }
 
+/* Pagemap entries (packed {u64 vaddr, u64 nr_pages, u32 flags}, 20 bytes each) for the page ranges a (flags fa)
+ * and b (flags fb), 4 KiB pages: in address order, touching ranges of one flag merged. out has room for na + nb
+ * entries. Returns how many, or -EINVAL when the ranges are not each sorted, page-aligned, non-empty and disjoint
+ * from all others (the caller then sorts them out its slower way, which says what is wrong). */
+int64_t wpd_pagemap_entries(const uint64_t *a, uint64_t na, uint32_t fa, const uint64_t *b, uint64_t nb,
+			    uint32_t fb, void *out)
+{
+	uint8_t *o = out;
+	uint64_t i = 0, j = 0, k = 0, prev_end = 0, last_v = 0, last_n = 0;
+	uint32_t last_f = 0;
+
+	while (i < na || j < nb) {
+		const uint64_t *r;
+		uint32_t f;
+
+		if (j >= nb || (i < na && a[2 * i] < b[2 * j])) {
+			r = &a[2 * i++];
+			f = fa;
+		} else {
+			r = &b[2 * j++];
+			f = fb;
+		}
+		if (((r[0] | r[1]) & 4095) || r[1] <= r[0] || r[0] < prev_end)
+			return -EINVAL;
+		if (k && f == last_f && last_v + (last_n << 12) == r[0]) {
+			last_n += (r[1] - r[0]) >> 12;
+			memcpy(o + 20 * (k - 1) + 8, &last_n, 8);
+		} else {
+			last_v = r[0];
+			last_n = (r[1] - r[0]) >> 12;
+			last_f = f;
+			memcpy(o + 20 * k, &last_v, 8);
+			memcpy(o + 20 * k + 8, &last_n, 8);
+			memcpy(o + 20 * k + 16, &last_f, 4);
+			k++;
+		}
+		prev_end = r[1];
+	}
+	return (int64_t)k;
+}
+
 /* The [start, end) ranges (pairs of u64, touching ones merged) of the n pagemap entries at entries (packed
  * {u64 vaddr, u64 nr_pages, u32 flags}, 20 bytes each, in address order) whose flags meet flag (all when
  * flag is 0), 4 KiB pages. out has room for n ranges; returns how many. */

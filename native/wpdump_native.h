@@ -71,6 +71,8 @@ int64_t wpd_pagemap_encode(const uint64_t *vaddr, const uint64_t *compat, const 
 			   const uint64_t *nr, uint64_t n, uint8_t *out, uint64_t outlen);
 int64_t wpd_pagemap_decode(const uint8_t *buf, uint64_t len, void *entries, uint64_t *offs, uint64_t cap);
 int64_t wpd_pagemap_ranges(const void *entries, uint64_t n, uint32_t flag, uint64_t *out);
+int64_t wpd_pagemap_entries(const uint64_t *a, uint64_t na, uint32_t fa, const uint64_t *b, uint64_t nb,
+			    uint32_t fb, void *out);
 int64_t wpd_ranges_combine(const uint64_t *a, uint64_t na, const uint64_t *b, uint64_t nb, int op,
 			   uint64_t *out);
 #endif
