@@ -195,6 +195,10 @@ def run(
             if m.pid == pid:
                 raise
     with keeper.pid_lock(pid), imgdir.Staging(dest) as st:
+        # the files this iteration will most likely write, created in a thread while the tracking is taken over
+        st.prepare([images.pages_file_name(i + 1) for i in range(len(members))]
+                   + [images.pagemap_file_name(m.vpid) for m in members]
+                   + [images.STATS_FILE, images.INVENTORY_FILE, META_FILE], prev_images_dir)
         tracking: Tracking | None = None
         thawed = True
         t_frozen = 0.0

@@ -11,7 +11,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from ..errors import ChainError, WpdumpError
 from ..target.process import exists
@@ -23,6 +23,21 @@ _syncer: ThreadPoolExecutor | None = None
 _MAX_UNSYNCED = 64  # files held open for the fsync at commit, at most
 
 
+def _syncers() -> ThreadPoolExecutor:
+    global _syncer
+    if _syncer is None:
+        _syncer = ThreadPoolExecutor(4, thread_name_prefix="wpdump-fsync")
+    return _syncer
+
+
+def _forget_syncer() -> None:
+    global _syncer
+    _syncer = None  # a forked child has none of its parent's threads
+
+
+os.register_at_fork(after_in_child=_forget_syncer)
+
+
 def _fsync_all(fds: list[tuple[int, str]]) -> None:
     """fsync every (fd, path) at once, from threads: ext4 commits concurrent fsyncs in one journal transaction
     (4 small files: 0.5-0.6 ms at once against 3-8 ms one after the other here). Raises the first error."""
@@ -31,9 +46,7 @@ def _fsync_all(fds: list[tuple[int, str]]) -> None:
         for fd, path in fds:
             fsync(fd, path)
         return
-    if _syncer is None:
-        _syncer = ThreadPoolExecutor(4, thread_name_prefix="wpdump-fsync")
-    futs = [_syncer.submit(fsync, fd, path) for fd, path in fds[1:]]
+    futs = [_syncers().submit(fsync, fd, path) for fd, path in fds[1:]]
     try:
         fsync(*fds[0])
     finally:
@@ -102,9 +115,48 @@ class Staging:
         self.dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.done = False
         self.unsynced: list[tuple[int, str]] = []  # files written, fsynced together at commit
+        self._ahead: Future | None = None  # prepare()'s work
+        self._ready: dict[str, int] = {}  # files created ahead, not handed out yet
+        self._link: str | None = None  # the parent link created ahead, until symlink() asks for it
+
+    def prepare(self, names: list[str], link: str | None = None) -> None:
+        """Create the files ``names`` (and the ``parent`` link to ``link``) in a thread while the caller goes on
+        (each creation costs 0.1-0.2 ms on ext4 here): :meth:`create` hands them out, the commit removes those
+        never asked for. A file that cannot be created ahead is created (and its error raised) by create()."""
+        self._ahead = _syncers().submit(self._create_ahead, names[:_MAX_UNSYNCED], link)
+
+    def _create_ahead(self, names: list[str], link: str | None) -> None:
+        for name in names:
+            try:
+                self._ready[name] = os.open(name, _CREATE, 0o600, dir_fd=self.dfd)
+            except OSError:
+                return
+        if link is not None:
+            with contextlib.suppress(OSError):
+                os.symlink(link, "parent", dir_fd=self.dfd)
+                self._link = link
+
+    def _settle(self) -> None:
+        """Wait for prepare()'s thread (nothing may touch the directory's fds before)."""
+        if self._ahead is not None:
+            wait([self._ahead])
+            self._ahead = None
+
+    def _drop_unused(self) -> None:
+        """Remove the files created ahead and never asked for."""
+        self._settle()
+        for name, fd in self._ready.items():
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=self.dfd)
+        self._ready = {}
 
     def create(self, name: str) -> int:
         """A new file (mode 0600) in the staging directory; returns its fd."""
+        self._settle()
+        fd = self._ready.pop(name, None)
+        if fd is not None:
+            return fd
         try:
             return os.open(name, _CREATE, 0o600, dir_fd=self.dfd)
         except OSError as e:
@@ -131,6 +183,10 @@ class Staging:
 
     def remove(self, name: str) -> None:
         """Remove ``name`` from the staging directory, if it is there (and close it if it was kept)."""
+        self._settle()
+        fd = self._ready.pop(name, None)
+        if fd is not None:
+            os.close(fd)
         path = os.path.join(self.dest, name)
         for fd, p in [u for u in self.unsynced if u[1] == path]:
             self.unsynced.remove((fd, p))
@@ -139,11 +195,21 @@ class Staging:
             os.unlink(name, dir_fd=self.dfd)
 
     def symlink(self, target: str, name: str = "parent") -> None:
+        self._settle()
+        if name == "parent" and self._link is not None:
+            link, self._link = self._link, None
+            if link == target:
+                return
+            os.unlink(name, dir_fd=self.dfd)
         os.symlink(target, name, dir_fd=self.dfd)
 
     def commit(self) -> str:
         """fsync the files written and the directory, and rename it to ``dest`` (replacing an empty directory);
         returns dest."""
+        self._drop_unused()
+        if self._link is not None:  # created ahead for a parent the iteration did not name after all
+            os.unlink("parent", dir_fd=self.dfd)
+            self._link = None
         _fsync_all([*self.unsynced, (self.dfd, self.dest)])
         self._close_files()
         try:
@@ -167,6 +233,10 @@ class Staging:
         self.unsynced = []
 
     def close(self) -> None:
+        self._settle()
+        for fd in self._ready.values():
+            os.close(fd)
+        self._ready = {}
         self._close_files()
         if self.dfd >= 0:
             os.close(self.dfd)
