@@ -1,8 +1,8 @@
 """The copy pipeline of an iteration: the pages to dump read from the target batch by batch (memory.Reader) by
-the calling thread, each batch's write submitted with Linux AIO as soon as it is read (the kernel writes while
-the next batch is read), in order, with O_DIRECT where the filesystem allows it. Without AIO (or with
-READERS > 1) a writer thread appends the batches instead. Pages of anonymous VMAs that read all zero are left out
-(absent means zero)."""
+the calling thread and a helper thread, each batch's write submitted with Linux AIO as soon as it is read (the
+kernel writes while the next batches are read), in order, with O_DIRECT where the filesystem allows it. Without
+AIO a writer thread appends the batches instead. Pages of anonymous VMAs that read all zero are left out (absent
+means zero)."""
 
 from __future__ import annotations
 
@@ -26,13 +26,14 @@ from ..target.native import ffi, lib
 
 # Pages are read from the target in batches of at most BATCH_BYTES, by READERS threads at once, into one of
 # BUFFERS buffers, while the batches read before are written in order: wpdump's memory for page data is bounded
-# by BUFFERS * BATCH_BYTES. One reader, the calling thread: with two reader threads and a writer thread (2-CPU
-# VM, 1 GiB, 0.5-10 % random pages) the copy took 5-25 % longer (best of 12), three Python threads passing the
-# GIL (a thread waited up to 0.7 ms for it after each batch); with AIO and a helper reading every other batch
-# (READERS = 2) 0-50 % longer on this shared machine.
+# by BUFFERS * BATCH_BYTES. Two readers: the calling thread and a helper reading every other batch (reading
+# scattered pages is CPU-bound: a pagemap pread and a process_vm_readv iovec per isolated page). Measured here
+# (2-CPU VM shared with other work, 1 GiB, best of 12): at 10 % random pages 66 ms against 88 ms with one
+# reader; with two reader threads and a writer thread instead of AIO 67 ms, but at 3 % 5-15 % slower (three
+# Python threads passing the GIL: a thread waited up to 0.7 ms for it after each batch).
 BATCH_BYTES = 8 << 20
 MIN_BATCH_BYTES = 1 << 20
-READERS = 1
+READERS = min(2, os.cpu_count() or 1)
 BUFFERS = READERS + 2
 IOV_MAX = 1024
 # The first batch of a pipeline is this small and each next one twice the one before (up to the batch size), so
