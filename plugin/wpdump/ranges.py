@@ -24,14 +24,7 @@ def merge(r: np.ndarray) -> np.ndarray:
         return r
     if not (r[1:, 0] >= r[:-1, 0]).all():  # most callers pass sorted ranges: skip the sort
         r = r[np.argsort(r[:, 0], kind="stable")]
-    ends = np.maximum.accumulate(r[:, 1])
-    starts_new = np.ones(len(r), dtype=bool)
-    starts_new[1:] = r[1:, 0] > ends[:-1]
-    idx = np.flatnonzero(starts_new)
-    out = np.empty((len(idx), 2), dtype=np.uint64)
-    out[:, 0] = r[idx, 0]
-    out[:, 1] = np.maximum.reduceat(r[:, 1], idx)
-    return out
+    return _combine(r, EMPTY, _UNION)  # one linear native pass over ranges sorted by start
 
 
 def clip(r: np.ndarray, lo: int, hi: int) -> np.ndarray:
