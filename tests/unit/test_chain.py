@@ -146,3 +146,27 @@ def test_load_chain_refuses_broken_chains(tmp_path: pathlib.Path) -> None:
     write_level(tmp_path / "g", 6, np.array([2] * 8), tmp_path / "f")
     with pytest.raises(chain.ChainError, match="loop"):
         chain.load_chain(str(tmp_path / "f"))
+
+
+def test_decoded_pagemaps_kept_only_while_the_file_is_that_version(tmp_path: pathlib.Path) -> None:
+    """A pagemap the writer remembered (or one read once) is not decoded again while its file is unchanged; a
+    rewrite in place to the same size right after is read anew (the stat that took the signature gets the next
+    change a fine-grained time)."""
+    cells = np.array([1, 1, 0, 1] * (N // 4))
+    write_level(tmp_path / "a", 0, cells, None)
+    name = str(tmp_path / "a" / images.pagemap_file_name(PID))
+    e = images.entries_from_ranges(runs(cells, 1), ranges_none())
+    chain.remember_pagemap(name, 10, e)
+    first = chain.load_iteration(str(tmp_path / "a"), PID)
+    assert first.entries is e and not first.entries.flags.writeable  # the writer's array, not decoded again
+    data = images.encode_pagemap(11, e)  # another pages id: the file keeps its size
+    assert len(data) == os.path.getsize(name)
+    with open(name, "r+b") as f:  # in place: same inode, same size
+        f.write(data)
+    again = chain.load_iteration(str(tmp_path / "a"), PID)
+    assert again.pages_id == 11 and again.entries.tobytes() == e.tobytes()
+    assert chain.load_iteration(str(tmp_path / "a"), PID).entries is again.entries  # read once, then kept
+
+
+def ranges_none() -> np.ndarray:
+    return np.zeros((0, 2), dtype=np.uint64)

@@ -12,7 +12,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from ..images.chain import (
     boot_id,
     load_parent_tree,
     meta_json,
+    remember_pagemap,
     same_process,
     uptime_us,
 )
@@ -69,9 +70,12 @@ class IterationResult:
     frozen_s: float = 0.0
     total_s: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    # (file name, pages id, entries) of each pagemap written: the next iteration's parent, kept decoded
+    pagemaps: list[tuple[str, int, np.ndarray]] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), list) else v
+                for f in fields(self) if f.name != "pagemaps"}
 
 
 # ---- laying out and writing the images ----
@@ -105,6 +109,7 @@ def _write_images(
         keep = ranges.subtract(keep, own)
     entries = images.entries_from_ranges(written, keep)
     st.write_file(images.pagemap_file_name(m.vpid), images.encode_pagemap(pages_id, entries))
+    res.pagemaps.append((images.pagemap_file_name(m.vpid), pages_id, entries))
     stats = {
         "pages_scanned": sum(v.vma.size for v in h.vmas) // PAGE, "pages_written": ranges.total(written) // PAGE,
         "pages_skipped_parent": ranges.total(keep) // PAGE,
@@ -304,6 +309,9 @@ def run(
             if keep_tracking:  # the keeper takes the trackers while the files are synced (a failed commit untracks)
                 tracking.send_back(done, res.iteration, dest)
             st.commit()
+            for name, pages_id, entries in res.pagemaps:
+                remember_pagemap(os.path.join(dest, name), pages_id, entries)
+            res.pagemaps = []
         except BaseException:
             thaw(done=False)
             if tracking is not None:
