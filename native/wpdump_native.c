@@ -510,6 +510,46 @@ int64_t wpd_pagemap_encode(const uint64_t *vaddr, const uint64_t *compat, const 
 	return p - out;
 }
 
+/* wpd_pagemap_encode for n packed entries {u64 vaddr, u64 nr_pages, u32 flags} (20 bytes each), checked as a
+ * reader checks them (page-aligned, nr_pages > 0, flags known, not both PE_PARENT and PE_PRESENT, within the
+ * address space, ascending and not overlapping), compat_nr_pages the count where it fits in a u32, else 0.
+ * Returns the bytes written, or -EINVAL at the first entry that breaks a rule (the caller says which). */
+int64_t wpd_pagemap_encode_entries(const void *entries, uint64_t n, uint8_t *out, uint64_t outlen)
+{
+	const uint8_t *e = entries;
+	const uint64_t max_end = (uint64_t)0 - 4096;
+	uint8_t *p = out;
+	uint64_t prev_end = 0;
+
+	if (outlen < n * 48)
+		return -ENOSPC;
+	for (uint64_t i = 0; i < n; i++) {
+		uint64_t vaddr, nr;
+		uint32_t flags;
+		uint8_t *len = p;
+
+		memcpy(&vaddr, e + 20 * i, 8);
+		memcpy(&nr, e + 20 * i + 8, 8);
+		memcpy(&flags, e + 20 * i + 16, 4);
+		if ((vaddr & 4095) || !nr || (flags & ~7u) || !flags || (flags & 5u) == 5u || vaddr > max_end ||
+		    nr > ((max_end - vaddr) >> 12) || vaddr < prev_end)
+			return -EINVAL;
+		prev_end = vaddr + (nr << 12);
+		p += 4;
+		*p++ = 0x08;
+		p = put_varint(p, vaddr);
+		*p++ = 0x10;
+		p = put_varint(p, nr <= 0xFFFFFFFFu ? nr : 0);
+		*p++ = 0x20;
+		p = put_varint(p, flags);
+		*p++ = 0x28;
+		p = put_varint(p, nr);
+		len[0] = (uint8_t)(p - len - 4);
+		len[1] = len[2] = len[3] = 0;
+	}
+	return p - out;
+}
+
 static int get_varint(const uint8_t **pp, const uint8_t *end, uint64_t *v)
 {
 	const uint8_t *p = *pp;

@@ -69,6 +69,7 @@ int64_t wpd_aio_wait(uint64_t ctx, int64_t min_nr, int64_t max_nr, uint64_t *dat
 
 int64_t wpd_pagemap_encode(const uint64_t *vaddr, const uint64_t *compat, const uint64_t *flags,
 			   const uint64_t *nr, uint64_t n, uint8_t *out, uint64_t outlen);
+int64_t wpd_pagemap_encode_entries(const void *entries, uint64_t n, uint8_t *out, uint64_t outlen);
 int64_t wpd_pagemap_decode(const uint8_t *buf, uint64_t len, void *entries, uint64_t *offs, uint64_t cap);
 int64_t wpd_pagemap_ranges(const void *entries, uint64_t n, uint32_t flag, uint64_t *out);
 int64_t wpd_pagemap_entries(const uint64_t *a, uint64_t na, uint32_t fa, const uint64_t *b, uint64_t nb,

@@ -298,8 +298,17 @@ def encode_pagemap(pages_id: int, entries: np.ndarray) -> bytes:
     """
     magics = _pagemap_magics(pages_id)
     head = pagemap_pb2.pagemap_head(pages_id=pages_id).SerializeToString()
-    cols = [np.ascontiguousarray(c, dtype=np.uint64) for c in _entry_columns(entries)]
     start = magics + _frame(head)
+    if PAGE == 4096 and entries.dtype == ENTRY_DTYPE:  # one native pass, the checks included
+        packed = np.ascontiguousarray(entries)
+        buf = np.empty(len(start) + 48 * len(packed), dtype=np.uint8)
+        buf[: len(start)] = np.frombuffer(start, dtype=np.uint8)
+        body = buf[len(start) :]
+        n = lib.wpd_pagemap_encode_entries(ffi.cast("const void *", packed.ctypes.data), len(packed),
+                                           ffi.cast("uint8_t *", body.ctypes.data), len(body))
+        if n >= 0:
+            return buf[: len(start) + n].tobytes()
+    cols = [np.ascontiguousarray(c, dtype=np.uint64) for c in _entry_columns(entries)]  # says what is wrong
     buf = np.empty(len(start) + 48 * len(cols[0]), dtype=np.uint8)
     buf[: len(start)] = np.frombuffer(start, dtype=np.uint8)
     ptr = [ffi.cast("const uint64_t *", c.ctypes.data) for c in cols]
