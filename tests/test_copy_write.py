@@ -101,3 +101,32 @@ def test_reader_skips_only_the_hole(target):
     for addr, row in zip(addrs[ok].tolist(), rows, strict=True):
         assert row.tobytes() == t.read_mem(addr, PAGE)
 
+
+
+def test_aio_write_refused_by_o_direct_is_written_plainly(tmp_path):
+    """An O_DIRECT write the kernel refuses (here: a buffer one byte off alignment) is written again without
+    O_DIRECT at its offset, and its buffer slot handed back, whether io_submit or the completion says EINVAL."""
+    path = tmp_path / "pages.img"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    ctx, own = None, False
+    try:
+        job = pages._Job(fd, str(path))
+        if not job.direct:
+            pytest.skip("this filesystem refuses O_DIRECT altogether")
+        ctx, own = pages._aio_context(False)
+        assert ctx is not None
+        aio = pages._Aio(ctx, job)
+        buf = memory.aligned_buffer(4 * PAGE)
+        buf[:] = np.arange(len(buf), dtype=np.uint64).astype(np.uint8)
+        odd = buf[1:]
+        assert aio.submit(3, odd, np.array([[0, 2 * PAGE]], dtype=np.int64), 0) == 2 * PAGE
+        slots = []
+        while aio.todo or aio.freed:
+            slots += aio.reap(True)
+        assert slots == [3] and aio.error is None and not job.direct
+        job.close()
+    finally:
+        if own:
+            pages.lib.wpd_aio_destroy(ctx)
+        os.close(fd)
+    assert path.read_bytes() == odd[: 2 * PAGE].tobytes()

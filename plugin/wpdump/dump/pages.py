@@ -163,6 +163,7 @@ class _Aio:
         self.left: dict[int, int] = {}  # slot -> requests in flight
         self.next = 0
         self.error: OSError | None = None
+        self.freed: list[int] = []  # slots whose requests ended at submission (handed out by reap)
         self._data = np.zeros(64, dtype=np.uint64)
         self._res = np.zeros(64, dtype=np.int64)
 
@@ -184,8 +185,10 @@ class _Aio:
                                           len(part), off + total, rid)
             else:
                 err = -errno.ECANCELED
-            if err < 0:
-                self._done(rid, err)
+            if err < 0:  # ended at submission (written in this thread, or failed)
+                slot_free = self._done(rid, err)
+                if slot_free >= 0:
+                    self.freed.append(slot_free)
             total += nbytes
         return total
 
@@ -228,16 +231,17 @@ class _Aio:
             skip = got
 
     def reap(self, wait: bool) -> list[int]:
-        """The slots whose writes all ended (at least one request waited for if ``wait``)."""
+        """The slots whose writes all ended (at least one request waited for if ``wait`` and none ended yet)."""
+        out, self.freed = self.freed, []
         if not self.todo:
-            return []
+            return out
         d, r = self._data, self._res
-        n = lib.wpd_aio_wait(self.ctx, 1 if wait else 0, len(d), ffi.cast("uint64_t *", d.ctypes.data),
+        n = lib.wpd_aio_wait(self.ctx, 1 if wait and not out else 0, len(d), ffi.cast("uint64_t *", d.ctypes.data),
                              ffi.cast("int64_t *", r.ctypes.data))
         if n < 0:
             raise OSError(-n, os.strerror(-n))
         freed = [self._done(int(rid), int(res)) for rid, res in zip(d[:n].tolist(), r[:n].tolist(), strict=True)]
-        return [slot for slot in freed if slot >= 0]
+        return out + [slot for slot in freed if slot >= 0]
 
     def drain(self) -> None:
         """Wait for every request in flight (no buffer may be reused, no fd closed before)."""
@@ -384,6 +388,8 @@ def _pipeline_aio(
     def slot_for(batch: np.ndarray) -> int:
         nonlocal done
         while not free:
+            if not aio.todo and not aio.freed:  # cannot be: every slot not free has a request in flight
+                raise RuntimeError("copy pipeline: no buffer free and no write in flight")
             for slot in aio.reap(True):
                 free.append(slot)
                 done += nbytes.pop(slot)
@@ -419,7 +425,7 @@ def _pipeline_aio(
                 k += 1
             k += 1
         t_read = time.perf_counter()
-        while aio.todo:
+        while aio.todo or aio.freed:
             for slot in aio.reap(True):
                 done += nbytes.pop(slot)
                 if progress is not None:
