@@ -130,3 +130,37 @@ def test_aio_write_refused_by_o_direct_is_written_plainly(tmp_path):
             pages.lib.wpd_aio_destroy(ctx)
         os.close(fd)
     assert path.read_bytes() == odd[: 2 * PAGE].tobytes()
+
+
+def test_a_copy_that_fails_midway_leaves_no_write_behind(target, tmp_path, monkeypatch):
+    """A failure (here raised by the progress callback, as an interrupt would be) while writes are in flight: the
+    copy raises at once, its AIO context is destroyed (which waits for every write in flight), and the next copy
+    writes exactly its own pages."""
+    monkeypatch.setattr(pages, "BATCH_BYTES", 8 * PAGE)
+    monkeypatch.setattr(pages, "MIN_BATCH_BYTES", 8 * PAGE)
+    monkeypatch.setattr(pages, "FIRST_BATCH_BYTES", 8 * PAGE)
+    monkeypatch.setattr(pages, "SINGLE_BYTES", 0)
+    a = target.map(256)
+    target.cmd("fill", hex(a), 256, 9)
+    copy = ranges.from_pairs([(a, a + 256 * PAGE)])
+
+    class Stop(Exception):
+        pass
+
+    def stop(done: int, total: int) -> None:
+        raise Stop
+
+    fd = os.open(tmp_path / "failed", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with pytest.raises(Stop):
+            pages.copy_and_write(target.pid, copy, copy, fd, "failed", stop)
+    finally:
+        os.close(fd)
+    path = tmp_path / "pages.img"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        written, _, _, _ = pages.copy_and_write(target.pid, copy, copy, fd, str(path), None)
+    finally:
+        os.close(fd)
+    assert np.array_equal(written, copy)
+    assert path.read_bytes() == target.read_mem(a, 256 * PAGE)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from ..ranges import PAGE, from_pages, in_ranges, page_addrs
 from ..target import uffd
 from ..target.memory import Reader, aligned_buffer
 from ..target.native import ffi, lib
+from ..workers import Workers
 
 # Pages are read from the target in batches of at most BATCH_BYTES, by READERS threads at once, into one of
 # BUFFERS buffers, while the batches read before are written in order: wpdump's memory for page data is bounded
@@ -127,28 +129,21 @@ def _described(f: Future, what: str) -> object:
 
 
 # The reader and writer threads live as long as the process (started at the first copy that needs them):
-# starting them for each iteration cost more than the overlap saved on small copies. A forked child has
-# none of its parent's threads: it starts its own.
-_pool_lock = threading.Lock()
-_readers: ThreadPoolExecutor | None = None
-_writer: ThreadPoolExecutor | None = None
+# starting them for each iteration cost more than the overlap saved on small copies.
+_readers: Workers | None = None
+_writer = Workers(1, "wpdump-writer")
 
 
-def _pools() -> tuple[ThreadPoolExecutor | None, ThreadPoolExecutor]:
+def _pools() -> tuple[Workers | None, Workers]:
     """(READERS reader threads, or None for one reader: the caller reads; the one writer thread)."""
-    global _readers, _writer
-    with _pool_lock:
-        if READERS > 1 and (_readers is None or _readers._max_workers != READERS):
-            _readers = ThreadPoolExecutor(READERS, thread_name_prefix="wpdump-reader")
-        if _writer is None:
-            _writer = ThreadPoolExecutor(1, thread_name_prefix="wpdump-writer")
-        return (_readers if READERS > 1 else None), _writer
+    global _readers
+    if READERS > 1 and (_readers is None or _readers.n != READERS):
+        _readers = Workers(READERS, "wpdump-reader")
+    return (_readers if READERS > 1 else None), _writer
 
 
-def _forget_pools() -> None:
-    global _readers, _writer, _pool_lock, _aio_ctx
-    _readers = _writer = None
-    _pool_lock = threading.Lock()
+def _forget_aio() -> None:
+    global _aio_ctx
     _aio_ctx = None  # a child has no AIO context of its parent's
 
 
@@ -161,7 +156,7 @@ class _Aio:
         self.ctx, self.job = ctx, job
         self.todo: dict[int, tuple[int, int, int, np.ndarray]] = {}  # request -> (slot, offset, bytes, iovecs)
         self.left: dict[int, int] = {}  # slot -> requests in flight
-        self.next = 0
+        self.next = next(_request_ids) << 20  # ids of requests unique to this copy
         self.error: OSError | None = None
         self.freed: list[int] = []  # slots whose requests ended at submission (handed out by reap)
         self._data = np.zeros(64, dtype=np.uint64)
@@ -194,6 +189,8 @@ class _Aio:
 
     def _done(self, rid: int, res: int) -> int:
         """Account for request ``rid`` ending with ``res``; returns its slot if that slot is now free, else -1."""
+        if rid not in self.todo:  # not one of ours (cannot be: a failed copy destroys its context)
+            return -1
         slot, off, nbytes, iov = self.todo.pop(rid)
         if res != nbytes and self.error is None and res != -errno.ECANCELED:
             try:  # O_DIRECT refused (EINVAL), or a short write: the rest in this thread, which raises the cause
@@ -243,13 +240,9 @@ class _Aio:
         freed = [self._done(int(rid), int(res)) for rid, res in zip(d[:n].tolist(), r[:n].tolist(), strict=True)]
         return out + [slot for slot in freed if slot >= 0]
 
-    def drain(self) -> None:
-        """Wait for every request in flight (no buffer may be reused, no fd closed before)."""
-        while self.todo:
-            self.reap(True)
-
 
 _aio_ctx: int | None = None
+_request_ids = itertools.count(1)
 
 
 def _aio_context(shared: bool) -> tuple[int | None, bool]:
@@ -267,7 +260,7 @@ def _aio_context(shared: bool) -> tuple[int | None, bool]:
     return int(out[0]), True
 
 
-os.register_at_fork(after_in_child=_forget_pools)
+os.register_at_fork(after_in_child=_forget_aio)
 
 
 _arena_lock = threading.Lock()
@@ -349,17 +342,32 @@ def copy_and_write(
     nbuf = min(BUFFERS, len(batches))
     arena, shared = _take_arena(nbuf * limit)
     ctx, own_ctx = (None, False) if len(batches) == 1 or not USE_AIO else _aio_context(shared)
+    ok = False
     try:
         bufs = [arena[i * limit : (i + 1) * limit] for i in range(nbuf)]
         with Reader(pid, unreadable) as reader:
             if ctx is not None:
-                return _pipeline_aio(reader, batches, bufs, anon, fd, what, progress, total, ctx)
-            return _pipeline(reader, batches, bufs, anon, fd, what, progress, total)
+                out = _pipeline_aio(reader, batches, bufs, anon, fd, what, progress, total, ctx)
+            else:
+                out = _pipeline(reader, batches, bufs, anon, fd, what, progress, total)
+        ok = True
+        return out
     finally:
-        if own_ctx:
+        if ctx is not None and (own_ctx or not ok):
+            # io_destroy returns once every request of the context ended: after a failure (an interrupt may have
+            # landed between a submission or a completion and its bookkeeping) nothing writes from the buffers
+            # or into the file any more, whatever the bookkeeping says
             lib.wpd_aio_destroy(ctx)
+            if not own_ctx:
+                _forget_aio_context(ctx)
         if shared:
             _arena_lock.release()
+
+
+def _forget_aio_context(ctx: int) -> None:
+    global _aio_ctx
+    if _aio_ctx == ctx:
+        _aio_ctx = None
 
 
 def _pipeline_aio(
@@ -441,7 +449,6 @@ def _pipeline_aio(
     finally:
         if ahead is not None:  # this thread failed while the helper reads into a buffer
             wait([ahead])
-        aio.drain()
         job.close()
     written = ranges.merge(np.concatenate(parts)) if parts else ranges.EMPTY.copy()
     elapsed = time.perf_counter() - t_start

@@ -11,42 +11,27 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 
 from ..errors import ChainError, WpdumpError
 from ..target.process import exists
+from ..workers import Workers
 
 _STAGING_PARENTS: set[str] = set()  # where this process may have created staging directories
 MAX_DEPTH = 4096  # parent links followed at most
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_syncer: ThreadPoolExecutor | None = None
 _MAX_UNSYNCED = 64  # files held open for the fsync at commit, at most
-
-
-def _syncers() -> ThreadPoolExecutor:
-    global _syncer
-    if _syncer is None:
-        _syncer = ThreadPoolExecutor(4, thread_name_prefix="wpdump-fsync")
-    return _syncer
-
-
-def _forget_syncer() -> None:
-    global _syncer
-    _syncer = None  # a forked child has none of its parent's threads
-
-
-os.register_at_fork(after_in_child=_forget_syncer)
+_syncer = Workers(4, "wpdump-fsync")
 
 
 def _fsync_all(fds: list[tuple[int, str]]) -> None:
     """fsync every (fd, path) at once, from threads: ext4 commits concurrent fsyncs in one journal transaction
     (4 small files: 0.5-0.6 ms at once against 3-8 ms one after the other here). Raises the first error."""
-    global _syncer
     if len(fds) <= 1:
         for fd, path in fds:
             fsync(fd, path)
         return
-    futs = [_syncers().submit(fsync, fd, path) for fd, path in fds[1:]]
+    futs = [_syncer.submit(fsync, fd, path) for fd, path in fds[1:]]
     try:
         fsync(*fds[0])
     finally:
@@ -123,7 +108,7 @@ class Staging:
         """Create the files ``names`` (and the ``parent`` link to ``link``) in a thread while the caller goes on
         (each creation costs 0.1-0.2 ms on ext4 here): :meth:`create` hands them out, the commit removes those
         never asked for. A file that cannot be created ahead is created (and its error raised) by create()."""
-        self._ahead = _syncers().submit(self._create_ahead, names[:_MAX_UNSYNCED], link)
+        self._ahead = _syncer.submit(self._create_ahead, names[:_MAX_UNSYNCED], link)
 
     def _create_ahead(self, names: list[str], link: str | None) -> None:
         for name in names:
