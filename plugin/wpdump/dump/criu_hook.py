@@ -118,6 +118,7 @@ def _fsync_dir(path: str) -> None:
 def rewrite(
     images_dir: str, pid: int, top_dir: str, tracker: Tracker, chain: list | None = None, new_id: int | None = None,
     finish: bool = True, prep: Prepared | None = None, bufs: list[np.ndarray] | None = None,
+    unsynced: list[tuple[int, str]] | None = None,
 ) -> HookResult:
     """Turn CRIU's final images of process ``pid`` (its vpid, as CRIU names it) in ``images_dir`` into an
     increment on the chain at ``top_dir``, which the ``parent`` link of ``images_dir`` must lead to.
@@ -126,7 +127,8 @@ def rewrite(
     to ``pages-NEW_ID.img`` (default: one past the highest there). Without ``finish`` the caller fsyncs the
     directory and then removes CRIU's pages file (``HookResult.replaced``), once for many processes. ``prep``
     (the chain and a sample of it read before the freeze) and ``bufs`` (page-aligned buffers for the copy,
-    faulted in) save that work inside CRIU's frozen window.
+    faulted in) save that work inside CRIU's frozen window. With ``unsynced``, the new files are not fsynced here:
+    their (fd, path) are appended, the fds left open for the caller to fsync and close.
     """
     t0 = t = time.perf_counter()
     name = images.pagemap_file_name(pid)
@@ -156,6 +158,8 @@ def rewrite(
     t = res.span("sets", t)
 
     src = os.open(pages_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    opened: list[tuple[int, str]] = []  # the new pages file and pagemap: fsynced, then closed
+    committed = False
     try:
         _check_sample(src, entries, chain, parent, pid, prep)
         t = res.span("sample", t)
@@ -163,38 +167,33 @@ def rewrite(
             new_id = max(_pages_ids(images_dir)) + 1
         new_pages = os.path.join(images_dir, images.pages_file_name(new_id))
         tmp_map = os.path.join(images_dir, f".{name}.wpdump-tmp")
-        dst = os.open(new_pages, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            _copy_kept(src, dst, entries, present, bufs, new_pages)
-            t = res.span("copy", t)
-            fd = os.open(tmp_map, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                imgdir.write_all(fd, images.encode_pagemap(new_id, images.entries_from_ranges(present, parent)),
-                                 tmp_map)
-                t = res.span("pagemap", t)
-                imgdir._fsync_all([(dst, new_pages), (fd, tmp_map)])  # at once: one journal commit
-                t = res.span("fsync", t)
-            finally:
-                os.close(fd)
-        except BaseException:
-            os.close(dst)
-            for p in (new_pages, tmp_map):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(p)
-            raise
-        os.close(dst)
-    finally:
-        os.close(src)
-    committed = False
-    try:
+        opened.append((os.open(new_pages, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                               0o600), new_pages))
+        gather_s = _copy_kept(src, opened[0][0], entries, present, bufs, new_pages)
+        res.spans["gather"] = gather_s
+        t = res.span("write", t + gather_s)  # what the writes added to the gathers
+        opened.append((os.open(tmp_map, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                               0o600), os.path.join(images_dir, name)))
+        imgdir.write_all(opened[1][0], images.encode_pagemap(new_id, images.entries_from_ranges(present, parent)),
+                         tmp_map)
+        t = res.span("pagemap", t)
+        if unsynced is None:
+            imgdir._fsync_all(opened)  # at once: one journal commit
+            t = res.span("fsync", t)
         if os.path.realpath(os.path.join(images_dir, "parent")) != os.path.realpath(top.path):
             raise HookSkipped(f"{images_dir}/parent does not lead to {top.path}", pid=pid, errno=errno.EINVAL)
         os.rename(tmp_map, os.path.join(images_dir, name))  # the commit point
         committed = True
     finally:
+        os.close(src)
+        if committed and unsynced is not None:
+            unsynced.extend(opened)
+        else:
+            for fd, _ in opened:
+                os.close(fd)
         if not committed:  # CRIU's own pagemap and pages are still in place
-            for p in (tmp_map, new_pages):
-                if os.path.lexists(p):
+            for p in (tmp_map, new_pages) if opened else ():
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(p)
     res.replaced = pages_path
     if finish:
@@ -206,14 +205,14 @@ def rewrite(
 
 
 def _copy_kept(src: int, dst: int, entries: np.ndarray, present: np.ndarray, bufs: list[np.ndarray] | None,
-               what: str) -> None:
+               what: str) -> float:
     """Append the pages ``present`` (ranges) of CRIU's pages file ``src`` to ``dst``: gathered into a buffer (one
     pread per run, in C) while the previous buffer is written with O_DIRECT by a thread (pages._Writer). CRIU just
     wrote ``src``: it is in the page cache. O_DIRECT spares allocating page cache for ``dst``, which costs more
-    than the disk in this VM (docs/kernel.md rule 21)."""
+    than the disk in this VM (docs/kernel.md rule 21). Returns the seconds spent gathering."""
     total = ranges.total(present)
     if not total:
-        return
+        return 0.0
     offs = images.page_offsets(entries, present[:, 0]).astype(np.uint64)
     runs = np.column_stack((offs, offs + (present[:, 1] - present[:, 0]))).astype(np.uint64)
     limit = pagecopy._batch_size(total)
@@ -222,17 +221,23 @@ def _copy_kept(src: int, dst: int, entries: np.ndarray, present: np.ndarray, buf
         bufs = copy_buffers(min(COPY_SLOTS, len(batches)), limit)
     slots = [b[:limit] for b in bufs[:max(1, min(len(bufs), len(batches)))]]
     writer = pagecopy._Writer(dst, what, threaded=len(batches) > 1)
+    gather_s = 0.0
     try:
         if len(batches) == 1:
-            writer.write_now([memoryview(slots[0])[:_gather(src, batches[0], slots[0], what)]])
-            return
+            t0 = time.perf_counter()
+            n = _gather(src, batches[0], slots[0], what)
+            gather_s = time.perf_counter() - t0
+            writer.write_now([memoryview(slots[0])[:n]])
+            return gather_s
         free, queued = list(range(len(slots))), 0
         for batch in batches:
             if free:
                 slot = free.pop()
             else:
                 slot, queued = writer.wait(), queued - 1
+            t0 = time.perf_counter()
             n = _gather(src, batch, slots[slot], what)
+            gather_s += time.perf_counter() - t0
             done: Future = Future()
             done.set_result(([memoryview(slots[slot])[:n]],))
             writer.todo.put((slot, done))
@@ -241,6 +246,7 @@ def _copy_kept(src: int, dst: int, entries: np.ndarray, present: np.ndarray, buf
             writer.wait()
     finally:
         writer.close()
+    return gather_s
 
 
 def _gather(src: int, runs: np.ndarray, buf: np.ndarray, what: str) -> int:
@@ -259,8 +265,17 @@ def copy_buffers(n: int = COPY_SLOTS, size: int = pagecopy.BATCH_BYTES) -> list[
     return [arena[i * size : (i + 1) * size] for i in range(n)]
 
 
-def _unlink_all(paths: list[str]) -> None:
-    for p in paths:
+def _settle(unsynced: list[tuple[int, str]], images_dir: str, trash: list[str]) -> None:
+    """After CRIU's frozen window: the new files and the directory made durable, then CRIU's replaced pages files
+    (moved aside in the window) removed. CRIU itself never fsyncs its images (criu 4.1.1 calls no fsync, fdatasync
+    or syncfs): a dump is not durable when ``criu dump`` returns, with or without the hook."""
+    try:
+        imgdir._fsync_all(unsynced)
+    finally:
+        for fd, _ in unsynced:
+            os.close(fd)
+    _fsync_dir(images_dir)
+    for p in trash:
         with contextlib.suppress(OSError):
             os.unlink(p)
 
@@ -473,6 +488,7 @@ def hook_tree(
         (own if after is None else after).enter_context(ready.ks)
     results: list[HookResult] = []
     skipped: list[tuple[int, str]] = []
+    unsynced: list[tuple[int, str]] | None = None if after is None else []
     with own:
         link = os.path.join(images_dir, "parent")
         if os.path.lexists(link):
@@ -494,18 +510,18 @@ def hook_tree(
                     continue
                 try:
                     results.append(rewrite(images_dir, vpid, ready.top_dir, tr, new_id=next_id, finish=False,
-                                           prep=ready.prepared[vpid], bufs=ready.bufs))
+                                           prep=ready.prepared[vpid], bufs=ready.bufs, unsynced=unsynced))
                     next_id += 1
                 except (HookSkipped, ChainError) as e:
                     skipped.append((vpid, str(e)))
         finally:
             if not results:
                 os.unlink(link)
-            _fsync_dir(images_dir)  # every new pagemap (and the link) durable before CRIU's pages files go
-            if after is None:
+            if unsynced is None:
+                _fsync_dir(images_dir)  # every new pagemap (and the link) durable before CRIU's pages files go
                 _remove_detached([r.replaced for r in results])
             else:
-                after.callback(_unlink_all, move_aside([r.replaced for r in results]))
+                after.callback(_settle, unsynced, images_dir, move_aside([r.replaced for r in results]))
         skipped.extend((v, "not tracked by wpdump since its last iteration") for v in sorted(criu_vpids))
         # the final dump: tracking ends (the harvests above consumed the dirty sets). Not waited for: dropping the
         # write-protection of a big tree takes the keeper tens of ms a GiB, which CRIU's frozen window need not hold
