@@ -23,7 +23,8 @@ import re
 import subprocess
 import sys
 import time
-from concurrent.futures import Future
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,6 +47,7 @@ SAMPLE_PAGES = 256  # PE_PARENT pages compared byte for byte between CRIU's dump
 # Candidates for the sample, drawn from the chain and read before the freeze; the final harvest and CRIU's dump
 # leave those still PE_PARENT (about all of them at a few % dirty). Too few left: more are read in the window.
 SAMPLE_CANDIDATES = 2 * SAMPLE_PAGES
+GATHERERS = min(2, os.cpu_count() or 1)  # threads reading CRIU's kept pages
 COPY_SLOTS = 3  # buffers of at most pages.BATCH_BYTES: CRIU's kept pages gathered into one while another is written
 
 
@@ -67,6 +69,7 @@ class HookResult:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     replaced: str = ""  # CRIU's pages file, no longer referred to once the directory is synced
+    old_pagemap: str = ""  # CRIU's pagemap, moved aside (_aside_path) by the commit
     spans: dict[str, float] = field(default_factory=dict)  # seconds by step (see rewrite)
 
     def span(self, name: str, since: float) -> float:
@@ -161,7 +164,7 @@ def rewrite(
     opened: list[tuple[int, str]] = []  # the new pages file and pagemap: fsynced, then closed
     committed = False
     try:
-        _check_sample(src, entries, chain, parent, pid, prep)
+        _check_sample(src, entries, chain, parent, pid, prep, bufs[0] if bufs else None)
         t = res.span("sample", t)
         if new_id is None:
             new_id = max(_pages_ids(images_dir)) + 1
@@ -182,7 +185,16 @@ def rewrite(
             t = res.span("fsync", t)
         if os.path.realpath(os.path.join(images_dir, "parent")) != os.path.realpath(top.path):
             raise HookSkipped(f"{images_dir}/parent does not lead to {top.path}", pid=pid, errno=errno.EINVAL)
-        os.rename(tmp_map, os.path.join(images_dir, name))  # the commit point
+        # CRIU's pagemap goes aside first: renamed onto an existing name, ext4 would write the new file out
+        # first (auto_da_alloc), queued behind CRIU's own writeback (10-36 ms seen at 4-8 GiB)
+        final_map = os.path.join(images_dir, name)
+        res.old_pagemap = _aside_path(final_map)
+        os.rename(final_map, res.old_pagemap)
+        try:
+            os.rename(tmp_map, final_map)  # the commit point
+        except BaseException:
+            os.rename(res.old_pagemap, final_map)
+            raise
         committed = True
     finally:
         os.close(src)
@@ -198,7 +210,7 @@ def rewrite(
     res.replaced = pages_path
     if finish:
         _fsync_dir(images_dir)
-        _remove_detached([pages_path])
+        _remove_detached([pages_path], [res.old_pagemap])
     t = res.span("commit", t)
     res.seconds = t - t0
     return res
@@ -250,11 +262,34 @@ def _copy_kept(src: int, dst: int, entries: np.ndarray, present: np.ndarray, buf
 
 
 def _gather(src: int, runs: np.ndarray, buf: np.ndarray, what: str) -> int:
-    """pread the byte ranges ``runs`` of ``src`` back to back into ``buf``; returns the bytes (all of them)."""
+    """pread the byte ranges ``runs`` of ``src`` back to back into ``buf``, by GATHERERS threads (a pread per
+    isolated page costs about 1 us of CPU: two threads halve it on this 2-CPU VM); returns the bytes (all)."""
     want = ranges.total(runs)
-    if uffd.pread_ranges(src, runs, buf, what=f"read CRIU's pages for {what}") != want:
+    lens = (runs[:, 1] - runs[:, 0]).astype(np.int64)
+    cut = int(np.searchsorted(np.cumsum(lens), want // 2))  # about half the bytes each
+    parts = [(runs[:cut], buf), (runs[cut:], buf[int(lens[:cut].sum()):])] if GATHERERS > 1 and cut >= 64 \
+        else [(runs, buf)]
+    pool = _gather_pool() if len(parts) > 1 else None
+    futs = [pool.submit(uffd.pread_ranges, src, r, b) for r, b in parts[1:]] if pool else []
+    try:
+        got = uffd.pread_ranges(src, parts[0][0], parts[0][1], what=f"read CRIU's pages for {what}")
+    finally:
+        for f in futs:
+            f.exception()  # every thread done with ``buf`` before it is reused
+    got += sum(f.result() for f in futs)
+    if got != want:
         raise OSError(errno.EIO, f"short read of CRIU's pages for {what}")
     return want
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _gather_pool() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(GATHERERS - 1, thread_name_prefix="wpdump-gather")
+    return _pool
 
 
 def copy_buffers(n: int = COPY_SLOTS, size: int = pagecopy.BATCH_BYTES) -> list[np.ndarray]:
@@ -280,21 +315,26 @@ def _settle(unsynced: list[tuple[int, str]], images_dir: str, trash: list[str]) 
             os.unlink(p)
 
 
+def _aside_path(path: str) -> str:
+    """The hidden name a file to be removed gets (no image reader lists it)."""
+    return os.path.join(os.path.dirname(path), f".wpdump-unlink-{os.path.basename(path)}".removesuffix(".img"))
+
+
 def move_aside(paths: list[str]) -> list[str]:
-    """Rename files to be removed to hidden names (no image reader lists them); returns the new paths."""
+    """Rename files to be removed to hidden names (_aside_path); returns the new paths."""
     trash = []
     for path in paths:
-        t = os.path.join(os.path.dirname(path), f".wpdump-unlink-{os.path.basename(path)}".removesuffix(".img"))
+        t = _aside_path(path)
         os.rename(path, t)
         trash.append(t)
     return trash
 
 
-def _remove_detached(paths: list[str]) -> None:
-    """Remove CRIU's pages files after its frozen window: each renamed aside now (microseconds), then unlinked by
-    one process of its own that outlives the hook (CRIU waits for the hook alone). Unlinking them inside the
-    window cost 1.3 s for 8 GiB here (ext4 frees every block), 50 ms for 1 GiB."""
-    trash = move_aside(paths)
+def _remove_detached(paths: list[str], aside: Sequence[str] = ()) -> None:
+    """Remove CRIU's pages files after its frozen window: each renamed aside now (microseconds), then unlinked (with
+    the files already ``aside``) by one process of its own that outlives the hook (CRIU waits for the hook alone).
+    Unlinking them inside the window cost 1.3 s for 8 GiB here (ext4 frees every block), 50 ms for 1 GiB."""
+    trash = move_aside(paths) + list(aside)
     if not trash:
         return
     try:
@@ -310,10 +350,11 @@ def _pages_ids(images_dir: str) -> list[int]:
 
 
 def _check_sample(src: int, entries: np.ndarray, chain: list, parent: np.ndarray, pid: int,
-                  prep: Prepared | None) -> None:
+                  prep: Prepared | None, buf: np.ndarray | None = None) -> None:
     """Compare a random sample of the would-be PE_PARENT pages between CRIU's dump and the chain: the candidates
     ``prep`` read from the chain before the freeze that are still PE_PARENT, topped up from ``parent`` (read from
-    the chain now) when fewer than SAMPLE_PAGES (or all of ``parent``) are left."""
+    the chain now) when fewer than SAMPLE_PAGES (or all of ``parent``) are left. CRIU's pages are read into
+    ``buf`` when it is large enough (faulted in before the freeze)."""
     if not len(parent):
         return
     want_n = min(SAMPLE_PAGES, ranges.total(parent) // PAGE)
@@ -330,11 +371,11 @@ def _check_sample(src: int, entries: np.ndarray, chain: list, parent: np.ndarray
         addrs = np.concatenate((addrs, more))[order]
         want = np.concatenate((want, read_pages(chain, more)))[order]
     offs = images.page_offsets(entries, addrs).astype(np.uint64)
-    got = np.empty((len(addrs), PAGE), dtype=np.uint8)
-    if uffd.pread_ranges(src, np.column_stack((offs, offs + np.uint64(PAGE))), got, what="read CRIU's pages") \
-            != got.nbytes:
+    n = len(addrs) * PAGE
+    got = (buf[:n] if buf is not None and len(buf) >= n else np.empty(n, dtype=np.uint8)).reshape(-1, PAGE)
+    if uffd.pread_ranges(src, np.column_stack((offs, offs + np.uint64(PAGE))), got, what="read CRIU's pages") != n:
         raise HookSkipped("CRIU's pages file is shorter than its pagemap says", pid=pid, errno=errno.EINVAL)
-    bad = np.flatnonzero((got != want).any(axis=1))
+    bad = np.flatnonzero((got.view(np.uint64) != np.ascontiguousarray(want).view(np.uint64)).any(axis=1))
     if len(bad):
         raise HookSkipped(f"the chain's page {int(addrs[bad[0]]):#x} differs from CRIU's dump: not vouching for it",
                           pid=pid, errno=errno.EINVAL)
@@ -519,9 +560,10 @@ def hook_tree(
                 os.unlink(link)
             if unsynced is None:
                 _fsync_dir(images_dir)  # every new pagemap (and the link) durable before CRIU's pages files go
-                _remove_detached([r.replaced for r in results])
+                _remove_detached([r.replaced for r in results], [r.old_pagemap for r in results])
             else:
-                after.callback(_settle, unsynced, images_dir, move_aside([r.replaced for r in results]))
+                after.callback(_settle, unsynced, images_dir,
+                               move_aside([r.replaced for r in results]) + [r.old_pagemap for r in results])
         skipped.extend((v, "not tracked by wpdump since its last iteration") for v in sorted(criu_vpids))
         # the final dump: tracking ends (the harvests above consumed the dirty sets). Not waited for: dropping the
         # write-protection of a big tree takes the keeper tens of ms a GiB, which CRIU's frozen window need not hold
