@@ -246,11 +246,10 @@ exec {HOOK}
     restore_and_check(final, w)
 
 
-def test_hooked_dump_after_most_pages_were_rewritten(workload, tmp_path):
-    """Three quarters of the pages rewritten since the last pre-dump: few of the sample pages read from the chain
-    before the freeze are still in the parent, so the sample is topped up from the chain in the frozen window,
-    and the 12 MiB kept go through several gathered batches. The final dump equals the process byte for byte,
-    and so does the process criu restore brings back from it."""
+def hooked_dump_of_rewritten_pages(workload, tmp_path: pathlib.Path, action: pathlib.Path) -> str:
+    """selfcheck paused, pre-dumped, three quarters of its 16 MiB rewritten through /proc/PID/mem, then criu dump
+    --leave-stopped with ``action``: the final dump must equal the process byte for byte, and so must the process
+    criu restore brings back from it. Returns CRIU's log."""
     require_kernel()
     # without rseq: the kernel rewrites a registered rseq area's cpu_id when the process runs on another CPU
     w = workload(mib=16, env={**os.environ, "GLIBC_TUNABLES": "glibc.pthread.rseq=0"})
@@ -269,9 +268,9 @@ def test_hooked_dump_after_most_pages_were_rewritten(workload, tmp_path):
             mem.write(rng.bytes(PAGE))
     final = img / "final"
     final.mkdir()
-    criu("dump", "-t", w.pid, "-D", final, "-o", "dump.log", "-v4", "--leave-stopped", "--action-script", HOOK)
+    criu("dump", "-t", w.pid, "-D", final, "-o", "dump.log", "-v4", "--leave-stopped", "--action-script", action)
+    log = (final / "dump.log").read_text()
     try:
-        log = (final / "dump.log").read_text()
         assert "now in the parent" in log and "done by the standby" in log, log[-3000:]
         assert pages(final, w.pid, PE_PRESENT) >= len(pick) and pages(final, w.pid, PE_PARENT) >= 512, log[-3000:]
         compare_with_memory(str(final), w.pid)  # CRIU left the process stopped as it dumped it
@@ -284,6 +283,35 @@ def test_hooked_dump_after_most_pages_were_rewritten(workload, tmp_path):
         compare_with_memory(str(final), w.pid)
     finally:
         os.kill(w.pid, signal.SIGKILL)
+    return log
+
+
+def test_hooked_dump_after_most_pages_were_rewritten(workload, tmp_path):
+    """Three quarters of the pages rewritten since the last pre-dump: few of the sample pages read from the chain
+    before the freeze are still in the parent, so the sample is topped up from the chain in the frozen window,
+    and the 12 MiB kept go through several gathered batches."""
+    hooked_dump_of_rewritten_pages(workload, tmp_path, HOOK)
+
+
+def test_hooked_dump_reads_what_the_page_cache_lost_from_the_frozen_process(workload, tmp_path):
+    """CRIU's pages file dropped from the page cache before post-dump (as a dump of several GiB partly is): the kept
+    pages and the sample are read from the frozen process instead of the disk, and the result is the same."""
+    action = tmp_path / "action"
+    action.write_text(f"""#!/bin/sh
+if [ "$CRTOOLS_SCRIPT_ACTION" = post-dump ]; then
+    {sys.executable} -c '
+import glob, os
+for p in glob.glob(os.path.join(os.environ["CRTOOLS_IMAGE_DIR"], "pages-*.img")):
+    fd = os.open(p, os.O_RDONLY)
+    os.fdatasync(fd)  # written back, then dropped
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)'
+fi
+exec {HOOK}
+""")
+    action.chmod(0o755)
+    log = hooked_dump_of_rewritten_pages(workload, tmp_path, action)
+    assert "read from memory" in log, log[-3000:]
 
 
 def test_hook_refuses_a_chain_whose_pages_differ_from_criu_dump(selfcheck_exe, tmp_path):

@@ -36,6 +36,7 @@ from ..images import imgdir
 from ..images.chain import Iteration, load_chain, member_meta, read_image_file, read_meta, read_pages, same_process
 from ..ranges import PAGE, in_ranges
 from ..target import uffd
+from ..target.memory import Reader
 from ..target.process import check_alive
 from ..tracking.session import KeeperSession
 from ..tracking.tracker import Tracker
@@ -163,8 +164,10 @@ def rewrite(
     src = os.open(pages_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     opened: list[tuple[int, str]] = []  # the new pages file and pagemap: fsynced, then closed
     committed = False
+    reader = None
     try:
-        _check_sample(src, entries, chain, parent, pid, prep, bufs[0] if bufs else None)
+        reader = Reader(tracker.pid)  # the frozen process: what CRIU's page cache no longer holds
+        _check_sample(src, entries, chain, parent, pid, prep, reader, bufs[0] if bufs else None)
         t = res.span("sample", t)
         if new_id is None:
             new_id = max(_pages_ids(images_dir)) + 1
@@ -172,8 +175,10 @@ def rewrite(
         tmp_map = os.path.join(images_dir, f".{name}.wpdump-tmp")
         opened.append((os.open(new_pages, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                                0o600), new_pages))
-        gather_s = _copy_kept(src, opened[0][0], entries, present, bufs, new_pages)
+        gather_s, from_memory = _copy_kept(src, opened[0][0], entries, present, bufs, new_pages, reader)
         res.spans["gather"] = gather_s
+        if from_memory:
+            res.notes.append(f"{from_memory / 2**20:.1f} MiB not in the page cache any more, read from memory")
         t = res.span("write", t + gather_s)  # what the writes added to the gathers
         opened.append((os.open(tmp_map, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                                0o600), os.path.join(images_dir, name)))
@@ -198,6 +203,8 @@ def rewrite(
         committed = True
     finally:
         os.close(src)
+        if reader is not None:
+            reader.close()
         if committed and unsynced is not None:
             unsynced.extend(opened)
         else:
@@ -217,30 +224,22 @@ def rewrite(
 
 
 def _copy_kept(src: int, dst: int, entries: np.ndarray, present: np.ndarray, bufs: list[np.ndarray] | None,
-               what: str) -> float:
-    """Append the pages ``present`` (ranges) of CRIU's pages file ``src`` to ``dst``: gathered into a buffer (one
-    pread per run, in C) while the previous buffer is written with O_DIRECT by a thread (pages._Writer). CRIU just
-    wrote ``src``: it is in the page cache. O_DIRECT spares allocating page cache for ``dst``, which costs more
-    than the disk in this VM (docs/kernel.md rule 21). Returns the seconds spent gathering."""
+               what: str, reader: Reader) -> tuple[float, int]:
+    """Append the pages ``present`` (ranges) of CRIU's pages file ``src`` to ``dst``: gathered into a buffer (_gather)
+    while the previous buffer is written with O_DIRECT by a thread (pages._Writer). O_DIRECT spares allocating page
+    cache for ``dst``, which costs more than the disk in this VM (docs/kernel.md rule 21). Returns the seconds spent
+    gathering and the bytes read from the process's memory (``reader``) instead of ``src``."""
     total = ranges.total(present)
     if not total:
-        return 0.0
-    offs = images.page_offsets(entries, present[:, 0]).astype(np.uint64)
-    runs = np.column_stack((offs, offs + (present[:, 1] - present[:, 0]))).astype(np.uint64)
+        return 0.0, 0
     limit = pagecopy._batch_size(total)
-    batches = ranges.batches(runs, limit)
+    batches = ranges.batches(present, limit)
     if bufs is None or len(bufs[0]) < limit:
         bufs = copy_buffers(min(COPY_SLOTS, len(batches)), limit)
     slots = [b[:limit] for b in bufs[:max(1, min(len(bufs), len(batches)))]]
     writer = pagecopy._Writer(dst, what, threaded=len(batches) > 1)
-    gather_s = 0.0
+    gather_s, from_memory = 0.0, 0
     try:
-        if len(batches) == 1:
-            t0 = time.perf_counter()
-            n = _gather(src, batches[0], slots[0], what)
-            gather_s = time.perf_counter() - t0
-            writer.write_now([memoryview(slots[0])[:n]])
-            return gather_s
         free, queued = list(range(len(slots))), 0
         for batch in batches:
             if free:
@@ -248,8 +247,14 @@ def _copy_kept(src: int, dst: int, entries: np.ndarray, present: np.ndarray, buf
             else:
                 slot, queued = writer.wait(), queued - 1
             t0 = time.perf_counter()
-            n = _gather(src, batch, slots[slot], what)
+            offs = images.page_offsets(entries, batch[:, 0]).astype(np.uint64)
+            runs = np.column_stack((offs, offs + (batch[:, 1] - batch[:, 0])))
+            n, mem = _gather(src, runs, batch, reader, slots[slot], what)
             gather_s += time.perf_counter() - t0
+            from_memory += mem
+            if len(batches) == 1:
+                writer.write_now([memoryview(slots[slot])[:n]])
+                break
             done: Future = Future()
             done.set_result(([memoryview(slots[slot])[:n]],))
             writer.todo.put((slot, done))
@@ -258,28 +263,42 @@ def _copy_kept(src: int, dst: int, entries: np.ndarray, present: np.ndarray, buf
             writer.wait()
     finally:
         writer.close()
-    return gather_s
+    return gather_s, from_memory
 
 
-def _gather(src: int, runs: np.ndarray, buf: np.ndarray, what: str) -> int:
-    """pread the byte ranges ``runs`` of ``src`` back to back into ``buf``, by GATHERERS threads (a pread per
-    isolated page costs about 1 us of CPU: two threads halve it on this 2-CPU VM); returns the bytes (all)."""
+def _gather(src: int, runs: np.ndarray, addrs: np.ndarray, reader: Reader, buf: np.ndarray, what: str
+            ) -> tuple[int, int]:
+    """Read the byte ranges ``runs`` of CRIU's pages file ``src`` (the pages of the address ranges ``addrs``) back to
+    back into ``buf``, by GATHERERS threads, each half (_gather_part); returns (bytes, bytes read from memory)."""
     want = ranges.total(runs)
     lens = (runs[:, 1] - runs[:, 0]).astype(np.int64)
     cut = int(np.searchsorted(np.cumsum(lens), want // 2))  # about half the bytes each
-    parts = [(runs[:cut], buf), (runs[cut:], buf[int(lens[:cut].sum()):])] if GATHERERS > 1 and cut >= 64 \
-        else [(runs, buf)]
+    at = int(lens[:cut].sum())
+    parts = [(runs[:cut], addrs[:cut], buf), (runs[cut:], addrs[cut:], buf[at:])] \
+        if GATHERERS > 1 and cut >= 64 else [(runs, addrs, buf)]
     pool = _gather_pool() if len(parts) > 1 else None
-    futs = [pool.submit(uffd.pread_ranges, src, r, b) for r, b in parts[1:]] if pool else []
+    futs = [pool.submit(_gather_part, src, *p, reader, what) for p in parts[1:]] if pool else []
     try:
-        got = uffd.pread_ranges(src, parts[0][0], parts[0][1], what=f"read CRIU's pages for {what}")
+        mem = _gather_part(src, *parts[0], reader, what)
     finally:
         for f in futs:
             f.exception()  # every thread done with ``buf`` before it is reused
-    got += sum(f.result() for f in futs)
-    if got != want:
-        raise OSError(errno.EIO, f"short read of CRIU's pages for {what}")
-    return want
+    return want, mem + sum(f.result() for f in futs)
+
+
+def _gather_part(src: int, runs: np.ndarray, addrs: np.ndarray, buf: np.ndarray, reader: Reader, what: str) -> int:
+    """Fill ``buf`` with the ranges ``runs`` of ``src`` as far as the page cache holds them (CRIU just wrote it, but
+    a dump of several GiB is partly evicted by then: one disk read per page would cost ~17 us), the rest from the
+    process's memory, frozen as CRIU dumped it (memory.Reader: nothing un-shared); returns the bytes from memory."""
+    got = uffd.pread_cached(src, runs, buf, what=f"read CRIU's pages for {what}")
+    if got == ranges.total(runs):
+        return 0
+    ends = np.cumsum((runs[:, 1] - runs[:, 0]).astype(np.int64))
+    j = int(np.searchsorted(ends, got, side="right"))  # the first range not read whole
+    at = int(ends[j - 1]) if j else 0
+    if reader.read_into(addrs[j:], buf[at:]) is not None:
+        raise HookSkipped(f"pages of the frozen process vanished while copying {what}", errno=errno.EIO)
+    return int(ends[-1]) - at
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -350,11 +369,12 @@ def _pages_ids(images_dir: str) -> list[int]:
 
 
 def _check_sample(src: int, entries: np.ndarray, chain: list, parent: np.ndarray, pid: int,
-                  prep: Prepared | None, buf: np.ndarray | None = None) -> None:
+                  prep: Prepared | None, reader: Reader, buf: np.ndarray | None = None) -> None:
     """Compare a random sample of the would-be PE_PARENT pages between CRIU's dump and the chain: the candidates
     ``prep`` read from the chain before the freeze that are still PE_PARENT, topped up from ``parent`` (read from
     the chain now) when fewer than SAMPLE_PAGES (or all of ``parent``) are left. CRIU's pages are read into
-    ``buf`` when it is large enough (faulted in before the freeze)."""
+    ``buf`` when it is large enough (faulted in before the freeze); those the page cache no longer holds from the
+    frozen process (``reader``), as _gather_part does."""
     if not len(parent):
         return
     want_n = min(SAMPLE_PAGES, ranges.total(parent) // PAGE)
@@ -373,8 +393,11 @@ def _check_sample(src: int, entries: np.ndarray, chain: list, parent: np.ndarray
     offs = images.page_offsets(entries, addrs).astype(np.uint64)
     n = len(addrs) * PAGE
     got = (buf[:n] if buf is not None and len(buf) >= n else np.empty(n, dtype=np.uint8)).reshape(-1, PAGE)
-    if uffd.pread_ranges(src, np.column_stack((offs, offs + np.uint64(PAGE))), got, what="read CRIU's pages") != n:
+    if (offs + np.uint64(PAGE) > np.uint64(os.fstat(src).st_size)).any():
         raise HookSkipped("CRIU's pages file is shorter than its pagemap says", pid=pid, errno=errno.EINVAL)
+    one = np.uint64(PAGE)
+    _gather_part(src, np.column_stack((offs, offs + one)), np.column_stack((addrs, addrs + one)), got.reshape(-1),
+                 reader, "the sample")
     bad = np.flatnonzero((got.view(np.uint64) != np.ascontiguousarray(want).view(np.uint64)).any(axis=1))
     if len(bad):
         raise HookSkipped(f"the chain's page {int(addrs[bad[0]]):#x} differs from CRIU's dump: not vouching for it",
@@ -424,7 +447,8 @@ def post_dump(images_dir: str, root: int, out, ready: Ready | HookSkipped | None
         print(
             f"wpdump criu-hook: process {res.pid}: {res.pages_parent} of {res.pages_criu} pages now in the parent "
             f"{res.parent}, {res.pages_present} kept ({res.bytes_after / 2**20:.1f} of "
-            f"{res.bytes_before / 2**20:.1f} MiB) in {res.seconds * 1e3:.1f} ms ({steps} ms)", file=out, flush=True,
+            f"{res.bytes_before / 2**20:.1f} MiB) in {res.seconds * 1e3:.1f} ms ({steps} ms)"
+            + "".join(f"; {n}" for n in res.notes), file=out, flush=True,
         )
 
 
