@@ -22,6 +22,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -164,9 +165,8 @@ def rewrite(
     src = os.open(pages_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     opened: list[tuple[int, str]] = []  # the new pages file and pagemap: fsynced, then closed
     committed = False
-    reader = None
+    reader = _LazyReader(tracker.pid)  # the frozen process: what CRIU's page cache no longer holds
     try:
-        reader = Reader(tracker.pid)  # the frozen process: what CRIU's page cache no longer holds
         _check_sample(src, entries, chain, parent, pid, prep, reader, bufs[0] if bufs else None)
         t = res.span("sample", t)
         if new_id is None:
@@ -203,8 +203,7 @@ def rewrite(
         committed = True
     finally:
         os.close(src)
-        if reader is not None:
-            reader.close()
+        reader.close()
         if committed and unsynced is not None:
             unsynced.extend(opened)
         else:
@@ -224,7 +223,7 @@ def rewrite(
 
 
 def _copy_kept(src: int, dst: int, entries: np.ndarray, present: np.ndarray, bufs: list[np.ndarray] | None,
-               what: str, reader: Reader) -> tuple[float, int]:
+               what: str, reader: _LazyReader) -> tuple[float, int]:
     """Append the pages ``present`` (ranges) of CRIU's pages file ``src`` to ``dst``: gathered into a buffer (_gather)
     while the previous buffer is written with O_DIRECT by a thread (pages._Writer). O_DIRECT spares allocating page
     cache for ``dst``, which costs more than the disk in this VM (docs/kernel.md rule 21). Returns the seconds spent
@@ -266,7 +265,7 @@ def _copy_kept(src: int, dst: int, entries: np.ndarray, present: np.ndarray, buf
     return gather_s, from_memory
 
 
-def _gather(src: int, runs: np.ndarray, addrs: np.ndarray, reader: Reader, buf: np.ndarray, what: str
+def _gather(src: int, runs: np.ndarray, addrs: np.ndarray, reader: _LazyReader, buf: np.ndarray, what: str
             ) -> tuple[int, int]:
     """Read the byte ranges ``runs`` of CRIU's pages file ``src`` (the pages of the address ranges ``addrs``) back to
     back into ``buf``, by GATHERERS threads, each half (_gather_part); returns (bytes, bytes read from memory)."""
@@ -286,7 +285,8 @@ def _gather(src: int, runs: np.ndarray, addrs: np.ndarray, reader: Reader, buf: 
     return want, mem + sum(f.result() for f in futs)
 
 
-def _gather_part(src: int, runs: np.ndarray, addrs: np.ndarray, buf: np.ndarray, reader: Reader, what: str) -> int:
+def _gather_part(src: int, runs: np.ndarray, addrs: np.ndarray, buf: np.ndarray, reader: _LazyReader, what: str
+                 ) -> int:
     """Fill ``buf`` with the ranges ``runs`` of ``src`` as far as the page cache holds them (CRIU just wrote it, but
     a dump of several GiB is partly evicted by then: one disk read per page would cost ~17 us), the rest from the
     process's memory, frozen as CRIU dumped it (memory.Reader: nothing un-shared); returns the bytes from memory."""
@@ -296,9 +296,26 @@ def _gather_part(src: int, runs: np.ndarray, addrs: np.ndarray, buf: np.ndarray,
     ends = np.cumsum((runs[:, 1] - runs[:, 0]).astype(np.int64))
     j = int(np.searchsorted(ends, got, side="right"))  # the first range not read whole
     at = int(ends[j - 1]) if j else 0
-    if reader.read_into(addrs[j:], buf[at:]) is not None:
+    if reader.get().read_into(addrs[j:], buf[at:]) is not None:
         raise HookSkipped(f"pages of the frozen process vanished while copying {what}", errno=errno.EIO)
     return int(ends[-1]) - at
+
+
+class _LazyReader:
+    """A memory.Reader of process ``pid``, opened when first needed (by any gathering thread)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.reader, self.lock = pid, None, threading.Lock()
+
+    def get(self) -> Reader:
+        with self.lock:
+            if self.reader is None:
+                self.reader = Reader(self.pid)
+            return self.reader
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -369,7 +386,7 @@ def _pages_ids(images_dir: str) -> list[int]:
 
 
 def _check_sample(src: int, entries: np.ndarray, chain: list, parent: np.ndarray, pid: int,
-                  prep: Prepared | None, reader: Reader, buf: np.ndarray | None = None) -> None:
+                  prep: Prepared | None, reader: _LazyReader, buf: np.ndarray | None = None) -> None:
     """Compare a random sample of the would-be PE_PARENT pages between CRIU's dump and the chain: the candidates
     ``prep`` read from the chain before the freeze that are still PE_PARENT, topped up from ``parent`` (read from
     the chain now) when fewer than SAMPLE_PAGES (or all of ``parent``) are left. CRIU's pages are read into
