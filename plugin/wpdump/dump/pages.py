@@ -10,6 +10,7 @@ import errno
 import fcntl
 import itertools
 import os
+import queue
 import threading
 import time
 from collections import deque
@@ -118,6 +119,63 @@ class _Job:
 
 class _Stopped(Exception):
     pass
+
+
+class _Writer:
+    """Appends batches to a file in a thread of its own, in order, while the caller fills the next buffers (the
+    CRIU hook's copy): ``todo`` takes (slot, Future whose result()[0] is the views to write), ``wait`` hands back
+    the slots written, in order. ``threaded=False``: no thread, the caller writes with :meth:`write_now`."""
+
+    def __init__(self, fd: int, what: str, threaded: bool = True) -> None:
+        self.job, self.what = _Job(fd, what), what
+        self.todo: queue.SimpleQueue = queue.SimpleQueue()
+        self.done: queue.SimpleQueue = queue.SimpleQueue()
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+        if threaded:
+            self.thread = threading.Thread(target=self._run, name="wpdump-writer", daemon=True)
+            self.thread.start()
+
+    @property
+    def direct(self) -> bool:
+        return self.job.direct
+
+    def _run(self) -> None:
+        while True:
+            item = self.todo.get()
+            if item is None:
+                return
+            slot, read = item
+            if self.error is None:
+                try:
+                    self.job.write(read.result()[0])
+                except BaseException as e:  # handed to the caller
+                    self.error = e
+            self.done.put(slot)
+
+    def write_now(self, views: list[memoryview]) -> None:
+        """Write in the caller's thread; an OSError described."""
+        try:
+            self.job.write(views)
+        except OSError as e:
+            raise imgdir.describe_os_error(e, self.what) from None
+
+    def wait(self) -> int:
+        """The next buffer slot written (in submission order); raises the writer's error, described."""
+        slot = self.done.get()
+        if self.error is not None:
+            e = self.error
+            if isinstance(e, OSError):
+                raise imgdir.describe_os_error(e, self.what) from None
+            raise e
+        return slot
+
+    def close(self) -> None:
+        if self.thread is not None:
+            self.error = self.error or _Stopped()  # skip what is still queued
+            self.todo.put(None)
+            self.thread.join()
+        self.job.close()
 
 
 def _described(f: Future, what: str) -> object:
