@@ -265,3 +265,32 @@ def test_a_commit_failing_after_the_checkin_ends_tracking(target, tmp_path):
     assert not registered(target.pid), f"registration left; userfaultfd holders: {uffd_holders()}"
     r = pre_dump_stopped(target.pid, tmp_path / "3", "../1")
     assert not r.incremental and r.warnings
+
+
+def test_a_keeper_dying_during_the_copy_ends_tracking_after_a_complete_iteration(target, tmp_path):
+    """The keeper is killed while the pages are copied: the trackers cannot be sent back before the commit, the
+    iteration is complete all the same and says tracking ended, nothing stays registered, the next one is full."""
+    a = target.map(1024)
+    target.cmd("fill", hex(a), 1024, 1)
+    iteration.pre_dump(target.pid, str(tmp_path / "1"))
+    [st] = iteration.status()
+    target.cmd("fill", hex(a), 1024, 2)
+    killed = []
+
+    def kill_keeper(done: int, total: int) -> None:
+        if not killed:
+            os.kill(st["keeper"], signal.SIGKILL)
+            killed.append(True)
+            for _ in range(2000):  # until it is gone (its socket closed with it)
+                if not os.path.exists(f"/proc/{st['keeper']}"):
+                    break
+                time.sleep(0.001)
+
+    r = iteration.pre_dump(target.pid, str(tmp_path / "2"), "../1", progress=kill_keeper)
+    assert killed and r.incremental
+    assert [w for w in r.warnings if "tracking of pid" in w and "ends" in w], r.warnings
+    chain.load_chain(str(tmp_path / "2"), target.pid)
+    assert iteration.status() == []
+    assert not registered(target.pid), f"registration left; userfaultfd holders: {uffd_holders()}"
+    r = pre_dump_stopped(target.pid, tmp_path / "3", "../2")
+    assert not r.incremental and r.warnings

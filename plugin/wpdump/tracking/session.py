@@ -241,8 +241,10 @@ class Tracking:
                 return
             trs = [self.trackers[m.key] for m in members if m.key in self.trackers]
             if self.session is not None:
-                if self.send_error is not None:
-                    raise self.send_error
+                if self.send_error is not None:  # the keeper went away: tracking ends with these trackers
+                    e, self.send_error = self.send_error, None
+                    self._drop_keeper(untrack=False)
+                    raise e
                 if self.session.reply_due:
                     self.session.checkin_reply()
                 else:
