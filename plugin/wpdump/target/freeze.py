@@ -12,9 +12,11 @@ import os
 import signal
 import time
 
-from ..errors import NoSuchProcess, TrackerError, no_such_process
+from ..errors import NoSuchProcess, TrackerError, WpdumpError, no_such_process
 from .agent import Agent
-from .process import all_stopped, thread_states
+from .native import ffi, lib
+from .process import all_stopped, thread_state, thread_states, threads
+from .ptrace import STOP_TIMEOUT, Thread, ThreadGone
 from .tree import Member, read_tree
 
 _active: dict[int, Freezer] = {}
@@ -103,6 +105,108 @@ class TreeFreezer:
 
     def __exit__(self, *exc: object) -> None:
         self.thaw()
+
+
+class Pause:
+    """The threads of ``pid`` that are running (state R), stopped by this very thread for a moment: a harvest's
+    re-protecting scan then sends no TLB-flush interrupt to their CPUs (docs/kernel.md rule 35).
+
+    PTRACE_SEIZE + PTRACE_INTERRUPT, then PTRACE_DETACH; no agent: nothing of a thread is changed (a thread our
+    interrupt knocked out of epoll_wait is pointed back at the call, as a freeze does), so this process dying
+    mid-pause resumes them as a detach would (rule 29). Sleeping threads are left alone (they hold no CPU), and
+    so is a thread that cannot be seized (traced by someone else, exiting): the pause is a speed-up, never a
+    condition. Used from one thread only (ptrace requests come from the tracer thread).
+    """
+
+    GRACE = 0.005  # a running thread traps within tens of µs; one that does not (in vfork) is not waited for
+
+    def __init__(self, pid: int, max_threads: int = 64) -> None:
+        self.pid = pid
+        self.max_threads = max_threads
+        self.stopped: list[Thread] = []
+        self.since = 0.0
+        self.stalls: list[float] = []  # seconds of each stop, from the first interrupt to the last detach
+
+    def stop(self) -> int:
+        """Stop the running threads; returns how many are stopped (0: none ran, or too many to be worth it)."""
+        _reap_leftovers()
+        try:
+            running = [t for t in threads(self.pid) if thread_state(self.pid, t) == "R"]
+        except NoSuchProcess:
+            return 0
+        if not running or len(running) > self.max_threads:
+            return 0
+        self.since = time.perf_counter()
+        seized = []
+        for tid in running:
+            th = Thread(self.pid, tid)
+            try:
+                th.seize()
+            except (ThreadGone, WpdumpError):
+                continue
+            seized.append(th)
+            try:
+                th.interrupt()
+            except (ThreadGone, WpdumpError):
+                pass  # exiting: reaped below
+        late = []
+        for th in seized:
+            try:
+                (self.stopped if th.wait_stop(self.GRACE) else late).append(th)
+            except ThreadGone:
+                pass
+            except WpdumpError:
+                late.append(th)
+        if late:  # not stopped in time: let the others go at once, then detach the latecomers as they trap
+            self.resume()
+            deadline = time.monotonic() + STOP_TIMEOUT
+            for th in late:  # e.g. it entered vfork() before the interrupt: it traps once the child execs
+                try:
+                    while not th.wait_stop(0.05):
+                        if thread_state(self.pid, th.tid) in ("Z", "X"):
+                            _leftovers.add(th.tid)  # exited, still traced by us: reaped when it can be
+                            break
+                        if time.monotonic() > deadline:
+                            raise TrackerError(
+                                f"pid {self.pid}: thread {th.tid} paused for a harvest did not stop within "
+                                f"{STOP_TIMEOUT:.0f} s (state {thread_state(self.pid, th.tid)}); it resumes when "
+                                "this process exits", pid=self.pid, errno=errno.ETIMEDOUT)
+                    else:
+                        th.detach_or_reap()
+                except ThreadGone:
+                    continue
+            return 0
+        return len(self.stopped)
+
+    def resume(self) -> float:
+        """Detach the stopped threads (they run on); returns the seconds they were stopped (0 if none was)."""
+        if not self.stopped:
+            return 0.0
+        for th in self.stopped[:-1]:
+            th.detach_or_reap()
+        # the last detach may wake the thread onto this CPU and let it run first: the stall ends as it starts
+        took = time.perf_counter() - self.since
+        self.stopped[-1].detach_or_reap()
+        self.stopped = []
+        self.stalls.append(took)
+        return took
+
+    def __enter__(self) -> Pause:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.resume()
+
+
+_leftovers: set[int] = set()  # threads that exited while paused and could not be reaped yet
+
+
+def _reap_leftovers() -> None:
+    """Reap what a pause left traced: a traced zombie stays one to its real parent until its tracer waits."""
+    st = ffi.new("int *")
+    for tid in list(_leftovers):
+        if lib.wpd_waitpid(tid, st, os.WNOHANG) != 0:  # reaped, or not ours any more (ECHILD)
+            _leftovers.discard(tid)
 
 
 def active(pid: int) -> Freezer | None:
