@@ -113,22 +113,24 @@ class Pause:
 
     PTRACE_SEIZE + PTRACE_INTERRUPT, then PTRACE_DETACH; no agent: nothing of a thread is changed (a thread our
     interrupt knocked out of epoll_wait is pointed back at the call, as a freeze does), so this process dying
-    mid-pause resumes them as a detach would (rule 29). Sleeping threads are left alone (they hold no CPU), and
-    so is a thread that cannot be seized (traced by someone else, exiting): the pause is a speed-up, never a
-    condition. Used from one thread only (ptrace requests come from the tracer thread).
+    mid-pause resumes them as a detach would (rule 29). :meth:`stop` does not wait for the traps: a thread on a
+    CPU traps within tens of µs, one waiting for a CPU traps when it gets one and runs no code of its own
+    meanwhile; :meth:`resume` collects them. Sleeping threads are left alone (they hold no CPU), and so is a
+    thread that cannot be seized (traced by someone else, exiting): the pause is a speed-up, never a condition.
+    Used from one thread only (ptrace requests come from the tracer thread).
     """
 
-    GRACE = 0.005  # a running thread traps within tens of µs; one that does not (in vfork) is not waited for
+    GRACE = 0.005  # a thread not trapped by then (it entered vfork) lets the others go first
 
     def __init__(self, pid: int, max_threads: int = 64) -> None:
         self.pid = pid
         self.max_threads = max_threads
-        self.stopped: list[Thread] = []
+        self.seized: list[Thread] = []
         self.since = 0.0
-        self.stalls: list[float] = []  # seconds of each stop, from the first interrupt to the last detach
+        self.stalls: list[float] = []  # seconds of each pause, from the first interrupt to the last detach
 
     def stop(self) -> int:
-        """Stop the running threads; returns how many are stopped (0: none ran, or too many to be worth it)."""
+        """Interrupt the running threads; returns how many (0: none ran, or too many to be worth it)."""
         _reap_leftovers()
         try:
             running = [t for t in threads(self.pid) if thread_state(self.pid, t) == "R"]
@@ -137,59 +139,62 @@ class Pause:
         if not running or len(running) > self.max_threads:
             return 0
         self.since = time.perf_counter()
-        seized = []
         for tid in running:
             th = Thread(self.pid, tid)
             try:
                 th.seize()
             except (ThreadGone, WpdumpError):
                 continue
-            seized.append(th)
+            self.seized.append(th)
             try:
                 th.interrupt()
             except (ThreadGone, WpdumpError):
-                pass  # exiting: reaped below
-        late = []
+                pass  # exiting: reaped by resume
+        return len(self.seized)
+
+    def resume(self) -> float:
+        """Collect the traps and detach (the threads run on); returns the seconds of the pause (0: none)."""
+        if not self.seized:
+            return 0.0
+        seized, self.seized = self.seized, []
+        stopped, late = [], []
         for th in seized:
             try:
-                (self.stopped if th.wait_stop(self.GRACE) else late).append(th)
+                (stopped if th.wait_stop(self.GRACE) else late).append(th)
             except ThreadGone:
                 pass
             except WpdumpError:
                 late.append(th)
-        if late:  # not stopped in time: let the others go at once, then detach the latecomers as they trap
-            self.resume()
-            deadline = time.monotonic() + STOP_TIMEOUT
-            for th in late:  # e.g. it entered vfork() before the interrupt: it traps once the child execs
-                try:
-                    while not th.wait_stop(0.05):
-                        if thread_state(self.pid, th.tid) in ("Z", "X"):
-                            _leftovers.add(th.tid)  # exited, still traced by us: reaped when it can be
-                            break
-                        if time.monotonic() > deadline:
-                            raise TrackerError(
-                                f"pid {self.pid}: thread {th.tid} paused for a harvest did not stop within "
-                                f"{STOP_TIMEOUT:.0f} s (state {thread_state(self.pid, th.tid)}); it resumes when "
-                                "this process exits", pid=self.pid, errno=errno.ETIMEDOUT)
-                    else:
-                        th.detach_or_reap()
-                except ThreadGone:
-                    continue
-            return 0
-        return len(self.stopped)
-
-    def resume(self) -> float:
-        """Detach the stopped threads (they run on); returns the seconds they were stopped (0 if none was)."""
-        if not self.stopped:
-            return 0.0
-        for th in self.stopped[:-1]:
+        for th in stopped[:-1]:
             th.detach_or_reap()
-        # the last detach may wake the thread onto this CPU and let it run first: the stall ends as it starts
+        # the last detach may wake its thread onto this CPU and let it run first: the pause ends as it starts
         took = time.perf_counter() - self.since
-        self.stopped[-1].detach_or_reap()
-        self.stopped = []
+        if stopped:
+            stopped[-1].detach_or_reap()
         self.stalls.append(took)
+        if late:
+            self._detach_late(late)
         return took
+
+    def _detach_late(self, late: list[Thread]) -> None:
+        """Detach threads that had not trapped (e.g. one that entered vfork() just before the interrupt traps
+        when its child execs) as they trap; a ptrace-stopped thread can only be detached once it has."""
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for th in late:
+            try:
+                while not th.wait_stop(0.05):
+                    if thread_state(self.pid, th.tid) in ("Z", "X"):
+                        _leftovers.add(th.tid)  # exited, still traced by us: reaped when it can be
+                        break
+                    if time.monotonic() > deadline:
+                        raise TrackerError(
+                            f"pid {self.pid}: thread {th.tid} paused for a harvest did not stop within "
+                            f"{STOP_TIMEOUT:.0f} s (state {thread_state(self.pid, th.tid)}); it resumes when this "
+                            "process exits", pid=self.pid, errno=errno.ETIMEDOUT)
+                else:
+                    th.detach_or_reap()
+            except ThreadGone:
+                continue
 
     def __enter__(self) -> Pause:
         return self
