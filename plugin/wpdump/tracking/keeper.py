@@ -138,8 +138,8 @@ def _serve(held: _Held, listener: socket.socket, pidfd: int, path: str) -> str:
 
 
 def _release(held: _Held) -> None:
-    """Close every userfaultfd: the kernel drops each write-protection before close() returns (the release runs
-    in this task), so the tree runs on unprotected."""
+    """Close every userfaultfd: each write-protection is gone when close() returns (docs/kernel.md rule 35), and
+    the tree runs on unprotected."""
     for m in held.members:
         os.close(m.uffd)
     held.members = []
