@@ -109,7 +109,7 @@ class TreeFreezer:
 
 class Pause:
     """The threads of ``pid`` that are running (state R), stopped by this very thread for a moment: a harvest's
-    re-protecting scan then sends no TLB-flush interrupt to their CPUs (docs/kernel.md rule 35).
+    re-protecting scan then sends no TLB-flush interrupt to their CPUs (docs/kernel.md rule 36).
 
     PTRACE_SEIZE + PTRACE_INTERRUPT, then PTRACE_DETACH; no agent: nothing of a thread is changed (a thread our
     interrupt knocked out of epoll_wait is pointed back at the call, as a freeze does), so this process dying

@@ -511,7 +511,7 @@ class Tracker:
         self, pagemap: int, spans: np.ndarray, masks: np.ndarray, split: list[bool]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """uffd.scan_ranges (get + re-protect) of the tracked VMAs. While threads of the target run, each 2 MiB
-        block re-protected costs an interrupt of their CPUs (docs/kernel.md rule 35): the scan goes in windows of
+        block re-protected costs an interrupt of their CPUs (docs/kernel.md rule 36): the scan goes in windows of
         at most ``self.pause`` seconds with those threads stopped (freeze.Pause), each followed by at least as
         long with them running, while the scan goes on unpaused. ``split``: VMAs that may be scanned in pieces
         (anonymous: no hugetlb page to cut, rule 6)."""
