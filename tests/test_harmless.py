@@ -181,13 +181,15 @@ def test_signal_flood_during_attaches_loses_nothing(build_dir, tmp_path):
         shutil.rmtree(d)
 
 
-def test_signal_flood_during_paused_harvests_loses_nothing(build_dir, tmp_path):
+def test_signal_flood_during_paused_harvests_loses_nothing(build_dir, tmp_path, monkeypatch):
     """A thread of the target never sleeps, so every harvest pauses it (freeze.Pause: seize, interrupt, detach)
     while two senders queue 2 x 20,000 real-time signals: every signal is delivered once, in order, its parent sees
     no stop or continue, and no thread is left traced or stopped."""
     require_kernel()
+    from wpdump.tracking import tracker
     from wpdump.tracking.tracker import Tracker
 
+    monkeypatch.setattr(tracker, "_SLOWER", 0.0)  # pause whenever a thread runs, however fast the scan
     d = tempfile.mkdtemp(prefix="wpdump-flood-")
     os.chmod(d, 0o755)
     exe = shutil.copy(compile_target("sigflood", build_dir), os.path.join(d, "sigflood"))
@@ -265,7 +267,8 @@ def test_killed_harvest_during_its_pause_leaves_the_target_running(build_dir, tm
         while len(os.listdir(f"/proc/{p.pid}/task")) < 2:
             time.sleep(0.001)
         spinner = max(int(t) for t in os.listdir(f"/proc/{p.pid}/task"))
-        loop = f"from wpdump.tracking.tracker import Tracker\ntr = Tracker({p.pid})\nwhile True:\n    tr.harvest()\n"
+        loop = (f"from wpdump.tracking import tracker\ntracker._SLOWER = 0.0\ntr = tracker.Tracker({p.pid})\n"
+                "while True:\n    tr.harvest()\n")
         for _ in range(3):
             h = subprocess.Popen([sys.executable, "-c", loop], stderr=subprocess.DEVNULL)
             while not tracer(spinner) and h.poll() is None:

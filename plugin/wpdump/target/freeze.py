@@ -107,6 +107,14 @@ class TreeFreezer:
         self.thaw()
 
 
+def running_threads(pid: int) -> list[int]:
+    """The threads of ``pid`` in state R (on a CPU or waiting for one); [] once it is gone."""
+    try:
+        return [t for t in threads(pid) if thread_state(pid, t) == "R"]
+    except NoSuchProcess:
+        return []
+
+
 class Pause:
     """The threads of ``pid`` that are running (state R), stopped by this very thread for a moment: a harvest's
     re-protecting scan then sends no TLB-flush interrupt to their CPUs (docs/kernel.md rule 36).
@@ -132,10 +140,7 @@ class Pause:
     def stop(self) -> int:
         """Interrupt the running threads; returns how many (0: none ran, or too many to be worth it)."""
         _reap_leftovers()
-        try:
-            running = [t for t in threads(self.pid) if thread_state(self.pid, t) == "R"]
-        except NoSuchProcess:
-            return 0
+        running = running_threads(self.pid)
         if not running or len(running) > self.max_threads:
             return 0
         self.since = time.perf_counter()

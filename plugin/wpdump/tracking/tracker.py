@@ -47,13 +47,15 @@ log = logging.getLogger("wpdump.tracker")
 SEEK_DATA, SEEK_HOLE = 3, 4
 _RETRIES = 8
 STATE_VERSION = 1  # of export_state: a keeper started by another wpdump may hold another layout
-PAUSE_WINDOW = 2e-3  # longest pause of the target's running threads for a scan (WPDUMP_PAUSE_US; 0: never)
+PAUSE_WINDOW = 4e-3  # longest pause of the target's running threads for a scan (WPDUMP_PAUSE_US; 0: never)
 _PIECE = 64 << 20  # anonymous VMAs are scanned in pieces this large (aligned) between pause decisions
 _RATE = 0.5e12  # bytes per second of a paused scan, first guess (measured: ~1 GiB per ms at 1 % written)
+_PROBE = 128 << 20  # bytes first scanned unpaused, to see whether flush interrupts slow the scan
+_SLOWER = 2.0  # ... "slow": this many times a paused scan's time (+ 50 µs); 0: pause whenever a thread runs
 
 
 def pause_window() -> float:
-    """The longest pause of a target's running threads around a scan, in seconds: $WPDUMP_PAUSE_US or 2 ms."""
+    """The longest pause of a target's running threads around a scan, in seconds: $WPDUMP_PAUSE_US or 4 ms."""
     raw = os.environ.get("WPDUMP_PAUSE_US", "").strip()
     if not raw:
         return PAUSE_WINDOW
@@ -510,46 +512,74 @@ class Tracker:
     def _scan_tracked(
         self, pagemap: int, spans: np.ndarray, masks: np.ndarray, split: list[bool]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """uffd.scan_ranges (get + re-protect) of the tracked VMAs. While threads of the target run, each 2 MiB
-        block re-protected costs an interrupt of their CPUs (docs/kernel.md rule 36): the scan goes in windows of
-        at most ``self.pause`` seconds with those threads stopped (freeze.Pause), each followed by at least as
-        long with them running, while the scan goes on unpaused. ``split``: VMAs that may be scanned in pieces
+        """uffd.scan_ranges (get + re-protect) of the tracked VMAs. While a thread of the target holds a CPU, each
+        2 MiB block re-protected costs an interrupt of that CPU (docs/kernel.md rule 36). The scan starts unpaused
+        and looks at its own speed: when it is much slower than a paused scan, it goes on in windows of at most
+        ``self.pause`` seconds with the running threads stopped (freeze.Pause), each followed by at least as long
+        with them running while the scan goes on unpaused. ``split``: VMAs that may be scanned in pieces
         (anonymous: no hugetlb page to cut, rule 6)."""
         if self.pause <= 0 or self.round == 0 or not len(spans) or freeze.active(self.pid) is not None:
             return uffd.scan_ranges(pagemap, spans, masks, self._buf)
+        if not freeze.running_threads(self.pid):  # none holds a CPU: no interrupt to fear, the rate to learn
+            return self._scan_timed(pagemap, spans, masks, paused=True)
         pieces, owner = _pieces(spans, np.asarray(split, dtype=bool), _PIECE)
         pmasks = masks[owner]
         ends = np.cumsum((pieces[:, 1] - pieces[:, 0]).astype(np.float64))
         starts = np.concatenate(([0.0], ends[:-1]))
+
+        def upto(i: int, nbytes: float) -> int:
+            """The end of the pieces from i that make about ``nbytes`` (at least one)."""
+            return max(i + 1, int(np.searchsorted(ends, starts[i] + nbytes, "right")))
+
         parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         pause = freeze.Pause(self.pid)
-        i, n = 0, len(pieces)
+        i, n, probe, unpaused_until = 0, len(pieces), float(_PROBE), 0.0
+        slow = _SLOWER <= 0  # 0: pause whenever a thread runs, without looking at the scan's speed first
         try:
             while i < n:
-                if not pause.stop():  # nothing runs (or cannot be stopped): the rest in one go
-                    parts.append(uffd.scan_ranges(pagemap, pieces[i:], pmasks[i:], self._buf))
-                    break
+                if not slow or time.perf_counter() < unpaused_until:
+                    # unpaused: is the scan paying for flush interrupts? (also how the target's time to run is spent)
+                    j = upto(i, probe)
+                    t1 = time.perf_counter()
+                    parts.append(self._scan_timed(pagemap, pieces[i:j], pmasks[i:j], paused=False))
+                    took = time.perf_counter() - t1
+                    slow = _SLOWER <= 0 or took > _SLOWER * ((ends[j - 1] - starts[i]) / self._rate + 50e-6)
+                    probe = float(_PIECE) if slow else probe * 2  # fast: no thread on a CPU, or little written
+                    i = j
+                    continue
+                if not pause.stop():  # no thread runs now
+                    slow = False
+                    continue
                 try:
+                    first = i
                     while i < n:
                         left = self.pause - (time.perf_counter() - pause.since)
-                        if left <= 0:
+                        if left <= 0 and i > first:  # one piece at least: every window makes progress
                             break
-                        # the pieces that fit in what is left of the window at the rate measured so far
-                        j = max(i + 1, int(np.searchsorted(ends, starts[i] + self._rate * left * 0.8, "right")))
-                        t1 = time.perf_counter()
-                        parts.append(uffd.scan_ranges(pagemap, pieces[i:j], pmasks[i:j], self._buf))
-                        self._rate = max(1e9, (ends[j - 1] - starts[i]) / max(time.perf_counter() - t1, 1e-6))
+                        j = upto(i, self._rate * left * 0.5)  # what fits in the window at the rate measured
+                        parts.append(self._scan_timed(pagemap, pieces[i:j], pmasks[i:j], paused=True))
                         i = j
                 finally:
                     took = pause.resume()
-                t1 = time.perf_counter()
-                while i < n and time.perf_counter() - t1 < took:  # the target runs at least as long
-                    parts.append(uffd.scan_ranges(pagemap, pieces[i : i + 1], pmasks[i : i + 1], self._buf))
-                    i += 1
+                unpaused_until = time.perf_counter() + took  # the target runs at least as long as it was paused
         finally:
             pause.resume()
             self._stalls.extend(pause.stalls)
         return _join_pieces(parts, owner, len(spans))
+
+    def _scan_timed(
+        self, pagemap: int, spans: np.ndarray, masks: np.ndarray, paused: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """uffd.scan_ranges; a scan without flush interrupts (``paused``: the target's running threads stopped,
+        or none ran) measures the rate that sizes pause windows and tells a slow scan."""
+        t0 = time.perf_counter()
+        out = uffd.scan_ranges(pagemap, spans, masks, self._buf)
+        took = time.perf_counter() - t0
+        nbytes = float((spans[:, 1] - spans[:, 0]).sum()) if len(spans) else 0.0
+        if paused and nbytes >= _PIECE and took > 0:
+            # interference (this thread preempted) only ever slows a scan: a slow sample lowers the rate a little
+            self._rate = max(1e9, nbytes / took, 0.75 * self._rate)
+        return out
 
     def _track_new_many(self, pagemap: int, vs: list[Vma], fresh: set) -> list[VmaPages | None]:
         """:meth:`_track_new` of many VMAs: its common course (unregistered, registers cleanly, scans) in two
