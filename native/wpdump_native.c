@@ -374,6 +374,34 @@ int64_t wpd_pread_ranges(int fd, const uint64_t *ranges, uint64_t nranges, void 
 	return (int64_t)done;
 }
 
+/* wpd_pread_ranges with preadv2 flags (RWF_NOWAIT: only what the page cache holds, -EAGAIN at once for the
+ * rest): stops at the first range not read whole; returns the bytes read before it. */
+int64_t wpd_preadv2_ranges(int fd, const uint64_t *ranges, uint64_t nranges, void *buf, uint64_t buflen,
+			   const uint64_t *dst, int flags)
+{
+	uint64_t done = 0;
+
+	for (uint64_t i = 0; i < nranges; i++) {
+		uint64_t off = ranges[2 * i], len = ranges[2 * i + 1] - ranges[2 * i];
+		uint64_t at = dst ? dst[i] : done;
+		if (at > buflen || len > buflen - at)
+			return done ? (int64_t)done : -ENOBUFS;
+		while (len) {
+			struct iovec iov = { (char *)buf + at, len };
+			ssize_t r = preadv2(fd, &iov, 1, (off_t)off, flags);
+			if (r < 0 && errno == EINTR)
+				continue;
+			if (r <= 0)
+				return done ? (int64_t)done : (r < 0 ? -errno : 0);
+			done += (uint64_t)r;
+			at += (uint64_t)r;
+			off += (uint64_t)r;
+			len -= (uint64_t)r;
+		}
+	}
+	return (int64_t)done;
+}
+
 /* Which of npages pages of page_size bytes (a multiple of 64) at buf (8-byte aligned) hold only zero
  * bytes: is_zero[i] = 1 or 0. Returns how many do. Most pages with data differ from zero in their first
  * cache line, so a page is read only up to its first non-zero 64-byte block. */

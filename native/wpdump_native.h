@@ -59,6 +59,8 @@ int64_t wpd_read_ranges(int pid, const uint64_t *ranges, uint64_t nranges, void 
 			uint64_t buflen, const uint64_t *dst);
 int64_t wpd_pread_ranges(int fd, const uint64_t *ranges, uint64_t nranges, void *buf,
 			 uint64_t buflen, const uint64_t *dst);
+int64_t wpd_preadv2_ranges(int fd, const uint64_t *ranges, uint64_t nranges, void *buf, uint64_t buflen,
+			   const uint64_t *dst, int flags);
 int64_t wpd_zero_pages(const void *buf, uint64_t npages, uint64_t page_size, uint8_t *is_zero);
 int wpd_punch_hole(int fd, int64_t offset, int64_t len);
 

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from chaincheck import PE_PARENT, PE_PRESENT, load_pagemap
+from chaincheck import PE_PARENT, PE_PRESENT, compare_with_memory, load_pagemap, maps
 from conftest import ResultLines, Target, compile_target, copied_pages, page_set, require_kernel, zero_pages
 from wpdump import ranges
 from wpdump.dump import iteration
@@ -37,10 +37,11 @@ class Workload(ResultLines):
 
     wait_timeout = 10.0
 
-    def __init__(self, exe, tmp: pathlib.Path, mib: int = 16, reserve_mib: int = 0, memfd_pages: int = 0) -> None:
+    def __init__(self, exe, tmp: pathlib.Path, mib: int = 16, reserve_mib: int = 0, memfd_pages: int = 0,
+                 env: dict | None = None) -> None:
         self.result = tmp / "result"
         args = [str(exe), str(mib), str(self.result), "4", str(reserve_mib), str(memfd_pages)]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         self.pid = self.proc.pid
         self.wait_line("ready")
@@ -203,6 +204,134 @@ def test_hook_ignores_other_actions_and_missing_env(tmp_path):
            "CRTOOLS_INIT_PID": str(os.getpid())}
     p = subprocess.run([str(HOOK)], env={**os.environ, **env}, capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout == p.stderr == "", p
+
+
+def test_hook_program_runs_the_python_hook_beside_it_or_on_path(tmp_path):
+    """The wpdump-criu-hook program hands pre-dump, and a post-dump it cannot ask a standby about, to
+    wpdump-criu-hook-py: the one beside it, else the one on PATH; with none it says so and exits 0."""
+    lone = tmp_path / "wpdump-criu-hook"
+    lone.write_bytes(HOOK.read_bytes())
+    lone.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CRTOOLS_")}
+    env["CRTOOLS_SCRIPT_ACTION"] = "post-dump"  # no images dir: nothing to ask, the Python hook says why
+    for exe, path in ((HOOK, "/usr/bin:/bin"), (lone, f"{BIN}:/usr/bin:/bin")):
+        p = subprocess.run([str(exe)], env={**env, "PATH": path}, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0 and "no CRTOOLS_IMAGE_DIR" in p.stderr, (exe, p)
+    p = subprocess.run([str(lone)], env={**env, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "cannot run wpdump-criu-hook-py" in p.stderr, p
+
+
+def test_hooked_dump_without_a_standby_is_done_by_the_python_hook(selfcheck_exe, tmp_path):
+    """No standby to ask at post-dump (the pre-dump step ran without one): the wpdump-criu-hook program runs the
+    Python hook, which does the rewrite itself; criu restore brings the process back whole."""
+    require_kernel()
+    w = Workload(selfcheck_exe, tmp_path)
+    img = tmp_path / "img"
+    img.mkdir()
+    iteration.pre_dump(w.pid, str(img / "1"))
+    time.sleep(0.2)
+    script = tmp_path / "action"
+    script.write_text(f"""#!/bin/sh
+[ "$CRTOOLS_SCRIPT_ACTION" = pre-dump ] && exec {BIN / "wpdump"} criu-hook
+exec {HOOK}
+""")
+    script.chmod(0o755)
+    final = img / "final"
+    final.mkdir()
+    criu("dump", "-t", w.pid, "-D", final, "-o", "dump.log", "-v4", "--action-script", script)
+    log = (final / "dump.log").read_text()
+    assert "removed write-protect markers" in log and "now in the parent" in log, log[-3000:]
+    assert "done by the standby" not in log, log[-3000:]
+    assert pages(final, w.pid, PE_PARENT) >= 4096 - 512
+    restore_and_check(final, w)
+
+
+def hooked_dump_of_rewritten_pages(workload, tmp_path: pathlib.Path, action: pathlib.Path) -> str:
+    """selfcheck paused, pre-dumped, three quarters of its 16 MiB rewritten through /proc/PID/mem, then criu dump
+    --leave-stopped with ``action``: the final dump must equal the process byte for byte, and so must the process
+    criu restore brings back from it. Returns CRIU's log."""
+    require_kernel()
+    # without rseq: the kernel rewrites a registered rseq area's cpu_id when the process runs on another CPU
+    w = workload(mib=16, env={**os.environ, "GLIBC_TUNABLES": "glibc.pthread.rseq=0"})
+    os.kill(w.pid, signal.SIGUSR2)  # selfcheck stops writing: the test writes instead
+    w.wait_line("paused")
+    img = tmp_path / "img"
+    img.mkdir()
+    iteration.pre_dump(w.pid, str(img / "1"))
+    lo, hi = next((lo, hi) for lo, hi, perms, _, inode, path in maps(w.pid)
+                  if hi - lo == 16 << 20 and inode == 0 and not path and perms.startswith("rw"))
+    rng = np.random.default_rng(15)
+    pick = np.sort(rng.choice((hi - lo) // PAGE, (hi - lo) // PAGE * 3 // 4, replace=False))
+    with open(f"/proc/{w.pid}/mem", "r+b", buffering=0) as mem:
+        for i in pick.tolist():  # written through /proc/PID/mem: the tracker sees it (docs/kernel.md rule 9)
+            mem.seek(lo + i * PAGE)
+            mem.write(rng.bytes(PAGE))
+    final = img / "final"
+    final.mkdir()
+    criu("dump", "-t", w.pid, "-D", final, "-o", "dump.log", "-v4", "--leave-stopped", "--action-script", action)
+    log = (final / "dump.log").read_text()
+    try:
+        assert "now in the parent" in log and "done by the standby" in log, log[-3000:]
+        assert pages(final, w.pid, PE_PRESENT) >= len(pick) and pages(final, w.pid, PE_PARENT) >= 512, log[-3000:]
+        compare_with_memory(str(final), w.pid)  # CRIU left the process stopped as it dumped it
+    finally:
+        os.kill(w.pid, signal.SIGKILL)
+    w.proc.wait()
+    gone(w.pid)
+    criu("restore", "-D", final, "-d", "--leave-stopped", "-o", "restore.log", "-v4")
+    try:
+        compare_with_memory(str(final), w.pid)
+    finally:
+        os.kill(w.pid, signal.SIGKILL)
+    return log
+
+
+def test_hooked_dump_after_most_pages_were_rewritten(workload, tmp_path):
+    """Three quarters of the pages rewritten since the last pre-dump: few of the sample pages read from the chain
+    before the freeze are still in the parent, so the sample is topped up from the chain in the frozen window,
+    and the 12 MiB kept go through several gathered batches."""
+    hooked_dump_of_rewritten_pages(workload, tmp_path, HOOK)
+
+
+def test_hooked_dump_reads_what_the_page_cache_lost_from_the_frozen_process(workload, tmp_path):
+    """CRIU's pages file dropped from the page cache before post-dump (as a dump of several GiB partly is): the kept
+    pages and the sample are read from the frozen process instead of the disk, and the result is the same."""
+    action = tmp_path / "action"
+    action.write_text(f"""#!/bin/sh
+if [ "$CRTOOLS_SCRIPT_ACTION" = post-dump ]; then
+    {sys.executable} -c '
+import glob, os
+for p in glob.glob(os.path.join(os.environ["CRTOOLS_IMAGE_DIR"], "pages-*.img")):
+    fd = os.open(p, os.O_RDONLY)
+    os.fdatasync(fd)  # written back, then dropped
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)'
+fi
+exec {HOOK}
+""")
+    action.chmod(0o755)
+    log = hooked_dump_of_rewritten_pages(workload, tmp_path, action)
+    assert "read from memory" in log, log[-3000:]
+
+
+def test_hook_refuses_a_chain_whose_pages_differ_from_criu_dump(selfcheck_exe, tmp_path):
+    """The chain's pages file was overwritten after the pre-dump: the sample read from the chain before the freeze
+    differs from CRIU's pages, so the hook leaves CRIU's full images as they are (restored whole)."""
+    require_kernel()
+    w = Workload(selfcheck_exe, tmp_path)
+    img = tmp_path / "img"
+    img.mkdir()
+    iteration.pre_dump(w.pid, str(img / "1"))
+    for f in (img / "1").glob("pages-*.img"):
+        f.write_bytes(bytes([0xA5]) * f.stat().st_size)
+    final = img / "final"
+    final.mkdir()
+    criu("dump", "-t", w.pid, "-D", final, "-o", "dump.log", "-v4", "--action-script", HOOK)
+    log = (final / "dump.log").read_text()
+    assert "differs from CRIU's dump" in log and "left CRIU's full images" in log, log[-3000:]
+    assert not os.path.lexists(final / "parent")
+    assert pages(final, w.pid, PE_PARENT) == 0 and pages(final, w.pid, PE_PRESENT) >= 4096
+    restore_and_check(final, w)
 
 
 def pages_bytes(d: pathlib.Path) -> int:

@@ -238,6 +238,22 @@ def pread_ranges(
     return check(got, pid, what)
 
 
+RWF_NOWAIT = 0x8
+
+
+def pread_cached(fd: int, ranges: np.ndarray, out: memoryview | bytearray | np.ndarray, what: str = "pread") -> int:
+    """pread_ranges of only what the page cache holds (preadv2 RWF_NOWAIT): the bytes read back to back before the
+    first range not read whole (a page not cached); raises on other errors. A filesystem that cannot tell is read
+    as pread_ranges does."""
+    ranges = np.ascontiguousarray(ranges, dtype=np.uint64)
+    src = ffi.cast("const uint64_t *", ranges.ctypes.data)
+    out_p = ffi.from_buffer(out, require_writable=True)
+    got = int(lib.wpd_preadv2_ranges(fd, src, len(ranges), out_p, len(out_p), ffi.NULL, RWF_NOWAIT))
+    if got in (-errno.EOPNOTSUPP, -errno.EINVAL):
+        return pread_ranges(fd, ranges, out, what=what)
+    return 0 if got == -errno.EAGAIN else check(got, None, what)
+
+
 def _dst(dst: np.ndarray | None, n: int):
     if dst is None:
         return ffi.NULL
