@@ -52,6 +52,7 @@ _PIECE = 64 << 20  # anonymous VMAs are scanned in pieces this large (aligned) b
 _RATE = 0.5e12  # bytes per second of a paused scan, first guess (measured: ~1 GiB per ms at 1 % written)
 _PROBE = 128 << 20  # bytes first scanned unpaused, to see whether flush interrupts slow the scan
 _SLOWER = 2.0  # ... "slow": this many times a paused scan's time (+ 50 µs); 0: pause whenever a thread runs
+_NICE = -10  # of the harvesting thread while it pauses the target (_raise_priority)
 
 
 def pause_window() -> float:
@@ -193,6 +194,22 @@ def classify(vma: Vma, regions: np.ndarray, policy: Policy, whole: bool) -> VmaP
         vma, policy, _coalesce(rng[copy]), _coalesce(rng[zero]), _coalesce(rng[reverted]), _coalesce(rng[guard]),
         whole,
     )
+
+
+def _raise_priority() -> int:
+    """Nice _NICE for this thread while it pauses the target: neither the target's threads it wakes at each detach
+    nor other processes take its CPU mid-scan (2 CPUs here: a running 8 GiB harvest waited 8 ms of 24 for one,
+    17 ms in all at nice -10). Returns the nice to restore; unchanged where not permitted (no CAP_SYS_NICE)."""
+    old = os.getpriority(os.PRIO_PROCESS, 0)  # PRIO_PROCESS 0: the calling thread (nice is per thread)
+    if old > _NICE:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, _NICE)
+    return old
+
+
+def _restore_priority(nice: int) -> None:
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
 
 
 def _pieces(spans: np.ndarray, split: np.ndarray, piece: int) -> tuple[np.ndarray, np.ndarray]:
@@ -533,6 +550,7 @@ class Tracker:
 
         parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         pause = freeze.Pause(self.pid)
+        nice: int | None = None
         i, n, probe, unpaused_until = 0, len(pieces), float(_PROBE), 0.0
         slow = _SLOWER <= 0  # 0: pause whenever a thread runs, without looking at the scan's speed first
         try:
@@ -547,6 +565,8 @@ class Tracker:
                     probe = float(_PIECE) if slow else probe * 2  # fast: no thread on a CPU, or little written
                     i = j
                     continue
+                if nice is None:
+                    nice = _raise_priority()
                 if not pause.stop():  # no thread runs now
                     slow = False
                     continue
@@ -565,6 +585,8 @@ class Tracker:
         finally:
             pause.resume()
             self._stalls.extend(pause.stalls)
+            if nice is not None:
+                _restore_priority(nice)
         return _join_pieces(parts, owner, len(spans))
 
     def _scan_timed(
