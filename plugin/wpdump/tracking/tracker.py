@@ -565,11 +565,11 @@ class Tracker:
                     probe = float(_PIECE) if slow else probe * 2  # fast: no thread on a CPU, or little written
                     i = j
                     continue
-                if nice is None:
-                    nice = _raise_priority()
                 if not pause.stop():  # no thread runs now
                     slow = False
                     continue
+                if nice is None:  # only while it pauses: at nice -10 it would crowd a thread sharing its CPU
+                    nice = _raise_priority()
                 try:
                     first = i
                     while i < n:
