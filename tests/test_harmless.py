@@ -181,6 +181,54 @@ def test_signal_flood_during_attaches_loses_nothing(build_dir, tmp_path):
         shutil.rmtree(d)
 
 
+def test_signal_flood_during_paused_harvests_loses_nothing(build_dir, tmp_path, monkeypatch):
+    """A thread of the target never sleeps, so every harvest pauses it (freeze.Pause: seize, interrupt, detach)
+    while two senders queue 2 x 20,000 real-time signals: every signal is delivered once, in order, its parent sees
+    no stop or continue, and no thread is left traced or stopped."""
+    require_kernel()
+    from wpdump.tracking import tracker
+    from wpdump.tracking.tracker import Tracker
+
+    monkeypatch.setattr(tracker, "_SLOWER", 0.0)  # pause whenever a thread runs, however fast the scan
+    d = tempfile.mkdtemp(prefix="wpdump-flood-")
+    os.chmod(d, 0o755)
+    exe = shutil.copy(compile_target("sigflood", build_dir), os.path.join(d, "sigflood"))
+    os.chmod(exe, 0o755)
+    n = 20_000
+    p = subprocess.Popen([exe, "spin"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                         user=65534)
+    assert p.stdout.readline().split()[:1] == ["ready"]
+    senders = []
+    try:
+        senders = [subprocess.Popen([exe, "send", str(p.pid), str(k), str(n)], stdout=subprocess.PIPE, text=True,
+                                    user=65534) for k in (0, 1)]
+        rounds = stalls = 0
+        with Tracker(p.pid) as tr:
+            while rounds < 20 or (any(s.poll() is None for s in senders) and rounds < 5000):
+                stalls += len(tr.harvest().stalls)
+                rounds += 1
+        assert stalls >= rounds - 1  # every harvest but the attach paused the spinning thread
+        for s in senders:
+            assert s.communicate(timeout=300)[0].split() == ["sent", str(n)]
+        deadline = time.monotonic() + 60
+        while (reply := ask(p, "c")) != f"count {n} {n} disorder 0" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert reply == f"count {n} {n} disorder 0"
+        assert os.waitid(os.P_PID, p.pid, os.WSTOPPED | os.WCONTINUED | os.WNOHANG | os.WNOWAIT) is None
+        for tid in os.listdir(f"/proc/{p.pid}/task"):
+            assert tracer(int(tid)) == 0
+        spinner = max(int(t) for t in os.listdir(f"/proc/{p.pid}/task"))
+        with open(f"/proc/{p.pid}/task/{spinner}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] == "R"
+    finally:
+        for s in senders:
+            s.kill()
+            s.wait()
+        p.kill()
+        p.wait()
+        shutil.rmtree(d)
+
+
 # ------------------------------------------------------------------------------------- 10.3 killing wpdump
 
 
@@ -206,6 +254,38 @@ def test_killing_wpdump_during_attach_leaves_the_target_running(target, tmp_path
         target.cmd("poke", hex(a), "0,1,2")
         target.wait_idle()
         subprocess.run(["rm", "-rf", str(tmp_path / "1")], check=True)
+
+
+def test_killed_harvest_during_its_pause_leaves_the_target_running(build_dir, tmp_path):
+    """SIGKILL of a process whose harvest holds the target's running thread paused (freeze.Pause traces it from
+    the harvesting process itself): the kernel detaches it and it runs on."""
+    require_kernel()
+    p = subprocess.Popen([str(compile_target("sigflood", build_dir)), "spin"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True, bufsize=1)
+    assert p.stdout.readline().split()[:1] == ["ready"]
+    try:
+        while len(os.listdir(f"/proc/{p.pid}/task")) < 2:
+            time.sleep(0.001)
+        spinner = max(int(t) for t in os.listdir(f"/proc/{p.pid}/task"))
+        loop = (f"from wpdump.tracking import tracker\ntracker._SLOWER = 0.0\ntr = tracker.Tracker({p.pid})\n"
+                "while True:\n    tr.harvest()\n")
+        for _ in range(3):
+            h = subprocess.Popen([sys.executable, "-c", loop], stderr=subprocess.DEVNULL)
+            while not tracer(spinner) and h.poll() is None:
+                pass  # spin until a pause holds it
+            assert h.poll() is None
+            h.kill()
+            h.wait()
+            wait_untraced(spinner)
+            deadline = time.monotonic() + 30
+            while state(spinner) != "R" and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert state(spinner) == "R" and state(p.pid) == "S"
+        assert os.waitid(os.P_PID, p.pid, os.WSTOPPED | os.WCONTINUED | os.WNOHANG | os.WNOWAIT) is None
+        assert ask(p, "c").startswith("count 0 0")
+    finally:
+        p.kill()
+        p.wait()
 
 
 # ------------------------------------------------------------------------------------- 10.4 a killed freeze

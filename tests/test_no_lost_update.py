@@ -7,6 +7,7 @@ import pytest
 from conftest import PAGE
 from wpdump import ranges
 from wpdump.target import uffd
+from wpdump.tracking import tracker
 from wpdump.tracking.tracker import Tracker
 
 PAGES = 256
@@ -27,13 +28,24 @@ def reported(h, a: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("churn", [False, True], ids=["steady", "layout-churn"])
-def test_no_lost_update_with_four_writer_threads(target, churn):
-    """With ``churn``, a fifth thread maps, replaces, remaps and unmaps memory throughout."""
-    rounds = ROUNDS if not churn else ROUNDS // 2
+@pytest.mark.parametrize(
+    ("churn", "pause"), [(False, None), (True, None), (False, 0.0), (False, 20e-6)],
+    ids=["steady", "layout-churn", "never-paused", "paused-in-pieces"],
+)
+def test_no_lost_update_with_four_writer_threads(target, churn, pause, monkeypatch):
+    """With ``churn``, a fifth thread maps, replaces, remaps and unmaps memory throughout. The writers run: by
+    default each harvest pauses them around its scan (freeze.Pause; here even though a scan this small is fast);
+    "never-paused" scans with them running; "paused-in-pieces" scans 64 KiB pieces in 20 µs windows, each followed
+    by as long unpaused."""
+    rounds = ROUNDS // 2 if churn else ROUNDS // 5 if pause else ROUNDS
+    monkeypatch.setattr(tracker, "_SLOWER", 0.0)  # pause whenever a thread runs, however fast the scan
+    if pause:
+        monkeypatch.setattr(tracker, "_PIECE", 16 * PAGE)
+        monkeypatch.setattr(tracker, "_PROBE", 16 * PAGE)
     a = target.map(PAGES)
     target.cmd("fill", hex(a), PAGES, 7)
-    with Tracker(target.pid) as tr:
+    stalls = 0
+    with Tracker(target.pid, pause=pause) as tr:
         model = snapshot(target.pid, a).copy()  # read after the attach-time protect
         target.cmd("threads", 4, hex(a), PAGES)
         if churn:
@@ -43,6 +55,7 @@ def test_no_lost_update_with_four_writer_threads(target, churn):
         changed_total = 0
         for _ in range(rounds):
             h = tr.harvest()
+            stalls += len(h.stalls)
             rep = reported(h, a)
             # A page changed between the previous two snapshots was written after the previous
             # harvest: that harvest's successor (this one) must report it if the last one did not.
@@ -63,6 +76,8 @@ def test_no_lost_update_with_four_writer_threads(target, churn):
         model[rep] = final[rep]
     assert writes > rounds
     assert changed_total > rounds
+    # the writers never sleep (state R): every harvest pauses them unless told not to
+    assert (stalls == 0) if pause == 0.0 else (stalls >= rounds)
     bad = np.flatnonzero((model != final).any(axis=1))
     assert not len(bad), f"{len(bad)} pages differ, first at {a + int(bad[0]) * PAGE:#x}"
 

@@ -2,9 +2,12 @@
  * writes memory, while blocked in read(0): 'c' replies "count A B disorder D" (D: signals whose value was not
  * the one after the previous of the same number: RT signals of one number arrive in the order sent).
  * `sigflood send PID K N`: sigqueue N signals SIGRTMIN+K with values 0..N-1 (retrying while the queue is
- * full), then prints "sent N". The target lowers its RLIMIT_SIGPENDING to 4096. */
+ * full), then prints "sent N". The target lowers its RLIMIT_SIGPENDING to 4096. `sigflood spin` also runs a thread
+ * that never sleeps (state R), writing pages of its own, with every signal blocked: a harvest pauses it
+ * (freeze.Pause). */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
@@ -16,6 +19,18 @@
 #define PAGES 16
 static volatile long count[2], next[2], disorder;
 static char buf[PAGES * 4096] __attribute__((aligned(4096)));
+static volatile char spinbuf[PAGES * 4096] __attribute__((aligned(4096)));
+
+static void *spin(void *arg)
+{
+	sigset_t all;
+	(void)arg;
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, NULL); /* the main thread takes every signal, in order */
+	for (unsigned long i = 0;; i++)
+		spinbuf[(i % PAGES) * 4096 + (i / PAGES) % 4096]++;
+	return NULL;
+}
 
 static void on_sig(int sig, siginfo_t *si, void *uc)
 {
@@ -51,6 +66,10 @@ int main(int argc, char **argv)
 	sigaction(SIGRTMIN, &sa, NULL);
 	sigaction(SIGRTMIN + 1, &sa, NULL);
 	memset(buf, 1, sizeof buf);
+	if (argc > 1 && !strcmp(argv[1], "spin")) {
+		pthread_t t;
+		pthread_create(&t, NULL, spin, NULL);
+	}
 	printf("ready %d\n", getpid());
 	fflush(stdout);
 	char c;

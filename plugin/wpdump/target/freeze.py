@@ -12,9 +12,11 @@ import os
 import signal
 import time
 
-from ..errors import NoSuchProcess, TrackerError, no_such_process
+from ..errors import NoSuchProcess, TrackerError, WpdumpError, no_such_process
 from .agent import Agent
-from .process import all_stopped, thread_states
+from .native import ffi, lib
+from .process import all_stopped, thread_state, thread_states, threads
+from .ptrace import STOP_TIMEOUT, Thread, ThreadGone
 from .tree import Member, read_tree
 
 _active: dict[int, Freezer] = {}
@@ -103,6 +105,118 @@ class TreeFreezer:
 
     def __exit__(self, *exc: object) -> None:
         self.thaw()
+
+
+def running_threads(pid: int) -> list[int]:
+    """The threads of ``pid`` in state R (on a CPU or waiting for one); [] once it is gone."""
+    try:
+        return [t for t in threads(pid) if thread_state(pid, t) == "R"]
+    except NoSuchProcess:
+        return []
+
+
+class Pause:
+    """The threads of ``pid`` that are running (state R), stopped by this very thread for a moment: a harvest's
+    re-protecting scan then sends no TLB-flush interrupt to their CPUs (docs/kernel.md rule 37).
+
+    PTRACE_SEIZE + PTRACE_INTERRUPT, then PTRACE_DETACH; no agent: nothing of a thread is changed (a thread our
+    interrupt knocked out of epoll_wait is pointed back at the call, as a freeze does), so this process dying
+    mid-pause resumes them as a detach would (rule 29). :meth:`stop` does not wait for the traps: a thread on a
+    CPU traps within tens of µs, one waiting for a CPU traps when it gets one and runs no code of its own
+    meanwhile; :meth:`resume` collects them. Sleeping threads are left alone (they hold no CPU), and so is a
+    thread that cannot be seized (traced by someone else, exiting): the pause is a speed-up, never a condition.
+    Used from one thread only (ptrace requests come from the tracer thread).
+    """
+
+    GRACE = 0.005  # a thread not trapped by then (it entered vfork) lets the others go first
+
+    def __init__(self, pid: int, max_threads: int = 64) -> None:
+        self.pid = pid
+        self.max_threads = max_threads
+        self.seized: list[Thread] = []
+        self.since = 0.0
+        self.stalls: list[float] = []  # seconds of each pause, from the first interrupt to the last detach
+
+    def stop(self) -> int:
+        """Interrupt the running threads; returns how many (0: none ran, or too many to be worth it)."""
+        _reap_leftovers()
+        running = running_threads(self.pid)
+        if not running or len(running) > self.max_threads:
+            return 0
+        self.since = time.perf_counter()
+        for tid in running:
+            th = Thread(self.pid, tid)
+            try:
+                th.seize()
+            except (ThreadGone, WpdumpError):
+                continue
+            self.seized.append(th)
+            try:
+                th.interrupt()
+            except (ThreadGone, WpdumpError):
+                pass  # exiting: reaped by resume
+        return len(self.seized)
+
+    def resume(self) -> float:
+        """Collect the traps and detach (the threads run on); returns the seconds of the pause (0: none)."""
+        if not self.seized:
+            return 0.0
+        seized, self.seized = self.seized, []
+        stopped, late = [], []
+        for th in seized:
+            try:
+                (stopped if th.wait_stop(self.GRACE) else late).append(th)
+            except ThreadGone:
+                pass
+            except WpdumpError:
+                late.append(th)
+        for th in stopped[:-1]:
+            th.detach_or_reap()
+        # the last detach may wake its thread onto this CPU and let it run first: the pause ends as it starts
+        took = time.perf_counter() - self.since
+        if stopped:
+            stopped[-1].detach_or_reap()
+        self.stalls.append(took)
+        if late:
+            self._detach_late(late)
+        return took
+
+    def _detach_late(self, late: list[Thread]) -> None:
+        """Detach threads that had not trapped (e.g. one that entered vfork() just before the interrupt traps
+        when its child execs) as they trap; a ptrace-stopped thread can only be detached once it has."""
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for th in late:
+            try:
+                while not th.wait_stop(0.05):
+                    if thread_state(self.pid, th.tid) in ("Z", "X"):
+                        _leftovers.add(th.tid)  # exited, still traced by us: reaped when it can be
+                        break
+                    if time.monotonic() > deadline:
+                        raise TrackerError(
+                            f"pid {self.pid}: thread {th.tid} paused for a harvest did not stop within "
+                            f"{STOP_TIMEOUT:.0f} s (state {thread_state(self.pid, th.tid)}); it resumes when this "
+                            "process exits", pid=self.pid, errno=errno.ETIMEDOUT)
+                else:
+                    th.detach_or_reap()
+            except ThreadGone:
+                continue
+
+    def __enter__(self) -> Pause:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.resume()
+
+
+_leftovers: set[int] = set()  # threads that exited while paused and could not be reaped yet
+
+
+def _reap_leftovers() -> None:
+    """Reap what a pause left traced: a traced zombie stays one to its real parent until its tracer waits."""
+    st = ffi.new("int *")
+    for tid in list(_leftovers):
+        if lib.wpd_waitpid(tid, st, os.WNOHANG) != 0:  # reaped, or not ours any more (ECHILD)
+            _leftovers.discard(tid)
 
 
 def active(pid: int) -> Freezer | None:

@@ -1,6 +1,7 @@
 """Seizing a target's threads with ptrace and running syscalls in one of them, leaving each thread as it was.
 
-Runs inside the ptrace agent (agent.py), never in the wpdump command. A thread is stopped with PTRACE_SEIZE +
+Runs inside the ptrace agent (agent.py), never in the wpdump command, except for the short pause around a harvest's
+scan (freeze.Pause: seize, interrupt, detach; nothing of the thread is changed). A thread is stopped with PTRACE_SEIZE +
 PTRACE_INTERRUPT: it traps in the kernel's signal code on its way to user space, where the kernel itself
 restarts an interrupted syscall once the thread is detached (or its tracer dies). A syscall is run by pointing
 the thread at an existing `syscall` instruction and resuming it with PTRACE_SYSCALL up to its syscall-exit stop:
@@ -27,6 +28,7 @@ SYSCALL_STOP = signal.SIGTRAP | 0x80
 ALL_SIGNALS = (1 << 64) - 1
 STOP_TIMEOUT = 10.0
 VFORK_GRACE = 0.2
+_YIELDS = 200  # polls of a stop with sched_yield before sleeping between them
 # x86_64 syscalls that run under a temporary signal mask and put the caller's back on return
 # (TIF_RESTORE_SIGMASK). PTRACE_SETSIGMASK clears that flag: the caller's mask would be lost, so a thread
 # interrupted in one of them is not made to block signals (suppressed signals are queued again instead).
@@ -94,10 +96,14 @@ class Thread:
         if timeout is None:
             r = lib.wpd_waitpid(self.tid, st, 0)
         else:
-            deadline, delay = time.monotonic() + timeout, 20e-6
+            deadline, delay, spins = time.monotonic() + timeout, 20e-6, 0
             while (r := lib.wpd_waitpid(self.tid, st, os.WNOHANG)) == 0:
                 if time.monotonic() > deadline:
                     return None
+                if spins < _YIELDS:  # a stop takes tens of µs; a sleep here lasts 60+ µs (timer slack)
+                    spins += 1
+                    os.sched_yield()  # and lets the thread run if it waits for our CPU
+                    continue
                 time.sleep(delay)
                 delay = min(delay * 2, 0.005)
         if r == -errno.ECHILD:
@@ -120,23 +126,32 @@ class Thread:
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Interrupt the thread and wait until it traps. A signal it was about to take is delivered first, as
         the kernel would have (the interrupt stays pending)."""
+        self.interrupt()
+        deadline = time.monotonic() + timeout
+        while not self.wait_stop(VFORK_GRACE):
+            if in_vfork(self.pid, self.tid):
+                raise TrackerError(f"pid {self.pid}: thread {self.tid} waits in vfork() until its child execs or "
+                                   "exits; try again then", pid=self.pid, errno=errno.EBUSY)
+            if time.monotonic() > deadline:
+                raise TrackerError(f"pid {self.pid}: thread {self.tid} did not stop within {timeout:.0f} s "
+                                   f"(state {thread_state(self.pid, self.tid)})", pid=self.pid,
+                                   errno=errno.ETIMEDOUT)
+
+    def interrupt(self) -> None:
         self._check(lib.wpd_ptrace_interrupt(self.tid), "interrupt")
+
+    def wait_stop(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the trap of :meth:`interrupt`, delivering a signal the thread takes
+        first as the kernel would have (the interrupt stays pending); False if it has not trapped yet."""
         deadline = time.monotonic() + timeout
         while True:
-            status = self._wait(VFORK_GRACE)
+            status = self._wait(max(0.0, deadline - time.monotonic()))
             if status is None:
-                if in_vfork(self.pid, self.tid):
-                    raise TrackerError(f"pid {self.pid}: thread {self.tid} waits in vfork() until its child execs or "
-                                       "exits; try again then", pid=self.pid, errno=errno.EBUSY)
-                if time.monotonic() > deadline:
-                    raise TrackerError(f"pid {self.pid}: thread {self.tid} did not stop within {timeout:.0f} s "
-                                       f"(state {thread_state(self.pid, self.tid)})", pid=self.pid,
-                                       errno=errno.ETIMEDOUT)
-                continue
+                return False
             if status >> 16 == PTRACE_EVENT_STOP:
                 self.stopped = True
                 self._undo_eintr()
-                return
+                return True
             self._check(lib.wpd_ptrace_cont(self.tid, os.WSTOPSIG(status)), "resume")
 
     def _undo_eintr(self) -> None:
@@ -237,6 +252,23 @@ class Thread:
         if self.stopped:
             lib.wpd_ptrace_detach(self.tid, 0)
             self.stopped = False
+
+    def detach_or_reap(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Detach a stopped thread; one killed meanwhile is reaped as its tracer must (a traced zombie waits for
+        its tracer's wait before its real parent learns of it). For a tracer that lives on (freeze.Pause)."""
+        if not self.stopped:
+            return
+        self.stopped = False
+        if lib.wpd_ptrace_detach(self.tid, 0) != -errno.ESRCH:
+            return
+        self.stopped = True
+        try:
+            while self._wait(timeout) is not None:  # a stop on its way out (PTRACE_EVENT_EXIT is not asked)
+                if lib.wpd_ptrace_detach(self.tid, 0) != -errno.ESRCH:
+                    break
+        except ThreadGone:
+            pass
+        self.stopped = False
 
 
 class Seizure:
