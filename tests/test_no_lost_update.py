@@ -81,3 +81,46 @@ def test_no_lost_update_with_four_writer_threads(target, churn, pause, monkeypat
     bad = np.flatnonzero((model != final).any(axis=1))
     assert not len(bad), f"{len(bad)} pages differ, first at {a + int(bad[0]) * PAGE:#x}"
 
+
+
+@pytest.mark.parametrize("pause", [None, 20e-6], ids=["one-window", "windows-and-gaps"])
+def test_paused_scan_racing_writers_and_zaps_lose_no_update(target, pause, monkeypatch):
+    """Harvests that pause the running writers (forced: every round), while writers and zaps (MADV_DONTNEED) race
+    with them in the lower half; in the upper half a chunk is filled, then zapped before the next harvest (written,
+    then empty: zero, never data). "windows-and-gaps": 64 KiB pieces in 20 µs windows, each followed by as long
+    unpaused. An image kept from the harvests alone equals the memory byte for byte at the end."""
+    pages, chunk, rounds = 1024, 64, 150
+    monkeypatch.setattr(tracker, "_SLOWER", 0.0)  # pause whenever a thread runs, however fast the scan
+    if pause:
+        monkeypatch.setattr(tracker, "_PIECE", 16 * PAGE)
+        monkeypatch.setattr(tracker, "_PROBE", 16 * PAGE)
+    a = target.map(pages)
+    half = pages // 2
+    upper = a + half * PAGE
+    stalls = zeroed = 0
+    with Tracker(target.pid, pause=pause) as tr:
+        model = np.zeros((pages, PAGE), dtype=np.uint8)  # the attach-time image: all zero
+        target.cmd("threads", 4, hex(a), half)
+        for i in range(rounds + 1):
+            if i == rounds:
+                target.cmd("stopthreads")
+            else:
+                target.cmd("madvise", hex(a + (i % (half // chunk)) * chunk * PAGE), chunk, "dontneed")
+                up = upper + (i % (half // chunk)) * chunk * PAGE
+                target.cmd("madvise", hex(up), chunk, "dontneed")  # filled a round ago: written, now empty
+                nxt = upper + ((i + 1) % (half // chunk)) * chunk * PAGE
+                target.cmd("fill", hex(nxt), chunk, i)
+            h = tr.harvest()
+            stalls += len(h.stalls)
+            for s, e in ranges.clip(h.zero_ranges(), a, a + pages * PAGE).tolist():
+                model[(s - a) // PAGE:(e - a) // PAGE] = 0
+                zeroed += (min(e, a + pages * PAGE) - max(s, upper)) // PAGE if e > upper else 0
+            for s, e in ranges.clip(h.copy_ranges(), a, a + pages * PAGE).tolist():
+                rows = model[(s - a) // PAGE:(e - a) // PAGE]
+                assert uffd.read_ranges(target.pid, ranges.from_pairs([(s, e)]), rows) == e - s
+        final = np.empty((pages, PAGE), dtype=np.uint8)
+        assert uffd.read_ranges(target.pid, ranges.from_pairs([(a, a + pages * PAGE)]), final) == final.size
+    assert stalls >= rounds // 2, stalls  # the writers never sleep: nearly every harvest paused them
+    assert zeroed >= (rounds - 1) * chunk, zeroed  # every zapped upper chunk came back as zero
+    bad = np.flatnonzero((model != final).any(axis=1))
+    assert not len(bad), f"{len(bad)} pages differ, first at {a + int(bad[0]) * PAGE:#x}"
