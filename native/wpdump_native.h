@@ -62,6 +62,8 @@ int64_t wpd_pread_ranges(int fd, const uint64_t *ranges, uint64_t nranges, void 
 int64_t wpd_preadv2_ranges(int fd, const uint64_t *ranges, uint64_t nranges, void *buf, uint64_t buflen,
 			   const uint64_t *dst, int flags);
 int64_t wpd_zero_pages(const void *buf, uint64_t npages, uint64_t page_size, uint8_t *is_zero);
+int64_t wpd_pagemap_match(int fd, const uint64_t *ranges, uint64_t nranges, uint64_t page_size, uint64_t gap,
+			  uint64_t all_of, uint64_t any_of, uint8_t *match);
 int wpd_punch_hole(int fd, int64_t offset, int64_t len);
 int wpd_fallocate(int fd, int64_t offset, int64_t len);
 int64_t wpd_aio_setup(uint32_t nr, uint64_t *ctx);

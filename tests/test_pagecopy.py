@@ -17,7 +17,7 @@ from wpdump import ranges
 from wpdump.chainops import verify
 from wpdump.dump import iteration, pages
 from wpdump.errors import UnreadableMemory
-from wpdump.target import memory
+from wpdump.target import memory, uffd
 
 PAGE = 4096
 PFN_MASK = (1 << 55) - 1
@@ -179,3 +179,38 @@ def test_reads_leave_copy_on_write_sharing_as_it_was(target, tmp_path, children)
         compare_with_memory(str(tmp_path / "3"), t.pid)
     finally:
         os.kill(t.pid, signal.SIGCONT)
+
+
+def test_pagemap_match_agrees_with_pagemap_page_by_page(target, children):
+    """uffd.pagemap_match (the Reader's native test of which pages a pin may read) gives, page by page, what the
+    target's /proc/PID/pagemap entries say: present pages mapped alone, not pages shared with a forked child nor
+    pages never touched; ranges near each other (read by one pread) or far apart, touching or not."""
+    t = target
+    n = 4096
+    a = t.map(n)
+    def poke(pages: range) -> None:
+        for i in range(0, len(pages), 64):  # the target reads lines of limited length
+            t.cmd("poke", hex(a), ",".join(str(p) for p in pages[i : i + 64]))
+
+    poke(range(0, n, 3))  # every third page present
+    fork(t, a, n // 8, children)  # pages the child does not write stay shared (not exclusive in the target)
+    poke(range(n // 2, n, 5))  # copied again: exclusive
+    with open(f"/proc/{t.pid}/pagemap", "rb") as f:
+        raw = os.pread(f.fileno(), n * 8, a // PAGE * 8)
+    ent = np.array(struct.unpack(f"{n}Q", raw), dtype=np.uint64)
+    present = ((ent >> np.uint64(63)) & np.uint64(1)).astype(bool)
+    alone = (((ent >> np.uint64(56)) & np.uint64(1)) | ((ent >> np.uint64(61)) & np.uint64(1))).astype(bool)
+    want = present & alone
+    assert want.any() and (present & ~alone).any() and not present[1], "expected pages of every kind"
+    rng = np.random.default_rng(15)
+    fd = os.open(f"/proc/{t.pid}/pagemap", os.O_RDONLY)
+    try:
+        for density in (0.002, 0.05, 0.5, 1.0):
+            sel = np.flatnonzero(rng.random(n) < density) if density < 1 else np.arange(n)
+            r = ranges.from_pages(np.uint64(a) + sel.astype(np.uint64) * np.uint64(PAGE))
+            for rr in (r, np.concatenate(ranges.batches(r, 2 * PAGE))):  # whole runs, and runs cut in touching pieces
+                got = uffd.pagemap_match(fd, rr, memory.COVER_GAP, int(memory.PM_PRESENT),
+                                         int(memory.PM_EXCLUSIVE | memory.PM_FILE))
+                assert got is not None and np.array_equal(got, want[sel])
+    finally:
+        os.close(fd)

@@ -186,7 +186,7 @@ def rewrite(
                          tmp_map)
         t = res.span("pagemap", t)
         if unsynced is None:
-            imgdir._fsync_all(opened)  # at once: one journal commit
+            imgdir._fsync_all(opened)  # at once: the fsyncs overlap
             t = res.span("fsync", t)
         if os.path.realpath(os.path.join(images_dir, "parent")) != os.path.realpath(top.path):
             raise HookSkipped(f"{images_dir}/parent does not lead to {top.path}", pid=pid, errno=errno.EINVAL)

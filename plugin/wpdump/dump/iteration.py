@@ -100,7 +100,7 @@ def _write_images(
     except BaseException:
         os.close(fd)
         raise
-    st.keep(fd, pages_name)  # fsynced at the commit, in one journal commit with the other files
+    st.keep(fd, pages_name)  # fsynced at the commit, at once with the other files
     if frozen is not None:
         frozen()  # every page is read: the tree may run again
     t0 = time.perf_counter()

@@ -25,8 +25,8 @@ _syncer = Workers(4, "wpdump-fsync")
 
 
 def _fsync_all(fds: list[tuple[int, str]]) -> None:
-    """fsync every (fd, path) at once, from threads: ext4 commits concurrent fsyncs in one journal transaction
-    (4 small files: 0.5-0.6 ms at once against 3-8 ms one after the other here). Raises the first error."""
+    """fsync every (fd, path) at once, from threads: concurrent fsyncs overlap (a journal commits them together;
+    4 small files: 0.5-0.6 ms at once against 3-8 ms one after the other here). Raises the first error."""
     if len(fds) <= 1:
         for fd, path in fds:
             fsync(fd, path)
@@ -160,7 +160,7 @@ class Staging:
 
     def keep(self, fd: int, name: str) -> None:
         """Take over ``fd``, a file the caller created with :meth:`create` and wrote: it is fsynced at :meth:`commit`
-        with the others (one journal commit for all) and closed by this object."""
+        with the others (at once) and closed by this object."""
         self.unsynced.append((fd, os.path.join(self.dest, name)))
         if len(self.unsynced) >= _MAX_UNSYNCED:  # a tree of many processes: bounded open files
             _fsync_all(self.unsynced)

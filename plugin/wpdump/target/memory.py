@@ -138,23 +138,24 @@ class Reader:
         if not self.pin:
             return np.zeros(n, dtype=bool), None
         addrs = None
-        in_order = len(r) < 2 or bool((r[1:, 0] >= r[:-1, 1]).all())
-        cov = ranges.cover(r if in_order else ranges.merge(r), COVER_GAP)
-        pages = ((cov[:, 1] - cov[:, 0]) // PAGE).astype(np.int64)
-        ent = np.zeros(int(pages.sum()), dtype=np.uint64)
-        try:
-            got = uffd.pread_ranges(self.pagemap, cov // PAGE * 8, ent.view(np.uint8), pid=self.pid)
-        except WpdumpError:
-            got = -1
-        if got != len(ent) * 8:  # the mm is gone: /proc/PID/mem will say so
-            return np.zeros(n, dtype=bool), None
-        if in_order and len(ent) == n:  # the cover is the ranges themselves: entries in page order
-            e = ent
+        if len(r) < 2 or bool((r[1:, 0] >= r[:-1, 1]).all()):  # in order (batches are): one native call
+            ok = uffd.pagemap_match(self.pagemap, r, COVER_GAP, int(PM_PRESENT), int(PM_EXCLUSIVE | PM_FILE))
+            if ok is None:  # the mm is gone: /proc/PID/mem will say so
+                return np.zeros(n, dtype=bool), None
         else:
+            cov = ranges.cover(ranges.merge(r), COVER_GAP)
+            pages = ((cov[:, 1] - cov[:, 0]) // PAGE).astype(np.int64)
+            ent = np.zeros(int(pages.sum()), dtype=np.uint64)
+            try:
+                got = uffd.pread_ranges(self.pagemap, cov // PAGE * 8, ent.view(np.uint8), pid=self.pid)
+            except WpdumpError:
+                got = -1
+            if got != len(ent) * 8:  # the mm is gone: /proc/PID/mem will say so
+                return np.zeros(n, dtype=bool), None
             addrs = page_addrs(r)
             k = np.searchsorted(cov[:, 0], addrs, side="right") - 1
             e = ent[(np.cumsum(pages) - pages)[k] + ((addrs - cov[k, 0]) // PAGE).astype(np.int64)]
-        ok = ((e & PM_PRESENT) != 0) & ((e & (PM_EXCLUSIVE | PM_FILE)) != 0)
+            ok = ((e & PM_PRESENT) != 0) & ((e & (PM_EXCLUSIVE | PM_FILE)) != 0)
         u = self.unreadable
         if len(u):
             k = np.searchsorted(u[:, 1], r[:, 0], side="right")

@@ -262,6 +262,18 @@ def _dst(dst: np.ndarray | None, n: int):
     return ffi.cast("const uint64_t *", dst.ctypes.data)
 
 
+def pagemap_match(fd: int, r: np.ndarray, gap: int, all_of: int, any_of: int) -> np.ndarray | None:
+    """Test the /proc/PID/pagemap entries (``fd``) of the pages of ``r`` (sorted, disjoint, page-aligned ranges)
+    in one native call: a bool per page, in page order, True where the entry has every bit of ``all_of`` and one
+    of ``any_of``; ranges less than ``gap`` bytes apart read by one pread. None when pagemap cannot be read (the
+    mm is gone)."""
+    r = np.ascontiguousarray(r, dtype=np.uint64)
+    out = np.empty(int((r[:, 1] - r[:, 0]).sum()) // PAGE, dtype=np.uint8)
+    got = lib.wpd_pagemap_match(fd, ffi.from_buffer("uint64_t[]", r), len(r), PAGE, gap, all_of, any_of,
+                                ffi.from_buffer("uint8_t[]", out, require_writable=True))
+    return None if got < 0 else out.view(bool)
+
+
 def zero_pages(rows: np.ndarray) -> tuple[np.ndarray, int]:
     """Which rows of a C-contiguous n×PAGE uint8 array hold only zero bytes: (bool mask, count)."""
     n = len(rows)
