@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import unavailable
 from wpdump import ranges
 from wpdump.dump import pages
 from wpdump.target import memory
@@ -112,7 +113,7 @@ def test_aio_write_refused_by_o_direct_is_written_plainly(tmp_path):
     try:
         job = pages._Job(fd, str(path))
         if not job.direct:
-            pytest.skip("this filesystem refuses O_DIRECT altogether")
+            unavailable(f"the filesystem of {tmp_path} lacks O_DIRECT")
         ctx, own = pages._aio_context(False)
         assert ctx is not None
         aio = pages._Aio(ctx, job)
