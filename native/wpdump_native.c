@@ -346,37 +346,11 @@ int64_t wpd_read_ranges(int pid, const uint64_t *ranges, uint64_t nranges, void 
 	return (int64_t)done;
 }
 
-/* pread the byte ranges [start, end) of fd (n pairs) into buf, back to back or range i at buf + dst[i]:
- * one pread per range (looping over short reads). Returns the bytes read, short at the first range that
- * fails or ends early (the caller sees the count), or -errno (0 at end of file) when nothing could be read.
- * For /proc/PID/mem and /proc/PID/pagemap. */
-int64_t wpd_pread_ranges(int fd, const uint64_t *ranges, uint64_t nranges, void *buf, uint64_t buflen,
-			 const uint64_t *dst)
-{
-	uint64_t done = 0;
-
-	for (uint64_t i = 0; i < nranges; i++) {
-		uint64_t off = ranges[2 * i], len = ranges[2 * i + 1] - ranges[2 * i];
-		uint64_t at = dst ? dst[i] : done;
-		if (at > buflen || len > buflen - at)
-			return done ? (int64_t)done : -ENOBUFS;
-		while (len) {
-			ssize_t r = pread(fd, (char *)buf + at, len, (off_t)off);
-			if (r < 0 && errno == EINTR)
-				continue;
-			if (r <= 0)
-				return done ? (int64_t)done : (r < 0 ? -errno : 0);
-			done += (uint64_t)r;
-			at += (uint64_t)r;
-			off += (uint64_t)r;
-			len -= (uint64_t)r;
-		}
-	}
-	return (int64_t)done;
-}
-
-/* wpd_pread_ranges with preadv2 flags (RWF_NOWAIT: only what the page cache holds, -EAGAIN at once for the
- * rest): stops at the first range not read whole; returns the bytes read before it. */
+/* preadv2 the byte ranges [start, end) of fd (n pairs) into buf, back to back or range i at buf + dst[i]:
+ * one call per range (looping over short reads), with flags (0: a plain pread; RWF_NOWAIT: only what the page
+ * cache holds, -EAGAIN at once for the rest). Returns the bytes read, short at the first range that fails or
+ * ends early (the caller sees the count), or -errno (0 at end of file) when nothing could be read.
+ * For /proc/PID/mem, /proc/PID/pagemap and CRIU's pages files. */
 int64_t wpd_preadv2_ranges(int fd, const uint64_t *ranges, uint64_t nranges, void *buf, uint64_t buflen,
 			   const uint64_t *dst, int flags)
 {

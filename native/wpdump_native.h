@@ -57,8 +57,6 @@ int64_t wpd_pagemap_scan_ranges(int fd, const uint64_t *ranges, const uint64_t *
 
 int64_t wpd_read_ranges(int pid, const uint64_t *ranges, uint64_t nranges, void *buf,
 			uint64_t buflen, const uint64_t *dst);
-int64_t wpd_pread_ranges(int fd, const uint64_t *ranges, uint64_t nranges, void *buf,
-			 uint64_t buflen, const uint64_t *dst);
 int64_t wpd_preadv2_ranges(int fd, const uint64_t *ranges, uint64_t nranges, void *buf, uint64_t buflen,
 			   const uint64_t *dst, int flags);
 int64_t wpd_zero_pages(const void *buf, uint64_t npages, uint64_t page_size, uint8_t *is_zero);

@@ -234,7 +234,7 @@ def pread_ranges(
     ranges = np.ascontiguousarray(ranges, dtype=np.uint64)
     src = ffi.cast("const uint64_t *", ranges.ctypes.data)
     out_p = ffi.from_buffer(out, require_writable=True)
-    got = int(lib.wpd_pread_ranges(fd, src, len(ranges), out_p, len(out_p), _dst(dst, len(ranges))))
+    got = int(lib.wpd_preadv2_ranges(fd, src, len(ranges), out_p, len(out_p), _dst(dst, len(ranges)), 0))
     return check(got, pid, what)
 
 
