@@ -143,42 +143,65 @@ def test_seccomp_refused_by_name_without_cap_sys_admin(build_dir, tmp_path, mode
 # ---------------------------------------------------------------------------------- 10.2 signals during attach
 
 
+class Flood:
+    """tests/targets/sigflood.c (its ``args``) and two senders queueing ``n`` real-time signals each. Target and
+    senders run as nobody: the pending-signal limit is per user, and root's other processes must not find it
+    exhausted."""
+
+    def __init__(self, build_dir, n: int, *args: str) -> None:
+        self.n = n
+        self.dir = tempfile.mkdtemp(prefix="wpdump-flood-")
+        os.chmod(self.dir, 0o755)
+        self.exe = shutil.copy(compile_target("sigflood", build_dir), os.path.join(self.dir, "sigflood"))
+        os.chmod(self.exe, 0o755)
+        self.p = subprocess.Popen([self.exe, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  bufsize=1, user=65534)
+        self.senders: list[subprocess.Popen] = []
+
+    def __enter__(self) -> Flood:
+        if self.p.stdout.readline().split()[:1] != ["ready"]:
+            self.__exit__()
+            pytest.fail("sigflood did not start")
+        return self
+
+    def send(self) -> None:
+        self.senders = [subprocess.Popen([self.exe, "send", str(self.p.pid), str(k), str(self.n)],
+                                         stdout=subprocess.PIPE, text=True, user=65534) for k in (0, 1)]
+
+    def sending(self) -> bool:
+        return any(s.poll() is None for s in self.senders)
+
+    def assert_all_delivered(self) -> None:
+        """Every signal sent, and delivered once and in order."""
+        for s in self.senders:
+            assert s.communicate(timeout=300)[0].split() == ["sent", str(self.n)]
+        deadline = time.monotonic() + 60
+        want = f"count {self.n} {self.n} disorder 0"
+        while (reply := ask(self.p, "c")) != want and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert reply == want
+
+    def __exit__(self, *exc: object) -> None:
+        for s in [*self.senders, self.p]:
+            s.kill()
+            s.wait()
+        shutil.rmtree(self.dir)
+
+
 def test_signal_flood_during_attaches_loses_nothing(build_dir, tmp_path):
     """Two senders queue 2 x 50,000 real-time signals while wpdump attaches 20 times: every attach succeeds, every
-    signal is delivered once, in order, and the target keeps no userfaultfd. Target and senders run as nobody:
-    the pending-signal limit is per user, and root's other processes must not find it exhausted."""
+    signal is delivered once, in order, and the target keeps no userfaultfd."""
     require_kernel()
     from wpdump.tracking.tracker import Tracker
 
-    d = tempfile.mkdtemp(prefix="wpdump-flood-")
-    os.chmod(d, 0o755)
-    exe = shutil.copy(compile_target("sigflood", build_dir), os.path.join(d, "sigflood"))
-    os.chmod(exe, 0o755)
-    n = 50_000
-    p = subprocess.Popen([exe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, user=65534)
-    assert p.stdout.readline().split()[:1] == ["ready"]
-    senders = []
-    try:
-        before = fds(p.pid)
-        senders = [subprocess.Popen([exe, "send", str(p.pid), str(k), str(n)], stdout=subprocess.PIPE, text=True,
-                                    user=65534) for k in (0, 1)]
+    with Flood(build_dir, 50_000) as f:
+        before = fds(f.p.pid)
+        f.send()
         for _ in range(20):
-            with Tracker(p.pid) as tr:
+            with Tracker(f.p.pid) as tr:
                 tr.harvest()
-        for s in senders:
-            assert s.communicate(timeout=300)[0].split() == ["sent", str(n)]
-        deadline = time.monotonic() + 60
-        while (reply := ask(p, "c")) != f"count {n} {n} disorder 0" and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert reply == f"count {n} {n} disorder 0"
-        assert fds(p.pid) == before
-    finally:
-        for s in senders:
-            s.kill()
-            s.wait()
-        p.kill()
-        p.wait()
-        shutil.rmtree(d)
+        f.assert_all_delivered()
+        assert fds(f.p.pid) == before
 
 
 def test_signal_flood_during_paused_harvests_loses_nothing(build_dir, tmp_path, monkeypatch):
@@ -190,43 +213,22 @@ def test_signal_flood_during_paused_harvests_loses_nothing(build_dir, tmp_path, 
     from wpdump.tracking.tracker import Tracker
 
     monkeypatch.setattr(tracker, "_SLOWER", 0.0)  # pause whenever a thread runs, however fast the scan
-    d = tempfile.mkdtemp(prefix="wpdump-flood-")
-    os.chmod(d, 0o755)
-    exe = shutil.copy(compile_target("sigflood", build_dir), os.path.join(d, "sigflood"))
-    os.chmod(exe, 0o755)
-    n = 20_000
-    p = subprocess.Popen([exe, "spin"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-                         user=65534)
-    assert p.stdout.readline().split()[:1] == ["ready"]
-    senders = []
-    try:
-        senders = [subprocess.Popen([exe, "send", str(p.pid), str(k), str(n)], stdout=subprocess.PIPE, text=True,
-                                    user=65534) for k in (0, 1)]
+    with Flood(build_dir, 20_000, "spin") as f:
+        pid = f.p.pid
+        f.send()
         rounds = stalls = 0
-        with Tracker(p.pid) as tr:
-            while rounds < 20 or (any(s.poll() is None for s in senders) and rounds < 5000):
+        with Tracker(pid) as tr:
+            while rounds < 20 or (f.sending() and rounds < 5000):
                 stalls += len(tr.harvest().stalls)
                 rounds += 1
         assert stalls >= rounds - 1  # every harvest but the attach paused the spinning thread
-        for s in senders:
-            assert s.communicate(timeout=300)[0].split() == ["sent", str(n)]
-        deadline = time.monotonic() + 60
-        while (reply := ask(p, "c")) != f"count {n} {n} disorder 0" and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert reply == f"count {n} {n} disorder 0"
-        assert os.waitid(os.P_PID, p.pid, os.WSTOPPED | os.WCONTINUED | os.WNOHANG | os.WNOWAIT) is None
-        for tid in os.listdir(f"/proc/{p.pid}/task"):
+        f.assert_all_delivered()
+        assert os.waitid(os.P_PID, pid, os.WSTOPPED | os.WCONTINUED | os.WNOHANG | os.WNOWAIT) is None
+        for tid in os.listdir(f"/proc/{pid}/task"):
             assert tracer(int(tid)) == 0
-        spinner = max(int(t) for t in os.listdir(f"/proc/{p.pid}/task"))
-        with open(f"/proc/{p.pid}/task/{spinner}/stat") as f:
-            assert f.read().rsplit(")", 1)[1].split()[0] == "R"
-    finally:
-        for s in senders:
-            s.kill()
-            s.wait()
-        p.kill()
-        p.wait()
-        shutil.rmtree(d)
+        spinner = max(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+        with open(f"/proc/{pid}/task/{spinner}/stat") as st:
+            assert st.read().rsplit(")", 1)[1].split()[0] == "R"
 
 
 # ------------------------------------------------------------------------------------- 10.3 killing wpdump
