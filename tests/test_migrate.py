@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import secrets
 import signal
 import socket
 import subprocess
@@ -16,6 +15,7 @@ import time
 import numpy as np
 import pytest
 from conftest import ResultLines, compile_target, require_kernel
+from netns import Hosts
 from wpdump.errors import ProtocolError
 from wpdump.images import format as images
 from wpdump.migrate import pageserver as ps
@@ -25,37 +25,6 @@ BIN = pathlib.Path(sys.executable).parent
 CRIU, CRIT, WPDUMP = BIN / "criu", BIN / "crit", BIN / "wpdump"
 PORT = 7070
 PAGE = 4096
-
-
-def sh(*args: object) -> None:
-    subprocess.run([str(a) for a in args], check=True, capture_output=True, timeout=30)
-
-
-class Hosts:
-    """Two network namespaces, src (10.77.0.1) and dst (10.77.0.2), a veth pair between them, tbf 1gbit."""
-
-    def __init__(self) -> None:
-        tag = f"{os.getpid() % 100000}{secrets.token_hex(2)}"
-        self.src, self.dst = f"wpms{tag}", f"wpmd{tag}"
-        self.src_ip, self.dst_ip = "10.77.0.1", "10.77.0.2"
-        sh("ip", "netns", "add", self.src)
-        sh("ip", "netns", "add", self.dst)
-        va, vb = f"vs{tag}"[:15], f"vd{tag}"[:15]
-        sh("ip", "link", "add", va, "netns", self.src, "type", "veth", "peer", "name", vb, "netns", self.dst)
-        for ns, dev, ip in ((self.src, va, self.src_ip), (self.dst, vb, self.dst_ip)):
-            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
-            sh("ip", "-n", ns, "link", "set", dev, "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")  # CRIU needs lo up
-            sh("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", "1gbit", "burst", "1mb",
-               "latency", "50ms")
-
-    def run(self, ns: str, *args: object) -> list[str]:
-        """A command line that runs in the network namespace ``ns`` only (docs/kernel.md: not ip netns exec)."""
-        return ["nsenter", f"--net=/run/netns/{ns}", *map(str, args)]
-
-    def remove(self) -> None:
-        for ns in (self.src, self.dst):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 @pytest.fixture

@@ -23,37 +23,12 @@ import tempfile
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))  # the test hosts (tests/netns.py)
+from netns import Hosts  # noqa: E402
+
 BIN = pathlib.Path(sys.executable).parent
 WPDUMP = BIN / "wpdump"
 PORT = 7070
-
-
-def sh(*args: object) -> None:
-    subprocess.run([str(a) for a in args], check=True, capture_output=True, timeout=60)
-
-
-class Hosts:
-    def __init__(self, rate: str) -> None:
-        tag = secrets.token_hex(3)
-        self.src, self.dst = f"wpbs{tag}", f"wpbd{tag}"
-        self.src_ip, self.dst_ip = "10.79.0.1", "10.79.0.2"
-        sh("ip", "netns", "add", self.src)
-        sh("ip", "netns", "add", self.dst)
-        va, vb = f"vbs{tag}", f"vbd{tag}"
-        sh("ip", "link", "add", va, "netns", self.src, "type", "veth", "peer", "name", vb, "netns", self.dst)
-        for ns, dev, ip in ((self.src, va, self.src_ip), (self.dst, vb, self.dst_ip)):
-            sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
-            sh("ip", "-n", ns, "link", "set", dev, "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-            sh("tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "1mb",
-               "latency", "50ms")
-
-    def run(self, ns: str, *args: object) -> list[str]:
-        return ["nsenter", f"--net=/run/netns/{ns}", *map(str, args)]
-
-    def remove(self) -> None:
-        for ns in (self.src, self.dst):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 class Workload:
@@ -193,7 +168,7 @@ def main(argv: list[str]) -> int:
 
     work = pathlib.Path(tempfile.mkdtemp(prefix="wpdump-bench-migrate-", dir=args.dir))
     exe = compile_c(HERE.parent / "tests" / "targets" / "selfcheck.c", out_dir=work)
-    hosts = Hosts(args.rate)
+    hosts = Hosts(args.rate, prefix="wpb")
     rows = []
     try:
         for mib in (int(x) for x in args.sizes.split(",")):
